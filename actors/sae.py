@@ -1,0 +1,139 @@
+"""The sparse autoencoder (ReLU + L1, as in the paper) and its two checkpoint formats.
+
+    encode  f(x) = ReLU((x·s − b_dec) · W_enc + b_enc)      W_enc [d, m]
+    decode  x̂    = f · W_dec + b_dec                        W_dec [m, d], rows unit-norm
+
+``s`` is the activation scale recorded in the checkpoint (1.0 = raw activations, the paper).
+
+Formats
+- project (version 1): a folder with ``config.json`` ({"format": "sae-traits", "version": 1, "d",
+  "m", "kind", "input_scale", "metadata"}) and ``model.safetensors``.
+- saev (the paper authors' release): one JSON line (d_vit, exp_factor, ...), a newline, then a
+  ``torch.save``d state dict with W_enc [d, m], b_enc [m], W_dec [m, d], b_dec [d].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SAESpec:
+    d: int
+    m: int
+    kind: str = "relu"
+    input_scale: float = 1.0
+    metadata: dict = field(default_factory=dict)  # training figures, provenance
+
+
+class SparseAutoencoder(nn.Module):
+    def __init__(self, spec: SAESpec):
+        super().__init__()
+        self.spec = spec
+        d, m = spec.d, spec.m
+        self.W_enc = nn.Parameter(torch.empty(d, m))
+        self.b_enc = nn.Parameter(torch.zeros(m))
+        self.W_dec = nn.Parameter(torch.empty(m, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        nn.init.kaiming_uniform_(self.W_enc)
+        with torch.no_grad():
+            self.W_dec.copy_(self.W_enc.T)
+            self.normalize_decoder_()
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., d] → [..., m] codes."""
+        return torch.relu((x * self.spec.input_scale - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, f: Tensor) -> Tensor:
+        """[..., m] → [..., d] reconstruction (in scaled units)."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        f = self.encode(x)
+        return self.decode(f), f
+
+    def loss(self, x: Tensor, alpha: float) -> dict[str, Tensor]:
+        """MSE + α·L1 on a batch of activations [batch, d]."""
+        x_hat, f = self(x)
+        mse = (x_hat - x * self.spec.input_scale).pow(2).mean()
+        l1 = f.abs().sum(dim=-1).mean()
+        return {"loss": mse + alpha * l1, "mse": mse, "l1": l1, "l0": (f > 0).float().sum(-1).mean()}
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the part of each W_dec row's gradient parallel to the row (rows are unit-norm),
+        so a step changes the direction of a decoder row, not its length."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"format": "sae-traits", "version": FORMAT_VERSION, **asdict(sae.spec)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def save_saev(sae: SparseAutoencoder, path: str | Path) -> Path:
+    """Write the saev format (one JSON line, then torch.save of the state dict)."""
+    path = Path(path)
+    header = {"d_vit": sae.spec.d, "exp_factor": sae.spec.m // sae.spec.d, "d_sae": sae.spec.m,
+              "sae_traits": {"input_scale": sae.spec.input_scale}}
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in sae.state_dict().items()}, buf)
+    path.write_bytes(json.dumps(header).encode() + b"\n" + buf.getvalue())
+    return path
+
+
+def _from_state(state: dict[str, Tensor], **spec_kwargs) -> SparseAutoencoder:
+    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(state)
+    if missing:
+        raise ValueError(f"SAE checkpoint lacks {sorted(missing)}")
+    d, m = state["W_enc"].shape
+    if tuple(state["W_dec"].shape) != (m, d):
+        raise ValueError(f"SAE checkpoint: W_enc is {tuple(state['W_enc'].shape)} but W_dec is "
+                         f"{tuple(state['W_dec'].shape)}; expected W_dec [{m}, {d}]")
+    sae = SparseAutoencoder(SAESpec(d=d, m=m, **spec_kwargs))
+    sae.load_state_dict({k: state[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    return sae
+
+
+def load_sae(path: str | Path) -> SparseAutoencoder:
+    """Load either format; a folder is the project's, a file is saev's."""
+    path = Path(path)
+    if path.is_dir():
+        config = json.loads((path / "config.json").read_text())
+        if config.get("version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{path}: SAE format version {config['version']} is newer than this code reads")
+        kwargs = {k: config[k] for k in ("kind", "input_scale", "metadata") if k in config}
+        return _from_state(load_file(str(path / "model.safetensors")), **kwargs)
+    if not path.exists():
+        raise FileNotFoundError(f"sae.checkpoint: {path} does not exist")
+    with path.open("rb") as f:
+        try:
+            header = json.loads(f.readline())
+        except json.JSONDecodeError:
+            raise ValueError(f"sae.checkpoint: {path} is neither a project folder nor a saev file "
+                             "(first line is not JSON)") from None
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    scale = header.get("sae_traits", {}).get("input_scale", 1.0)
+    return _from_state(state, input_scale=scale, metadata={"saev_config": header})

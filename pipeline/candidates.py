@@ -1,0 +1,58 @@
+"""Candidates: for every selected (species, latent), the images of that species where it fires.
+
+Two plain batch functions, strung together by the build graph:
+- ``find_candidates`` (per activations/ batch): joins each image's firings with its species'
+  selected latents → one row per (image, latent) with the zone's patches and summed activation;
+- ``keep_top_images`` (per (species, latent) group): keeps the strongest ``top_images``, groups
+  them in consensus groups of ``group_size`` where enough exist, and maps zones to boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.boxes import zones_to_boxes
+from pipeline.preprocessing import GEOMETRY_COLUMNS, Geometry
+
+BOX_TYPE = pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32())])
+CARRIED = ("image_id", "species", "genus", "path", "source_file", "source_row") + GEOMETRY_COLUMNS
+
+
+def find_candidates(batch: pa.Table, selected: pa.Table) -> pa.Table:
+    """An activations/ batch → one row per (image, selected latent of its species that fires)."""
+    latent = batch["latent"].combine_chunks()
+    rows = pc.list_parent_indices(latent)
+    flat = pa.table({
+        "row": rows,
+        "species": pc.take(batch["species"], rows),
+        "latent": pc.list_flatten(latent),
+        "patch": pc.list_flatten(batch["patch"].combine_chunks()),
+        "value": pc.list_flatten(batch["value"].combine_chunks()),
+    })
+    hits = flat.join(selected.select(["species", "latent", "score", "rank_in_species"]), ["species", "latent"], join_type="inner", use_threads=False)
+    per_zone = hits.group_by(["row", "latent"], use_threads=False).aggregate([
+        ("patch", "list"), ("value", "sum"), ("score", "min"), ("rank_in_species", "min")])
+    carried = batch.select(list(CARRIED)).take(per_zone["row"])
+    patches = pa.array([sorted(p) for p in per_zone["patch_list"].to_pylist()], pa.list_(pa.int16()))
+    return carried.append_column("latent", per_zone["latent"].cast(pa.int32())) \
+        .append_column("patches", patches) \
+        .append_column("activation_sum", per_zone["value_sum"].cast(pa.float64())) \
+        .append_column("latent_score", per_zone["score_min"]) \
+        .append_column("latent_rank", per_zone["rank_in_species_min"].cast(pa.int32()))
+
+
+def keep_top_images(group: pa.Table, top_images: int, group_size: int) -> pa.Table:
+    """One (species, latent) group → its strongest images, consensus groups and boxes."""
+    group = group.sort_by([("activation_sum", "descending"), ("image_id", "ascending")]).slice(0, top_images)
+    n = group.num_rows
+    image_rank = np.arange(n, dtype=np.int32)
+    # Only complete groups form a consensus prompt; the remainder stays single-image.
+    n_full = (n // group_size) * group_size
+    consensus = [int(i // group_size) if i < n_full else None for i in image_rank]
+    boxes = []
+    for row in group.select(["patches", *GEOMETRY_COLUMNS]).to_pylist():
+        boxes.append(zones_to_boxes(row["patches"], Geometry.from_row(row)))
+    return group.append_column("image_rank", pa.array(image_rank)) \
+        .append_column("consensus_group", pa.array(consensus, pa.int32())) \
+        .append_column("boxes", pa.array(boxes, pa.list_(BOX_TYPE)))

@@ -1,0 +1,127 @@
+"""Images shown to the multimodal LLM, returned as PNG bytes.
+
+Inputs follow the package conventions: ``uint8 [H, W, 3]`` sRGB in ORIGINAL
+pixels, zone masks ``bool [H, W]`` in the same pixels, boxes
+``{"x0", "y0", "x1", "y1"}`` with exclusive x1/y1.  Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["png_bytes", "zone_outline", "render_overlay", "render_crop", "crop_box"]
+
+
+def png_bytes(rgb: np.ndarray, *, compress_level: int = 6) -> bytes:
+    """Encode a ``uint8 [H, W, 3]`` (or ``[H, W]`` grey) array as PNG bytes
+    (``compress_level`` 0-9 as in Pillow; 1 is ~3x faster, ~1.3x larger)."""
+    x = np.asarray(rgb)
+    if x.ndim == 3 and x.shape[-1] == 4:
+        x = x[..., :3]
+    if x.dtype != np.uint8:
+        x = np.clip(x, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(x)).save(buf, format="PNG", compress_level=int(compress_level))
+    return buf.getvalue()
+
+
+def _shift_reduce(mask: np.ndarray, r: int, op, pad: bool) -> np.ndarray:
+    """Square (2r+1)x(2r+1) dilation (op=np.logical_or) or erosion
+    (op=np.logical_and); ``pad`` is the value assumed outside the image."""
+    if r <= 0:
+        return mask.copy()
+    H, W = mask.shape
+    p = np.pad(mask, r, constant_values=pad)
+    rows = p[:, 0:W].copy()
+    for k in range(1, 2 * r + 1):
+        op(rows, p[:, k:k + W], out=rows)
+    out = rows[0:H].copy()
+    for k in range(1, 2 * r + 1):
+        op(out, rows[k:k + H], out=out)
+    return out
+
+
+def zone_outline(zone_mask: np.ndarray, width: int = 3) -> np.ndarray:
+    """Outline pixels (bool) of the union polygon(s) of a zone mask.
+
+    Morphological gradient with a square element: dilation by ``width // 2``
+    minus erosion by ``width - width // 2``, so the band is ``width`` px wide,
+    straddling the mask boundary (for width 3: 1 px outside, 2 px inside).
+    Holes get an outline too; a zone touching the image edge is closed along
+    the edge (outside the image counts as background).
+    """
+    m = np.asarray(zone_mask, dtype=bool)
+    if m.ndim != 2:
+        raise ValueError(f"zone_mask must be 2-D, got shape {m.shape}")
+    w = max(int(width), 1)
+    r_out, r_in = w // 2, w - w // 2
+    dil = _shift_reduce(m, r_out, np.logical_or, False)
+    ero = _shift_reduce(m, r_in, np.logical_and, False)
+    return dil & ~ero
+
+
+def render_overlay(rgb: np.ndarray, zone_mask: np.ndarray, *, colour=(255, 0, 0),
+                   width: int = 3, upscale: int = 2) -> bytes:
+    """Outline (``colour``, ``width`` px) of the zone drawn on the image, then the
+    image upscaled ``upscale``x with bicubic interpolation; PNG bytes of size
+    ``(H*upscale, W*upscale)``."""
+    img = np.array(np.asarray(rgb)[..., :3], dtype=np.uint8, copy=True)
+    zone = np.asarray(zone_mask, dtype=bool)
+    if img.shape[:2] != zone.shape:
+        raise ValueError(f"shape mismatch: rgb {img.shape}, zone {zone.shape}")
+    img[zone_outline(zone, width)] = np.asarray(colour, dtype=np.uint8)
+    s = max(int(upscale), 1)
+    if s > 1:
+        H, W = img.shape[:2]
+        img = np.asarray(Image.fromarray(img).resize((W * s, H * s), Image.BICUBIC))
+    return png_bytes(img)
+
+
+def _grow(lo: int, hi: int, need: int, limit: int) -> tuple[int, int]:
+    """Grow [lo, hi) symmetrically to length ``need`` inside [0, limit), shifting
+    away from an edge when blocked; never beyond the image."""
+    need = min(need, limit)
+    extra = need - (hi - lo)
+    if extra <= 0:
+        return lo, hi
+    lo -= extra // 2
+    hi += extra - extra // 2
+    if lo < 0:
+        hi, lo = hi - lo, 0
+    if hi > limit:
+        lo, hi = max(lo - (hi - limit), 0), limit
+    return lo, hi
+
+
+def crop_box(box: dict, shape, *, margin_frac: float = 0.15, min_side_px: int = 64) -> dict:
+    """The crop window used by :func:`render_crop` (x1/y1 exclusive).
+
+    Each side is enlarged by ``round(margin_frac * side)`` px on both ends and
+    clipped to the image; then a side shorter than ``min_side_px`` is grown
+    (centred, shifted away from the image edge if needed) to
+    ``min(min_side_px, image side)``.
+    """
+    H, W = int(shape[0]), int(shape[1])
+    x0, y0, x1, y1 = (int(box[k]) for k in ("x0", "y0", "x1", "y1"))
+    x0, x1 = max(min(x0, x1), 0), min(max(x0, x1), W)
+    y0, y1 = max(min(y0, y1), 0), min(max(y0, y1), H)
+    mx = int(np.floor(margin_frac * (x1 - x0) + 0.5))
+    my = int(np.floor(margin_frac * (y1 - y0) + 0.5))
+    x0, x1 = max(x0 - mx, 0), min(x1 + mx, W)
+    y0, y1 = max(y0 - my, 0), min(y1 + my, H)
+    x0, x1 = _grow(x0, x1, int(min_side_px), W)
+    y0, y1 = _grow(y0, y1, int(min_side_px), H)
+    return {"x0": x0, "y0": y0, "x1": x1, "y1": y1}
+
+
+def render_crop(rgb: np.ndarray, box: dict, *, margin_frac: float = 0.15,
+                min_side_px: int = 64) -> bytes:
+    """PNG bytes of the region's box plus a margin (see :func:`crop_box`)."""
+    img = np.asarray(rgb)[..., :3]
+    c = crop_box(box, img.shape, margin_frac=margin_frac, min_side_px=min_side_px)
+    if c["x1"] <= c["x0"] or c["y1"] <= c["y0"]:
+        raise ValueError(f"empty crop for box {box} on image {img.shape[:2]}")
+    return png_bytes(img[c["y0"]:c["y1"], c["x0"]:c["x1"]])
