@@ -106,7 +106,7 @@ class FiringEncoder:
             offsets, latent, patch, value = (np.zeros(1, np.int32), np.zeros(0, np.int32),
                                              np.zeros(0, np.int16), np.zeros(0, np.float32))
         offs = pa.array(offsets, pa.int32())
-        columns = {k: _column(batch[k], t) for k, t in PASSTHROUGH.items()}
+        columns = {k: _column(batch[k], t) if k in batch else pa.nulls(n, t) for k, t in PASSTHROUGH.items()}
         columns["latent"] = pa.ListArray.from_arrays(offs, pa.array(latent, pa.int32()))
         columns["patch"] = pa.ListArray.from_arrays(offs, pa.array(patch, pa.int16()))
         columns["value"] = pa.ListArray.from_arrays(offs, pa.array(value, pa.float32()))

@@ -131,7 +131,7 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
     with path.open("rb") as f:
         try:
             header = json.loads(f.readline())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             raise ValueError(f"sae.checkpoint: {path} is neither a project folder nor a saev file "
                              "(first line is not JSON)") from None
         state = torch.load(f, map_location="cpu", weights_only=True)

@@ -1,0 +1,40 @@
+"""Session-wide heavy fixtures: a local Ray with declared fake GPUs, tiny random-weight models,
+the demo dataset with its trained SAE. Nothing is downloaded."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """Local Ray that declares 1 GPU: the encoder pool asks for num_gpus=1 exactly as in
+    production and the actor falls back to the CPU (no CUDA here)."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    import ray.data
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory):
+    from pipeline.tiny_models import make_tiny_dinov2
+
+    return make_tiny_dinov2(tmp_path_factory.mktemp("models") / "dinov2-tiny")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """Demo data (12 images per species) + tiny backbone + trained demo SAE."""
+    from pipeline.demo import prepare_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    prepare_demo(out, images_per_species=12, log=lambda *_: None)
+    return out

@@ -1,0 +1,142 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import PreprocessConfig
+from pipeline.errors import ImageRejected
+from pipeline.preprocessing import decode_batch, decode_image, prepare_pixels, to_rgb
+
+SIZES = [(341, 256), (256, 341), (333, 257), (100, 40)]
+GEOMETRIES = ["squash", "pad", "center_crop"]
+
+
+def ramp_image(w, h) -> Image.Image:
+    """R encodes the original x coordinate, G the y coordinate (scaled to 0..255)."""
+    x = np.linspace(0, 255, w)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h)[:, None].repeat(w, 1)
+    return Image.fromarray(np.stack([x, y, np.full_like(x, 128)], -1).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("size", SIZES)
+def test_every_patch_maps_back_to_the_original_pixels_it_shows(geometry, size):
+    w, h = size
+    cfg = PreprocessConfig(geometry=geometry)
+    pixels, geom = prepare_pixels(ramp_image(w, h), cfg)
+    assert pixels.shape == (224, 224, 3) and (geom.orig_w, geom.orig_h) == (w, h)
+    tol_x, tol_y = 1.5 + w / 255, 1.5 + h / 255  # ramp quantisation in original pixels
+    checked = 0
+    for r in range(16):
+        for c in range(16):
+            x0, y0, x1, y1 = geom.patch_box(r, c)
+            centre = pixels[r * 14 + 7, c * 14 + 7].astype(float)
+            in_image = (geom.offset_x <= c * 14 + 7 < geom.offset_x + w * geom.scale_x
+                        and geom.offset_y <= r * 14 + 7 < geom.offset_y + h * geom.scale_y)
+            if x1 <= x0 or y1 <= y0 or not in_image:  # centre (or all) in letterbox padding
+                assert geometry == "pad" and centre[2] == cfg.pad_value
+                continue
+            u = centre[0] / 255 * (w - 1)  # original x the model sees at the square's centre
+            v = centre[1] / 255 * (h - 1)
+            assert x0 - tol_x <= u <= x1 - 1 + tol_x, (r, c, x0, x1, u)
+            assert y0 - tol_y <= v <= y1 - 1 + tol_y, (r, c, y0, y1, v)
+            # and the square's centre pixel lies well inside the box, not at its edge
+            assert abs(u - (x0 + x1 - 1) / 2) <= (x1 - x0) / 2 + tol_x
+            checked += 1
+    assert checked >= (256 if geometry != "pad" else 16 * 6)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_squash_squares_tile_the_whole_original_exactly(size):
+    w, h = size
+    _, geom = prepare_pixels(ramp_image(w, h), PreprocessConfig(geometry="squash"))
+    cols = [geom.patch_box(0, c) for c in range(16)]
+    rows = [geom.patch_box(r, 0) for r in range(16)]
+    assert cols[0][0] == 0 and cols[-1][2] == w and rows[0][1] == 0 and rows[-1][3] == h
+    assert all(a[2] == b[0] for a, b in zip(cols, cols[1:]))  # no gap, no overlap
+    assert all(a[3] == b[1] for a, b in zip(rows, rows[1:]))
+
+
+def test_center_crop_drops_the_ends_of_a_wide_image_as_the_paper_did():
+    _, geom = prepare_pixels(ramp_image(341, 256), PreprocessConfig(geometry="center_crop"))
+    assert geom.patch_box(0, 0)[0] == 58 and geom.patch_box(0, 15)[2] == 341 - 59
+
+
+def encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode,fmt,value,expected", [
+    ("L", "PNG", 200, (200, 200, 200)),
+    ("LA", "PNG", (50, 0), (255, 255, 255)),          # fully transparent → white background
+    ("RGBA", "PNG", (10, 20, 30, 255), (10, 20, 30)),
+    ("CMYK", "JPEG", (0, 0, 0, 0), (255, 255, 255)),
+    ("I;16", "PNG", 65535, (255, 255, 255)),
+    ("I;16", "PNG", 32896, (128, 128, 128)),
+    ("P", "PNG", 3, None),
+])
+def test_every_mode_becomes_rgb(mode, fmt, value, expected):
+    img = Image.new(mode, (30, 20), value)
+    if mode == "P":
+        img.putpalette([0, 0, 0, 10, 10, 10, 20, 20, 20, 90, 140, 210] + [0] * 756)
+        expected = (90, 140, 210)
+    out = decode_image(encode(img, fmt), PreprocessConfig())
+    assert out.mode == "RGB"
+    got = np.asarray(out)[10, 15]
+    assert np.abs(got.astype(int) - expected).max() <= 3, (got, expected)
+
+
+def test_to_rgb_composites_partial_alpha_on_white():
+    img = Image.new("RGBA", (2, 2), (0, 0, 0, 128))
+    assert np.asarray(to_rgb(img))[0, 0].tolist() == [127, 127, 127]
+
+
+def good_jpeg(size=(60, 40)) -> bytes:
+    rng = np.random.default_rng(0)
+    return encode(Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)), "JPEG")
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty_file"),
+    (good_jpeg()[: len(good_jpeg()) * 2 // 3], "truncated"),
+    (b"this is a text file, not a jpeg" * 10, "not_an_image"),
+    (encode(Image.new("RGB", (10, 40)), "PNG"), "too_small"),
+    (encode(Image.new("1", (9000, 9000)), "PNG"), "too_many_pixels"),
+])
+def test_bad_images_are_rejected_with_a_reason(data, reason):
+    with pytest.raises(ImageRejected) as err:
+        decode_image(data, PreprocessConfig(max_pixels=40_000_000))
+    assert err.value.reason == reason
+
+
+def test_bomb_is_refused_from_the_header_without_decoding(monkeypatch):
+    data = encode(Image.new("1", (9000, 9000)), "PNG")
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded a bomb"))
+    with pytest.raises(ImageRejected, match="too_many_pixels"):
+        decode_image(data, PreprocessConfig(max_pixels=40_000_000))
+
+
+class DictReader:
+    def __init__(self, files):
+        self.files = files
+
+    def read(self, path, source_file=None, source_row=None):
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        return self.files[path]
+
+
+def test_decode_batch_keeps_good_rows_and_rejects_bad_ones_individually():
+    files = {"a": good_jpeg(), "b": b"", "c": good_jpeg((80, 50))}
+    ids = ["a", "b", "c", "d"]
+    batch = {"image_id": np.array(ids, dtype=object), "path": np.array(ids, dtype=object),
+             **{k: np.array([None] * 4, dtype=object) for k in ("species", "genus", "family", "split", "source_file", "source_row")}}
+    good, rejected = decode_batch(batch, PreprocessConfig(), DictReader(files))
+    assert list(good["image_id"]) == ["a", "c"]
+    assert good["pixels"].shape == (2, 224, 224, 3) and good["pixels"].dtype == np.uint8
+    assert good["orig_w"].tolist() == [60, 80]
+    assert {(r.image_id, r.reason) for r in rejected} == {("b", "empty_file"), ("d", "missing_file")}
+    assert all(r.stage == "decode" for r in rejected)
