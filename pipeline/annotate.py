@@ -87,7 +87,9 @@ class AnnotateCandidates:
             "description": description, "model": model, "prompt_version": PROMPT_VERSION, "status": "ok",
             "latency_s": time.perf_counter() - start,
         }
-        return traits, self.render(rgb, regions)
+        # Renderings are for the LLM and for saving; a templated description needs neither.
+        wanted = self.cfg.save_renderings or self.cfg.llm.kind != "none"
+        return traits, self.render(rgb, regions) if wanted else []
 
     def __call__(self, batch: pa.Table) -> tuple[pa.Table, list[Rejected]]:
         rows, renderings, rejected = [], [], []

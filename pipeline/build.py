@@ -155,7 +155,9 @@ class Build:
 
         with self.stage("annotate", rows_from="traits"):
             if storage.count_rows(self.fs, self.path("candidates")):
-                traits = self.read("candidates").map_batches(
+                # Small blocks, so every annotate actor gets work (candidates/ is a few files).
+                traits = self.read("candidates").repartition(
+                    target_num_rows_per_block=cfg.annotate.batch_size).map_batches(
                     AnnotateActor, batch_size=cfg.annotate.batch_size, batch_format="pyarrow",
                     compute=ActorPoolStrategy(min_size=1, max_size=n_cpus), fn_constructor_kwargs={"cfg": cfg})
                 self.write(traits, "traits")

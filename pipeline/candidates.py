@@ -26,7 +26,7 @@ def find_candidates(batch: pa.Table, selected: pa.Table) -> pa.Table:
     flat = pa.table({
         "row": rows,
         "species": pc.take(batch["species"], rows),
-        "latent": pc.list_flatten(latent),
+        "latent": pc.list_flatten(latent).cast(pa.int32()),
         "patch": pc.list_flatten(batch["patch"].combine_chunks()),
         "value": pc.list_flatten(batch["value"].combine_chunks()),
     })

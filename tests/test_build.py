@@ -1,0 +1,183 @@
+"""End to end on the demo data, on a real local Ray with a declared (fake) GPU: the encoder
+pool asks for num_gpus=1 as in production and the actor runs on the CPU."""
+
+import csv
+import io
+import json
+import shutil
+from collections import defaultdict
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.build import Build
+from pipeline.demo import demo_build_config
+from pipeline.synthetic import METADATA_RELPATH, image_relpath
+
+CONTRACT = {
+    "activations": {"image_id", "species", "genus", "latent", "patch", "value"},
+    "counts": {"rank", "taxon", "latent", "count"},
+    "selected": {"species", "genus", "latent", "f_species", "f_genus"},
+    "candidates": {"image_id", "species", "genus", "latent", "patches", "boxes"},
+    "traits": {"annotation_id", "image_ids", "species", "genus", "latent", "boxes", "measurements",
+               "description", "model", "prompt_version", "status"},
+    "errors": {"image_id", "annotation_id", "stage", "reason"},
+}
+
+
+def run_build(demo_dir, data_root, output, *overrides):
+    cfg = demo_build_config(demo_dir, [f"source.root={data_root}", f"output={output}", "encoder.num_gpus=1", *overrides])
+    return Build(cfg).run()
+
+
+def table(out, name):
+    return pq.read_table(out / name) if (out / name).exists() else None
+
+
+@pytest.fixture(scope="module")
+def clean_build(ray_local, demo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "build"
+    manifest = run_build(demo_dir, demo_dir / "data", out)
+    return out, manifest
+
+
+def test_every_table_has_the_contract_columns(clean_build):
+    out, manifest = clean_build
+    for name, columns in CONTRACT.items():
+        if name == "errors":
+            continue
+        t = table(out, name)
+        assert t is not None and t.num_rows > 0, name
+        assert columns <= set(t.column_names), (name, columns - set(t.column_names))
+        assert manifest["stages"][{"activations": "encode", "counts": "count", "selected": "select",
+                                   "traits": "annotate"}.get(name, name)]["rows"] == t.num_rows
+    written = json.loads((out / "manifest.json").read_text())
+    assert written["status"] == "succeeded" and written["config"]["sae"]["threshold"] == 0.9
+    assert all("wall_s" in s for n, s in written["stages"].items() if n != "errors")
+    assert written["stages"]["errors"]["rows"] == 0
+    traits = table(out, "traits").to_pylist()
+    assert {t["status"] for t in traits} == {"ok"}
+    t = traits[0]
+    assert t["measurements"][0] and t["description"].startswith("Region 1")
+    png = Image.open(io.BytesIO(t["renderings"][0]))
+    assert png.format == "PNG" and png.width % 2 == 0  # the overlay is upscaled 2x
+
+
+def overlap_stats(out, ground_truth):
+    """For each species with congeners: does the best-scored latent's box hit the planted part?"""
+    selected = table(out, "selected").to_pylist()
+    candidates = table(out, "candidates").to_pylist()
+    best = {r["species"]: r["latent"] for r in selected if r["rank_in_species"] == 0}
+    stats = {}
+    for species, latent in best.items():
+        hits, total, inside = 0, 0, []
+        for c in candidates:
+            if c["species"] != species or c["latent"] != latent or c["image_id"] not in ground_truth:
+                continue
+            gx0, gy0, gx1, gy1 = ground_truth[c["image_id"]]
+            total += 1
+            overlaps = []
+            for b in c["boxes"]:
+                ix = max(0, min(b["x1"], gx1) - max(b["x0"], gx0))
+                iy = max(0, min(b["y1"], gy1) - max(b["y0"], gy0))
+                overlaps.append(ix * iy / ((b["x1"] - b["x0"]) * (b["y1"] - b["y0"])))
+            hits += max(overlaps, default=0) > 0
+            inside.append(max(overlaps, default=0))
+        stats[species] = (hits, total, float(np.mean(inside)) if inside else 0.0)
+    return stats
+
+
+def test_planted_parts_are_found(clean_build, demo_dir):
+    out, _ = clean_build
+    with open(demo_dir / "data" / "ground_truth.csv") as f:
+        gt = {r["processid"]: tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")) for r in csv.DictReader(f)}
+    index = table(out, "activations").select(["species", "genus"]).to_pylist()
+    per_genus = defaultdict(set)
+    for r in index:
+        if r["species"]:
+            per_genus[r["genus"]].add(r["species"])
+    with_congeners = {s for ss in per_genus.values() if len(ss) > 1 for s in ss}
+    lone = {s for ss in per_genus.values() if len(ss) == 1 for s in ss}
+    stats = overlap_stats(out, gt)
+    print("\nplanted-part overlap (hits/images, mean fraction of the box inside the part):")
+    for species, (h, n, inside) in sorted(stats.items()):
+        print(f"  {species:<28} {h}/{n}  {inside:.2f}")
+    assert with_congeners <= set(stats)                       # every such species got latents
+    assert not (lone & set(stats))                            # the paper's rule: nothing for a lone species
+    hits = sum(stats[s][0] for s in with_congeners)
+    total = sum(stats[s][1] for s in with_congeners)
+    # Most images: the boxes of the best latent hit the part in ≥ 80% of its images overall, and
+    # they sit mostly on the part (not a whole-specimen box that trivially overlaps).
+    assert total >= 3 * len(with_congeners) and hits / total >= 0.8, stats
+    assert np.mean([stats[s][2] for s in with_congeners]) >= 0.5, stats
+
+
+# --------------------------------------------------------------------------- bad input
+
+def encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_bad_inputs_are_recorded_and_good_images_processed_as_in_a_clean_run(clean_build, demo_dir, tmp_path):
+    clean_out, _ = clean_build
+    data = tmp_path / "data"
+    shutil.copytree(demo_dir / "data", data)
+    with open(data / METADATA_RELPATH, newline="") as f:
+        reader = csv.DictReader(f)
+        columns, rows = reader.fieldnames, list(reader)
+    template = next(r for r in rows if r["split"] == "val")
+    good_jpeg = (data / image_relpath(template["split"], "", template["processid"])).read_bytes()
+    specimen = Image.open(io.BytesIO(good_jpeg))
+    rgba = specimen.convert("RGBA")
+    rgba.putalpha(200)
+    files = {  # processid → (bytes or None for a missing file, expected error reason or None = converted)
+        "BAD-EMPTY": (b"", "empty_file"),
+        "BAD-TRUNC": (good_jpeg[: len(good_jpeg) // 2], "truncated"),
+        "BAD-TEXT": (b"<html>not an image</html>" * 40, "not_an_image"),
+        "BAD-MISSING": (None, "missing_file"),
+        "BAD-TINY": (encode(Image.new("RGB", (12, 9), (9, 9, 9)), "JPEG"), "too_small"),
+        "BAD-BOMB": (encode(Image.new("1", (9000, 9000)), "PNG"), "too_many_pixels"),
+        "OK-I16": (encode(Image.fromarray((np.asarray(specimen.convert("L")).astype(np.uint16) * 257)), "PNG"), None),
+        "OK-CMYK": (encode(specimen.convert("CMYK"), "JPEG"), None),
+        "OK-GREY": (encode(specimen.convert("L"), "JPEG"), None),
+        "OK-RGBA": (encode(rgba, "PNG"), None),
+    }
+    for pid, (blob, _) in files.items():
+        # Unlabelled rows: encoded, but they take no part in the contrast, so the counts and
+        # selection must equal the clean run's exactly.
+        rows.append({**template, "processid": pid, "species": "", "genus": "", "split": "val", "chunk": ""})
+        if blob is not None:
+            (data / image_relpath("val", "", pid)).write_bytes(blob)
+    rows.append(dict(rows[0]))  # a duplicate image_id
+    with open(data / METADATA_RELPATH, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    out = tmp_path / "build"
+    manifest = run_build(demo_dir, data, out, "annotate.save_renderings=false")
+
+    errors = {(r["image_id"], r["reason"]) for r in table(out, "errors").to_pylist()}
+    expected = {(pid, reason) for pid, (_, reason) in files.items() if reason}
+    expected.add((rows[0]["processid"], "duplicate_image_id"))
+    assert errors == expected
+    assert manifest["stages"]["errors"]["rows"] == len(expected)  # each recorded once
+
+    dirty = {r["image_id"]: r for r in table(out, "activations").to_pylist()}
+    clean = {r["image_id"]: r for r in table(clean_out, "activations").to_pylist()}
+    assert set(dirty) == set(clean) | {pid for pid, (_, reason) in files.items() if reason is None}
+    for image_id, row in clean.items():
+        same = {k: v for k, v in dirty[image_id].items() if k != "path"}  # the data folder moved
+        assert same == {k: v for k, v in row.items() if k != "path"}, image_id  # exactly as in the clean run
+    assert all(dirty[p]["n_firings"] > 0 and dirty[p]["orig_w"] == specimen.width for p in files if p.startswith("OK"))
+
+    def sorted_rows(out_dir, name, key):
+        return sorted(table(out_dir, name).to_pylist(), key=key)
+    key = lambda r: (r["rank"], r["taxon"], r["latent"])
+    assert sorted_rows(out, "counts", key) == sorted_rows(clean_out, "counts", key)
+    key = lambda r: (r["species"], r["latent"])
+    assert sorted_rows(out, "selected", key) == sorted_rows(clean_out, "selected", key)
