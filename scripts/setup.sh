@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install sae-traits with its test extras. Idempotent; needs only Python 3.11
+# and the package registry. Usage: `bash scripts/setup.sh`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install --quiet --upgrade pip
+# The CPU build of torch first (a plain `torch` requirement would pull a multi-GB CUDA build on
+# a machine without a GPU); on a GPU machine install the CUDA build you need before this script.
+if ! python -c "import torch" 2>/dev/null; then
+    python -m pip install --quiet "torch==2.13.0"
+fi
+python -m pip install --quiet -e ".[dev]"
+python -c "import ray, torch, transformers; print(f'sae-traits env: ray {ray.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"
