@@ -120,6 +120,9 @@ def machine_info() -> None:
         ray_version = "not installed"
     print(f"machine: {platform.machine()} {platform.system()}, cpu_count={cpus} (usable {usable}), "
           f"RAM {human_bytes(total)}, GPU: {gpu}")
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+          + ("  -- WARNING: the machine is busy, timings will be noisy" if load[0] > 0.5 * (usable or 1) else ""))
     print(f"python {platform.python_version()}, torch {torch.__version__} (default threads "
           f"{torch.get_num_threads()}), ray {ray_version}")
 
@@ -386,30 +389,73 @@ def _kib_field(path: str, field: str) -> int:
     return 0
 
 
-def sample_memory(root_pid: int) -> tuple[int, int, int]:
-    """(summed RSS, summed PSS, process count) of a process and all its descendants."""
-    pids = process_tree(root_pid)
-    rss = sum(_kib_field(f"/proc/{p}/status", "VmRSS:") for p in pids)
-    pss = sum(_kib_field(f"/proc/{p}/smaps_rollup", "Pss:") for p in pids)
-    return rss, pss, len(pids)
+def _proc_name(pid: int, root_pid: int) -> str:
+    if pid == root_pid:
+        return "driver (build process)"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split(" ")[0][:60]
+    for a in argv:  # python -m/ script: name it by the Ray component it runs
+        base = os.path.basename(a)
+        if base.endswith(".py") or base in ("raylet", "gcs_server"):
+            return base
+    return os.path.basename(argv[0])[:40]
+
+
+def sample_memory(root_pid: int) -> tuple[int, int, list[tuple[str, int]]]:
+    """(summed RSS, summed PSS, [(process name, rss)]) of a process and all its descendants."""
+    per = [(_proc_name(p, root_pid), _kib_field(f"/proc/{p}/status", "VmRSS:"),
+            _kib_field(f"/proc/{p}/smaps_rollup", "Pss:")) for p in process_tree(root_pid)]
+    return sum(r for _, r, _ in per), sum(q for _, _, q in per), [(n, r) for n, r, _ in per if r]
 
 
 def run_child_build(scratch: Path, overrides: list[str], log: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child-build", str(scratch), *overrides]
-    peak_rss = peak_pss = peak_procs = 0
+    peak_rss = peak_pss = 0
+    at_peak: list[tuple[str, int]] = []
+    one_max: dict[str, int] = defaultdict(int)  # largest single process of each name over the run
+    peak_stage = "start-up"
     start = time.perf_counter()
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(ROOT))
         while proc.poll() is None:
-            rss, pss, procs = sample_memory(proc.pid)
-            peak_rss, peak_pss, peak_procs = max(peak_rss, rss), max(peak_pss, pss), max(peak_procs, procs)
+            rss, pss, per = sample_memory(proc.pid)
+            peak_pss = max(peak_pss, pss)
+            for name, r in per:
+                one_max[name] = max(one_max[name], r)
+            if rss > peak_rss:
+                peak_rss = rss
+                at_peak = per
+                peak_stage = _current_stage(log)
             time.sleep(0.2)
     wall = time.perf_counter() - start
     text = log.read_text()
     if proc.returncode != 0:
         raise RuntimeError(f"child build failed (rc={proc.returncode}); log {log}:\n{text[-3000:]}")
     manifest = json.loads(next(l for l in text.splitlines() if l.startswith("CHILD_RESULT "))[13:])
-    return {"wall": wall, "rss": peak_rss, "pss": peak_pss, "procs": peak_procs, "manifest": manifest}
+    grouped: dict[str, list[int]] = defaultdict(list)
+    for name, r in at_peak:
+        grouped[name].append(r)
+    return {"wall": wall, "rss": peak_rss, "pss": peak_pss, "procs": len(at_peak), "manifest": manifest,
+            "at_peak": {k: (len(v), sum(v)) for k, v in grouped.items()}, "peak_stage": peak_stage,
+            "one_max": dict(one_max)}
+
+
+def _current_stage(log: Path) -> str:
+    try:
+        stages = [l for l in log.read_text(errors="replace").splitlines() if l.startswith("[sae-traits] stage ")]
+    except OSError:
+        return "?"
+    if not stages:
+        return "start-up"
+    last = stages[-1][len("[sae-traits] stage "):]
+    return last.split(" ...")[0] if last.endswith("...") else "after " + last.split(":")[0]
 
 
 def child_build(scratch: str, overrides: list[str]) -> int:
@@ -466,16 +512,32 @@ def bench_memory(args, scratch: Path) -> None:
         print(f"  {label}: {n} images, child wall {run['wall']:.0f} s ({stages})", flush=True)
     rows = []
     for label, r in sizes.items():
-        rows.append([label, r["n"], mib(r["rss"]), mib(r["pss"]), r["procs"], r["firings"] // max(r["n"], 1),
+        rows.append([label, r["n"], mib(r["rss"]), r["peak_stage"], mib(r["pss"]), r["procs"], r["firings"] // max(r["n"], 1),
                      human_bytes(r["act_disk"]), human_bytes(r["act_mem"]),
                      human_bytes(r["n"] * FULL_PATCHES * FULL_LATENTS * 4)])
-    print_table(["size", "images", "peak RSS (sum)", "peak PSS (sum)", "procs", "firings/img",
+    print_table(["size", "images", "peak RSS (sum)", "during stage", "peak PSS (sum)", "procs at peak", "firings/img",
                  "activations/ Parquet", "activations in RAM", "dense fp32 codes (ref.)"], rows)
     print(f"  dense reference = images x {FULL_PATCHES} patches x {FULL_LATENTS:,} latents x 4 B (DINOv2-base + "
           "32x SAE); our activations/ are from the demo's tiny SAE (d=64, m=512), so they are only indicative.")
+    def at(label, name):
+        count, total = sizes[label]["at_peak"].get(name, (0, 0))
+        return f"{count} x {mib(total)}" if count else "-"
+
+    names = sorted(set(sizes["N"]["one_max"]) | set(sizes["4N"]["one_max"]),
+                   key=lambda k: -max(sizes["N"]["one_max"].get(k, 0), sizes["4N"]["one_max"].get(k, 0)))
+    print("  by process name: RSS summed at the peak sample (count x sum), and the largest single process of "
+          "that name over the whole run:")
+    print_table(["process", "N at peak", "4N at peak", "N largest", "4N largest", "largest 4N/N"], [
+        [name, at("N", name), at("4N", name), mib(sizes["N"]["one_max"].get(name, 0)),
+         mib(sizes["4N"]["one_max"].get(name, 0)),
+         (f"{sizes['4N']['one_max'][name] / sizes['N']['one_max'][name]:.2f}x"
+          if sizes["N"]["one_max"].get(name) and sizes["4N"]["one_max"].get(name) else "-")]
+        for name in names if max(sizes["N"]["one_max"].get(name, 0), sizes["4N"]["one_max"].get(name, 0)) > 20 * 2**20])
+    biggest = {label: max(r["one_max"].values()) for label, r in sizes.items()}
     ratio = sizes["4N"]["rss"] / sizes["N"]["rss"]
     pss_ratio = sizes["4N"]["pss"] / sizes["N"]["pss"]
-    result("memory", ratio, "<= 1.3, peak RSS(4N)/peak RSS(N)", ratio <= 1.3, note=f"PSS ratio {pss_ratio:.3f}")
+    result("memory", ratio, "<= 1.3, peak RSS(4N)/peak RSS(N)", ratio <= 1.3,
+           note=f"PSS ratio {pss_ratio:.3f}; largest single process {biggest['4N'] / biggest['N']:.3f}")
 
 
 # --------------------------------------------------------------------------- 3. counting
@@ -642,7 +704,7 @@ def bench_counting(args, scratch: Path) -> None:
         t = time.perf_counter()
         ds = ray.data.from_arrow([table.select(["species", "genus", "family", "latent"]).slice(s, batch_rows)
                                   for s in range(0, table.num_rows, batch_rows)])
-        ray_counts = reduce_counts(ds, "patches", num_partitions=2).to_arrow()
+        ray_counts = pa.concat_tables(ray.get(reduce_counts(ds, "patches", num_partitions=2).to_arrow_refs()))
         t_ray = time.perf_counter() - t
         stop_ray()
         key = ["rank", "taxon", "latent"]
@@ -794,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 globals()[f"bench_{name}"](args, scratch)
             timings[name] = time.perf_counter() - t
-            print(f"  ({name} took {timings[name]:.0f} s)", flush=True)
+            print(f"  ({name} took {timings[name]:.0f} s; load average now {os.getloadavg()[0]:.2f})", flush=True)
     finally:
         stop_ray() if "ray" in sys.modules else None
         if args.keep:

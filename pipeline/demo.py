@@ -70,6 +70,33 @@ def prepare_demo(out: Path, images_per_species: int = 16, log=print) -> dict:
     return summary
 
 
+def planted_part_overlap(build: Path, ground_truth: Path) -> dict[str, dict]:
+    """For each species with selected latents: over the candidate images of its best-scored
+    latent that have a planted part, how many have a box overlapping the part (``hits`` of
+    ``images``), and the mean fraction of the overlapping box's area inside the part."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    with open(ground_truth, newline="") as f:
+        parts = {r["processid"]: tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")) for r in csv.DictReader(f)}
+    best = {r["species"]: r["latent"] for r in pq.read_table(build / "selected").to_pylist() if r["rank_in_species"] == 0}
+    stats = {s: {"latent": z, "hits": 0, "images": 0, "inside": []} for s, z in best.items()}
+    for c in pq.read_table(build / "candidates", columns=["image_id", "species", "latent", "boxes"]).to_pylist():
+        st = stats.get(c["species"])
+        if st is None or c["latent"] != st["latent"] or c["image_id"] not in parts:
+            continue
+        gx0, gy0, gx1, gy1 = parts[c["image_id"]]
+        inside = max((max(0, min(b["x1"], gx1) - max(b["x0"], gx0)) * max(0, min(b["y1"], gy1) - max(b["y0"], gy0))
+                      / ((b["x1"] - b["x0"]) * (b["y1"] - b["y0"])) for b in c["boxes"]), default=0.0)
+        st["images"] += 1
+        st["hits"] += inside > 0
+        st["inside"].append(inside)
+    for st in stats.values():
+        st["inside"] = sum(st["inside"]) / len(st["inside"]) if st["inside"] else 0.0
+    return stats
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for the demo data, models and build")
@@ -96,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  build output:  {cfg.output}")
     for name, stage in manifest["stages"].items():
         print(f"    {name:<12} {stage}")
+    print("  planted parts found by each species' best latent (images whose box overlaps the part; "
+          "mean share of the box on the part):")
+    for species, st in sorted(planted_part_overlap(Path(cfg.output), out / "data" / "ground_truth.csv").items()):
+        print(f"    {species:<26} latent {st['latent']:>4}: {st['hits']}/{st['images']}  {st['inside']:.0%}")
     return 0
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.build import Build
-from pipeline.demo import demo_build_config
+from pipeline.demo import demo_build_config, planted_part_overlap
 from pipeline.synthetic import METADATA_RELPATH, image_relpath
 
 CONTRACT = {
@@ -65,34 +65,8 @@ def test_every_table_has_the_contract_columns(clean_build):
     assert png.format == "PNG" and png.width % 2 == 0  # the overlay is upscaled 2x
 
 
-def overlap_stats(out, ground_truth):
-    """For each species with congeners: does the best-scored latent's box hit the planted part?"""
-    selected = table(out, "selected").to_pylist()
-    candidates = table(out, "candidates").to_pylist()
-    best = {r["species"]: r["latent"] for r in selected if r["rank_in_species"] == 0}
-    stats = {}
-    for species, latent in best.items():
-        hits, total, inside = 0, 0, []
-        for c in candidates:
-            if c["species"] != species or c["latent"] != latent or c["image_id"] not in ground_truth:
-                continue
-            gx0, gy0, gx1, gy1 = ground_truth[c["image_id"]]
-            total += 1
-            overlaps = []
-            for b in c["boxes"]:
-                ix = max(0, min(b["x1"], gx1) - max(b["x0"], gx0))
-                iy = max(0, min(b["y1"], gy1) - max(b["y0"], gy0))
-                overlaps.append(ix * iy / ((b["x1"] - b["x0"]) * (b["y1"] - b["y0"])))
-            hits += max(overlaps, default=0) > 0
-            inside.append(max(overlaps, default=0))
-        stats[species] = (hits, total, float(np.mean(inside)) if inside else 0.0)
-    return stats
-
-
 def test_planted_parts_are_found(clean_build, demo_dir):
     out, _ = clean_build
-    with open(demo_dir / "data" / "ground_truth.csv") as f:
-        gt = {r["processid"]: tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")) for r in csv.DictReader(f)}
     index = table(out, "activations").select(["species", "genus"]).to_pylist()
     per_genus = defaultdict(set)
     for r in index:
@@ -100,7 +74,8 @@ def test_planted_parts_are_found(clean_build, demo_dir):
             per_genus[r["genus"]].add(r["species"])
     with_congeners = {s for ss in per_genus.values() if len(ss) > 1 for s in ss}
     lone = {s for ss in per_genus.values() if len(ss) == 1 for s in ss}
-    stats = overlap_stats(out, gt)
+    stats = {s: (st["hits"], st["images"], st["inside"])
+             for s, st in planted_part_overlap(out, demo_dir / "data" / "ground_truth.csv").items()}
     print("\nplanted-part overlap (hits/images, mean fraction of the box inside the part):")
     for species, (h, n, inside) in sorted(stats.items()):
         print(f"  {species:<28} {h}/{n}  {inside:.2f}")
