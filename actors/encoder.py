@@ -12,15 +12,14 @@ import torch
 from transformers import AutoModel
 
 from actors.sae import load_sae
+from pipeline.preprocessing import GEOMETRY_TYPES
+from pipeline.sources import INDEX_SCHEMA
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Columns carried from the decode stage into activations/ (typed, so every block has one schema).
-PASSTHROUGH = {
-    **{k: pa.string() for k in ("image_id", "species", "genus", "family", "split", "path", "source_file")},
-    "source_row": pa.int64(), "orig_w": pa.int32(), "orig_h": pa.int32(), "scale_x": pa.float64(),
-    "scale_y": pa.float64(), "offset_x": pa.float64(), "offset_y": pa.float64(), "input_size": pa.int32(),
-}
+PASSTHROUGH = {**{f.name: f.type for f in INDEX_SCHEMA},
+               **{name: pa.from_numpy_dtype(np.dtype(t)) for name, t in GEOMETRY_TYPES.items()}}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

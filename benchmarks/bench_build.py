@@ -267,8 +267,8 @@ def bench_encode(args, scratch: Path) -> None:
     from pipeline.tiny_models import make_tiny_dinov2
 
     header("encode: Ray Data FiringEncoder pool vs a plain PyTorch loop")
-    n = 256 if args.quick else 512
-    n1 = n // 4
+    n = 192 if args.quick else 512
+    n1 = max(2, n // 4 // ENC_BATCH) * ENC_BATCH  # whole batches
     cpu_options = (2,) if args.quick else (2, 1)
     folder = scratch / "encode"
     model_dir = str(make_tiny_dinov2(folder / "dinov2", hidden_size=ENC_HIDDEN, layers=ENC_LAYERS, heads=4))
@@ -485,7 +485,7 @@ def bench_memory(args, scratch: Path) -> None:
     from pipeline.synthetic import generate_demo_dataset
 
     header("memory: peak RSS of the build at N and 4N images (streaming)")
-    n_small = 64 if args.quick else 128
+    n_small = 48 if args.quick else 128
     unlabelled = 8
     ips_small = (n_small - unlabelled) // DEMO_SPECIES
     ips_big = (4 * n_small - unlabelled) // DEMO_SPECIES
@@ -633,17 +633,29 @@ def reference_counter_loop(table, t_freq: float, cap: int, batch_rows: int, fast
 
 
 def ours_counting(table, cfg, batch_rows: int, ranks=None):
+    """counts, taxonomy, selected and the time of each step."""
     import pyarrow as pa
 
     from pipeline.counting import RANKS, count_firings, sum_counts
     from pipeline.selection import select_latents, taxonomy_of_species
 
+    parts = {}
+    t = time.perf_counter()
     cols = table.select(["species", "genus", "family", "latent"])
     partials = [count_firings(cols.slice(s, batch_rows), "patches", ranks or RANKS)
                 for s in range(0, table.num_rows, batch_rows)]
-    counts = sum_counts(pa.concat_tables(partials))
+    partials = pa.concat_tables(partials)
+    parts[f"count_firings ({partials.num_rows:,} partial rows)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    counts = sum_counts(partials)
+    parts["sum_counts"] = time.perf_counter() - t
+    t = time.perf_counter()
     taxonomy = taxonomy_of_species(table.select(["species", "genus", "family"]))
-    return counts, taxonomy, select_latents(counts, taxonomy, cfg)
+    parts["taxonomy_of_species"] = time.perf_counter() - t
+    t = time.perf_counter()
+    selected = select_latents(counts, taxonomy, cfg)
+    parts["select_latents"] = time.perf_counter() - t
+    return counts, taxonomy, selected, parts
 
 
 def bench_counting(args, scratch: Path) -> None:
@@ -660,29 +672,29 @@ def bench_counting(args, scratch: Path) -> None:
     table = synthetic_firings(n_images, per_image)
     n_f = int(np.asarray(table["n_firings"]).sum())
     print(f"  {n_images:,} images, 50 species / 20 genera / 5 families (2 lone species), {n_f:,} firings "
-          f"(~{per_image}/image) over {FULL_LATENTS:,} latents; {human_bytes(table.nbytes)} in RAM; "
+          f"(~{per_image}/image{', fewer in --quick' if args.quick else ''}) over {FULL_LATENTS:,} latents; {human_bytes(table.nbytes)} in RAM; "
           f"generated in {time.perf_counter() - t:.1f} s; batches of {batch_rows} rows", flush=True)
     cfg = ContrastConfig(t_freq=1e-3, max_latents_per_species=10, score="ratio", lone_species="none")
 
     rows = []
     t = time.perf_counter()
-    counts, taxonomy, selected = ours_counting(table, cfg, batch_rows)
+    counts, taxonomy, selected, parts = ours_counting(table, cfg, batch_rows)
     t_ours = time.perf_counter() - t
-    rows.append(["ours: count_firings (species+genus+family, as the build) + sum + select", t_ours, n_f / t_ours])
+    rows.append(["ours: count_firings (species+genus+family, as the build) + sum + select", t_ours, int(n_f / t_ours)])
     t = time.perf_counter()
     ours_counting(table, cfg, batch_rows, ranks=("species", "genus"))
     t_ours2 = time.perf_counter() - t
-    rows.append(["ours, ranks=(species, genus) only", t_ours2, n_f / t_ours2])
+    rows.append(["ours, ranks=(species, genus) only", t_ours2, int(n_f / t_ours2)])
 
     t = time.perf_counter()
     ref_uncapped, ref_capped = reference_counter_loop(table, cfg.t_freq, cfg.max_latents_per_species, batch_rows)
     t_ref = time.perf_counter() - t
-    rows.append(["reference: per-firing Counter loop (to_pylist per batch)", t_ref, n_f / t_ref])
+    rows.append(["reference: per-firing Counter loop (to_pylist per batch)", t_ref, int(n_f / t_ref)])
     t = time.perf_counter()
     fast_uncapped, fast_capped = reference_counter_loop(table, cfg.t_freq, cfg.max_latents_per_species,
                                                         batch_rows, fast=True)
     t_fast = time.perf_counter() - t
-    rows.append(["reference variant: Counter.update per image", t_fast, n_f / t_fast])
+    rows.append(["reference variant: Counter.update per image", t_fast, int(n_f / t_fast)])
 
     # The same selections: capped (ordered by ratio, latent) and uncapped (the bare rule).
     ours_capped = {(s, int(r), int(z)) for s, r, z in zip(selected["species"].to_pylist(),
@@ -710,9 +722,10 @@ def bench_counting(args, scratch: Path) -> None:
         key = ["rank", "taxon", "latent"]
         same = ray_counts.sort_by([(k, "ascending") for k in key]).equals(counts.sort_by([(k, "ascending") for k in key]))
         rows.append([f"Ray reduce_counts on from_arrow (count only, 2 CPUs){'' if same else ' COUNTS DIFFER'}",
-                     t_ray, n_f / t_ray])
+                     t_ray, int(n_f / t_ray)])
 
     print_table(["implementation", "seconds", "firings/s"], rows)
+    print("  ours, split: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
     print(f"  selected (capped at {cfg.max_latents_per_species}/species): {len(ours_capped)} pairs; by the bare "
           f"rule: {len(ours_uncapped)} pairs; identical in ours and the reference (asserted). "
           f"counts/ rows: {counts.num_rows:,}")

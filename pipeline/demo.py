@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import BuildConfig, ConfigError, add_config_arguments, load_config, merge, parse_overrides, validate
+from pipeline.config import BuildConfig, ConfigError, merge, parse_overrides, validate
 from pipeline.train_sae import TrainSAEConfig
 
 # The tiny backbone: 4 blocks of width 64; we read block 2 (its second-to-last, as the paper

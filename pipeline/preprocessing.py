@@ -15,11 +15,11 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import pyarrow as pa
 from PIL import Image, ImageFile
 
 from pipeline.config import PreprocessConfig
 from pipeline.errors import ImageRejected, Rejected
+from pipeline.sources import INDEX_SCHEMA
 
 # We check the pixel count ourselves from the header (max_pixels), before decoding; PIL's own
 # bomb check would raise inside open() with a less useful message.
@@ -27,7 +27,9 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, not a grey band
 
 PATCH_PX = 14
-GEOMETRY_COLUMNS = ("orig_w", "orig_h", "scale_x", "scale_y", "offset_x", "offset_y", "input_size")
+GEOMETRY_TYPES = {"orig_w": "int32", "orig_h": "int32", "scale_x": "float64", "scale_y": "float64",
+                  "offset_x": "float64", "offset_y": "float64", "input_size": "int32"}
+GEOMETRY_COLUMNS = tuple(GEOMETRY_TYPES)
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def prepare_pixels(img: Image.Image, cfg: PreprocessConfig) -> tuple[np.ndarray,
     return np.asarray(canvas, dtype=np.uint8), geom
 
 
-INDEX_PASSTHROUGH = ("image_id", "species", "genus", "family", "split", "path", "source_file", "source_row")
+INDEX_PASSTHROUGH = tuple(INDEX_SCHEMA.names)
 
 
 def decode_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, reader) -> tuple[dict[str, np.ndarray], list[Rejected]]:
@@ -163,8 +165,8 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, reader) ->
             out[k].append(v)
     s = cfg.image_size
     cols = {k: np.array(v, dtype=object) for k, v in out.items() if k not in GEOMETRY_COLUMNS + ("pixels",)}
-    for k in GEOMETRY_COLUMNS:
-        cols[k] = np.array(out[k], dtype=np.float64 if k.startswith(("scale", "offset")) else np.int32)
+    for k, dtype in GEOMETRY_TYPES.items():
+        cols[k] = np.array(out[k], dtype=dtype)
     cols["pixels"] = np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, s, s, 3), np.uint8)
     return cols, rejected
 
@@ -179,6 +181,3 @@ def _item(value):
         return None
     return value
 
-
-def geometry_arrays(geoms: list[Geometry]) -> dict[str, pa.Array]:
-    return {k: pa.array([getattr(g, k) for g in geoms]) for k in GEOMETRY_COLUMNS}

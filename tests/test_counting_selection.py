@@ -75,7 +75,7 @@ def direct_selection(counts: dict, t: float, lone_to_family: bool) -> dict:
     f = {k: c / totals[k[:2]] for k, c in counts.items()}
     genus_of = {s: (g, fam) for s, g, fam in TAXA}
     n_species = defaultdict(int)
-    for s, g, _ in TAXA:
+    for _, g, _ in TAXA:
         n_species[g] += 1
     selected = {}
     for (rank, s, z), f_s in f.items():
