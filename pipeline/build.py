@@ -106,6 +106,7 @@ class Build:
         from actors.encoder import FiringEncoder
         from actors.reducer import reduce_counts
         from pipeline.candidates import find_candidates, keep_top_images
+        from pipeline.counting import taxonomy_codes
         from pipeline.selection import select_latents, taxonomy_of_species
         from pipeline.sources import build_index
 
@@ -138,7 +139,8 @@ class Build:
 
         with self.stage("count", rows_from="counts"):
             firings = self.read("activations", columns=["species", "genus", "family", "latent"])
-            self.write(reduce_counts(firings, cfg.counting.unit, num_partitions=n_cpus), "counts")
+            taxonomy = taxonomy_codes(index)
+            self.write(reduce_counts(firings, taxonomy, cfg.counting.unit, num_partitions=n_cpus), "counts")
 
         with self.stage("select", rows_from="selected"):
             counts = storage.read_table(self.fs, self.path("counts"))

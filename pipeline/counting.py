@@ -1,51 +1,120 @@
-"""Firing counts per taxon: the per-batch half of the distributed reduce.
+"""Firing counts per taxon, as an integer-coded, two-level sparse reduce.
 
-``count_firings`` turns a batch of activations/ rows into *partial* sparse counts
-(rank, taxon, latent, count) with vectorised pyarrow (no Python loop over firings); the Ray side
-(:mod:`actors.reducer`) sums partials with the same key across the cluster. Only nonzero cells
+The build knows every labelled taxonomy before it counts (the index), so each distinct
+(species, genus, family) gets an integer code up front (:func:`taxonomy_codes`). Then:
+
+1. ``count_firings`` (per activations/ batch): partial counts per (code, latent), counted with
+   ``np.bincount`` — no Python loop over firings and no string hashing per firing;
+2. partials with the same (code, latent) are summed (:func:`sum_counts` here, a Ray groupby in
+   :mod:`actors.reducer`);
+3. ``counts_by_rank`` rolls the summed rows up to (rank, taxon, latent) — the counts/ contract.
+   Because the whole taxonomy is the key, genus and family counts are exact even if a species
+   name were filed under two genera.
+
+Only rows with both species and genus take part (the paper's labelled set); only nonzero cells
 ever exist."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 COUNTS_SCHEMA = pa.schema([("rank", pa.string()), ("taxon", pa.string()), ("latent", pa.int32()),
                            ("count", pa.int64())])
+CODE_COUNTS_SCHEMA = pa.schema([("code", pa.int32()), ("latent", pa.int32()), ("count", pa.int64())])
+TAXON_KEY = ["species", "genus", "family"]
 RANKS = ("species", "genus", "family")
+DENSE_CELLS = 1 << 23  # bincount over a dense [codes, latents] grid up to this size (64 MB), else sort
+NO_FAMILY = ""  # join keys cannot be null: a missing family is this value inside the key
 
 
-def count_firings(batch: pa.Table, unit: str = "patches", ranks: tuple[str, ...] = RANKS) -> pa.Table:
-    """Partial counts of one batch.
+def sparse_count(codes: np.ndarray, latents: np.ndarray, n_codes: int,
+                 weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Occurrences (or summed weights) of each (code, latent) pair → (codes, latents, counts) of
+    the nonzero pairs, sorted by code then latent."""
+    m = int(latents.max()) + 1 if len(latents) else 1
+    key = codes.astype(np.int64)  # a fresh array, updated in place below (this is the hot loop)
+    key *= m
+    key += latents
+    if n_codes * m <= DENSE_CELLS:
+        dense = np.bincount(key, weights=weights, minlength=n_codes * m)
+        cells = np.flatnonzero(dense)
+        counts = dense[cells]
+    else:
+        cells, inverse = np.unique(key, return_inverse=True)
+        counts = np.bincount(inverse, weights=weights, minlength=len(cells))
+    if weights is not None:  # float sums of integer counts: exact below 2**53
+        counts = np.rint(counts).astype(np.int64)
+    return cells // m, cells % m, counts
 
-    unit="patches" (the paper): C[taxon][z] += number of patches of the image where z fires.
-    unit="images": C[taxon][z] += 1 for every image where z fires at least once."""
-    # Only rows with both species and genus take part in the contrast (the paper's labelled set).
-    batch = batch.filter(pc.and_(pc.is_valid(batch["species"]), pc.is_valid(batch["genus"])))
-    latent = batch["latent"].combine_chunks()
-    flat = pa.table({"row": pc.list_parent_indices(latent), "latent": pc.list_flatten(latent)})
-    if unit == "images":
-        flat = flat.group_by(["row", "latent"], use_threads=False).aggregate([])
-    elif unit != "patches":
+
+def _key(table: pa.Table) -> pa.Table:
+    return pa.table({"species": table["species"], "genus": table["genus"],
+                     "family": table["family"].fill_null(NO_FAMILY)})
+
+
+def taxonomy_codes(index: pa.Table) -> pa.Table:
+    """One row per distinct labelled (species, genus, family) with its integer ``code``."""
+    labelled = index.filter(pc.and_(pc.is_valid(index["species"]), pc.is_valid(index["genus"])))
+    distinct = _key(labelled).group_by(TAXON_KEY, use_threads=False).aggregate([])
+    distinct = distinct.sort_by([(k, "ascending") for k in TAXON_KEY])
+    return distinct.append_column("code", pa.array(np.arange(distinct.num_rows), pa.int32()))
+
+
+def count_firings(batch: pa.Table, taxonomy: pa.Table, unit: str = "patches") -> pa.Table:
+    """Partial counts of one batch: (code, latent, count), code from :func:`taxonomy_codes`.
+
+    unit="patches" (the paper): a count is the number of (image, patch) firings;
+    unit="images": the number of images where the latent fires at least once."""
+    if unit not in ("patches", "images"):
         raise ValueError(f"counting.unit: unknown unit {unit!r}")
-    partials = []
+    batch = batch.filter(pc.and_(pc.is_valid(batch["species"]), pc.is_valid(batch["genus"])))
+    keyed = _key(batch).append_column("row", pa.array(np.arange(batch.num_rows), pa.int64()))
+    coded = keyed.join(taxonomy, TAXON_KEY, join_type="inner", use_threads=False)
+    row_code = np.full(batch.num_rows, -1, np.int64)
+    row_code[coded["row"].to_numpy()] = coded["code"].to_numpy()
+    if (row_code < 0).any():
+        raise ValueError("count_firings: a row's taxonomy is missing from the taxonomy codes")
+    latent_lists = batch["latent"].combine_chunks()
+    latents = pc.list_flatten(latent_lists).to_numpy()
+    lengths = pc.list_value_length(latent_lists).fill_null(0).to_numpy()
+    if unit == "images":  # one firing per (image, latent)
+        rows, latents, _ = sparse_count(np.repeat(np.arange(batch.num_rows), lengths), latents, batch.num_rows)
+        codes = row_code[rows]
+    else:
+        codes = np.repeat(row_code, lengths)
+    codes, latents, counts = sparse_count(codes, latents, taxonomy.num_rows)
+    return pa.table({"code": pa.array(codes, pa.int32()), "latent": pa.array(latents, pa.int32()),
+                     "count": pa.array(counts, pa.int64())}, schema=CODE_COUNTS_SCHEMA)
+
+
+def sum_counts(partials: pa.Table, n_codes: int) -> pa.Table:
+    """Sum partial counts with the same (code, latent) — the reduce, on one table."""
+    codes, latents, counts = sparse_count(partials["code"].to_numpy(), partials["latent"].to_numpy(), n_codes,
+                                          weights=partials["count"].to_numpy().astype(np.float64))
+    return pa.table({"code": pa.array(codes, pa.int32()), "latent": pa.array(latents, pa.int32()),
+                     "count": pa.array(counts, pa.int64())}, schema=CODE_COUNTS_SCHEMA)
+
+
+def counts_by_rank(code_counts: pa.Table, taxonomy: pa.Table, ranks: tuple[str, ...] = RANKS) -> pa.Table:
+    """Summed (code, latent, count) rows → the counts/ contract: one row per (rank, taxon, latent).
+    Works on any subset of codes too (each output row then holds that subset's sum)."""
+    codes = code_counts["code"].to_numpy()
+    latents = code_counts["latent"].to_numpy()
+    weights = code_counts["count"].to_numpy().astype(np.float64)
+    order = np.argsort(taxonomy["code"].to_numpy())
+    parts = []
     for rank in ranks:
-        taxon = pc.take(batch[rank], flat["row"])
-        per_taxon = (pa.table({"taxon": taxon, "latent": flat["latent"]})
-                     .filter(pc.is_valid(taxon))  # e.g. a missing family
-                     .group_by(["taxon", "latent"], use_threads=False)
-                     .aggregate([([], "count_all")]))
-        partials.append(pa.table({
-            "rank": pa.array([rank] * per_taxon.num_rows, pa.string()),
-            "taxon": per_taxon["taxon"].cast(pa.string()),
-            "latent": per_taxon["latent"].cast(pa.int32()),
-            "count": per_taxon["count_all"].cast(pa.int64()),
-        }))
-    return pa.concat_tables(partials).cast(COUNTS_SCHEMA)
-
-
-def sum_counts(partials: pa.Table) -> pa.Table:
-    """Sum partial counts with the same (rank, taxon, latent) — the reduce, on one table."""
-    summed = partials.group_by(["rank", "taxon", "latent"], use_threads=False).aggregate([("count", "sum")])
-    return pa.table({"rank": summed["rank"], "taxon": summed["taxon"], "latent": summed["latent"],
-                     "count": summed["count_sum"]}).cast(COUNTS_SCHEMA)
+        names = taxonomy[rank].take(pa.array(order))
+        if rank == "family":  # the key's stand-in for a missing family is not a taxon
+            names = pc.if_else(pc.equal(names, NO_FAMILY), pa.scalar(None, pa.string()), names)
+        encoded = pc.dictionary_encode(names).combine_chunks()
+        rank_code = encoded.indices.fill_null(-1).to_numpy()[codes]
+        keep = rank_code >= 0
+        taxa, lat, cnt = sparse_count(rank_code[keep], latents[keep], len(encoded.dictionary), weights[keep])
+        parts.append(pa.table({"rank": pa.array([rank] * len(taxa), pa.string()),
+                               "taxon": encoded.dictionary.take(pa.array(taxa)),
+                               "latent": pa.array(lat, pa.int32()), "count": pa.array(cnt, pa.int64())},
+                              schema=COUNTS_SCHEMA))
+    return pa.concat_tables(parts)

@@ -24,12 +24,17 @@ SELECTED_SCHEMA = pa.schema([
 ])
 
 
-def frequencies(counts: pa.Table) -> pa.Table:
-    """Add ``freq`` = count / (total count of the same rank and taxon)."""
-    totals = counts.group_by(["rank", "taxon"], use_threads=False).aggregate([("count", "sum")])
-    joined = counts.join(totals, ["rank", "taxon"], join_type="inner", use_threads=False)
-    return joined.append_column("freq", pc.divide(pc.cast(joined["count"], pa.float64()),
-                                                  pc.cast(joined["count_sum"], pa.float64())))
+def rank_frequencies(counts: pa.Table, rank: str) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
+    """One rank's counts as (taxon names, taxon code per row, latent per row, f per row), where
+    f = count / (total count of that taxon) and rows are sorted by (code, latent)."""
+    rows = counts.filter(pc.equal(counts["rank"], rank))
+    encoded = pc.dictionary_encode(rows["taxon"]).combine_chunks()
+    codes = encoded.indices.to_numpy().astype(np.int64)
+    latents = rows["latent"].to_numpy().astype(np.int64)
+    count = rows["count"].to_numpy().astype(np.float64)
+    totals = np.bincount(codes, weights=count, minlength=len(encoded.dictionary))
+    order = np.lexsort((latents, codes))
+    return encoded.dictionary, codes[order], latents[order], (count / totals[codes])[order]
 
 
 def taxonomy_of_species(index: pa.Table) -> pa.Table:
@@ -55,30 +60,44 @@ def _score(f_s: np.ndarray, f_p: np.ndarray, kind: str) -> np.ndarray:
 
 
 def select_latents(counts: pa.Table, taxonomy: pa.Table, cfg: ContrastConfig) -> pa.Table:
-    """counts/ rows + species taxonomy → selected/ rows, best score first within each species."""
-    freq = frequencies(counts)
-    species = freq.filter(pc.equal(freq["rank"], "species"))
-    species = pa.table({"species": species["taxon"], "latent": species["latent"], "f_species": species["freq"]})
-    species = species.join(taxonomy.select(["species", "genus", "family", "lone"]), "species", use_threads=False)
-    use_family = pc.and_(species["lone"], pc.is_valid(species["family"])) if cfg.lone_species == "family" \
-        else pa.array([False] * species.num_rows)
-    species = species.append_column("contrast_rank", pc.if_else(use_family, "family", "genus"))
-    species = species.append_column("contrast_taxon", pc.if_else(use_family, species["family"], species["genus"]))
-    parents = freq.select(["rank", "taxon", "latent", "freq"]).rename_columns(
-        ["contrast_rank", "contrast_taxon", "latent", "f_genus"])
-    pairs = species.join(parents, ["contrast_rank", "contrast_taxon", "latent"], use_threads=False)
+    """counts/ rows + species taxonomy → selected/ rows, best score first within each species.
+    Integer-coded: each species row finds its parent's f by binary search on (code, latent)."""
+    species_names, s_code, latent, f_s = rank_frequencies(counts, "species")
+    tax = taxonomy.select(["species", "genus", "family", "lone"])
+    tax = tax.take(pc.index_in(species_names, tax["species"]))  # aligned with species codes
+    use_family = np.zeros(len(species_names), bool)
+    if cfg.lone_species == "family":
+        use_family = (tax["lone"].fill_null(False).to_numpy(zero_copy_only=False)
+                      & pc.is_valid(tax["family"]).to_numpy(zero_copy_only=False))
+    m = int(latent.max()) + 1 if len(latent) else 1
+    f_parent = np.zeros(len(f_s))
+    for rank, uses in (("genus", ~use_family), ("family", use_family)):
+        names, p_code, p_latent, p_f = rank_frequencies(counts, rank)
+        if not len(p_code):
+            continue
+        parent_of_species = pc.index_in(tax[rank], names).fill_null(-1).to_numpy().astype(np.int64)
+        rows = np.flatnonzero(uses[s_code] & (parent_of_species[s_code] >= 0))
+        keys = p_code * m + p_latent  # sorted, since rows are sorted by (code, latent)
+        want = parent_of_species[s_code[rows]] * m + latent[rows]
+        at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+        hit = keys[at] == want
+        f_parent[rows[hit]] = p_f[at[hit]]
     t = cfg.t_freq
-    keep = pc.and_(pc.and_(pc.greater(pairs["f_species"], t), pc.greater(pairs["f_genus"], t)),
-                   pc.greater(pairs["f_species"], pairs["f_genus"]))
-    pairs = pairs.filter(keep)
-    score = _score(pairs["f_species"].to_numpy(), pairs["f_genus"].to_numpy(), cfg.score)
-    pairs = pairs.append_column("score", pa.array(score, pa.float64()))
-    pairs = pairs.sort_by([("species", "ascending"), ("score", "descending"), ("latent", "ascending")])
-    # Rank within species: position minus the species' first position (rows are sorted by species).
-    sp = pairs["species"].to_numpy(zero_copy_only=False)
-    starts = np.r_[0, np.flatnonzero(sp[1:] != sp[:-1]) + 1] if len(sp) else np.zeros(0, int)
-    first = np.repeat(starts, np.diff(np.r_[starts, len(sp)]))
-    rank = np.arange(len(sp)) - first
-    pairs = pairs.append_column("rank_in_species", pa.array(rank, pa.int32()))
-    pairs = pairs.filter(pc.less(pairs["rank_in_species"], cfg.max_latents_per_species))
-    return pairs.select(SELECTED_SCHEMA.names).cast(SELECTED_SCHEMA)
+    keep = (f_s > t) & (f_parent > t) & (f_s > f_parent)
+    s_code, latent, f_s, f_parent = s_code[keep], latent[keep], f_s[keep], f_parent[keep]
+    score = _score(f_s, f_parent, cfg.score)
+    # Best first within each species, then cap; rank = position minus the species' first position.
+    order = np.lexsort((latent, -score, s_code))
+    s_code, latent, f_s, f_parent, score = s_code[order], latent[order], f_s[order], f_parent[order], score[order]
+    starts = np.r_[0, np.flatnonzero(s_code[1:] != s_code[:-1]) + 1] if len(s_code) else np.zeros(0, int)
+    rank_in_species = np.arange(len(s_code)) - np.repeat(starts, np.diff(np.r_[starts, len(s_code)]))
+    capped = rank_in_species < cfg.max_latents_per_species
+    sp = pa.array(s_code[capped])
+    family_row = pa.array(use_family[s_code[capped]])
+    return pa.table({
+        "species": species_names.take(sp), "genus": tax["genus"].take(sp), "latent": pa.array(latent[capped], pa.int32()),
+        "f_species": f_s[capped], "f_genus": f_parent[capped],
+        "contrast_rank": pc.if_else(family_row, "family", "genus"),
+        "contrast_taxon": pc.if_else(family_row, tax["family"].take(sp), tax["genus"].take(sp)),
+        "score": score[capped], "rank_in_species": pa.array(rank_in_species[capped], pa.int32()),
+    }, schema=SELECTED_SCHEMA)

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.config import ContrastConfig
-from pipeline.counting import count_firings, sum_counts
+from pipeline.counting import count_firings, counts_by_rank, sum_counts, taxonomy_codes
 from pipeline.selection import select_latents, taxonomy_of_species
 
 # genus G1: 3 species, G2: 2 species, G3: 1 species (lone), in families F1 (G1, G3) and F2 (G2)
@@ -23,6 +23,8 @@ def random_activations(n_images=300, seed=0) -> pa.Table:
         kind = rng.integers(0, len(TAXA) + 2)
         if kind < len(TAXA):
             species, genus, family = TAXA[kind]
+            if rng.random() < 0.1:
+                family = None                               # a labelled row with no family
         elif kind == len(TAXA):
             species, genus, family = None, None, None      # unlabelled
         else:
@@ -58,12 +60,16 @@ def as_dict(counts: pa.Table) -> dict:
 
 
 def counts_in_batches(table: pa.Table, unit: str, batch_rows: int = 37) -> pa.Table:
-    partials = [count_firings(table.slice(i, batch_rows), unit) for i in range(0, table.num_rows, batch_rows)]
-    return sum_counts(pa.concat_tables(partials))
+    taxonomy = taxonomy_codes(table)
+    partials = [count_firings(table.slice(i, batch_rows), taxonomy, unit) for i in range(0, table.num_rows, batch_rows)]
+    return counts_by_rank(sum_counts(pa.concat_tables(partials), taxonomy.num_rows), taxonomy)
 
 
 @pytest.mark.parametrize("unit", ["patches", "images"])
-def test_counts_equal_direct_computation(unit):
+@pytest.mark.parametrize("dense", [True, False])
+def test_counts_equal_direct_computation(unit, dense, monkeypatch):
+    if not dense:  # force the sort-based path used when a dense grid would be too large
+        monkeypatch.setattr("pipeline.counting.DENSE_CELLS", 1)
     table = random_activations()
     assert as_dict(counts_in_batches(table, unit)) == direct_counts(table, unit)
 
@@ -129,7 +135,8 @@ def test_distributed_reduce_equals_direct_computation(ray_local):
 
     table = random_activations(n_images=400, seed=3)
     blocks = [table.slice(i, 50) for i in range(0, table.num_rows, 50)]
-    counts = pa.concat_tables(list(reduce_counts(ray.data.from_arrow(blocks), "patches", num_partitions=3)
+    taxonomy = taxonomy_codes(table)
+    counts = pa.concat_tables(list(reduce_counts(ray.data.from_arrow(blocks), taxonomy, "patches", num_partitions=3)
                                    .iter_batches(batch_format="pyarrow")))
     assert as_dict(counts) == direct_counts(table, "patches")
     assert len(counts) == len(set(as_dict(counts)))  # one row per key: fully reduced
