@@ -50,8 +50,17 @@ class SparseAutoencoder(nn.Module):
             self.normalize_decoder_()
 
     def encode(self, x: Tensor) -> Tensor:
-        """[..., d] → [..., m] codes."""
-        return torch.relu((x * self.spec.input_scale - self.b_dec) @ self.W_enc + self.b_enc)
+        """[..., d] → [..., m] codes. The bias add is fused into the matmul and the ReLU is in
+        place: the [..., m] code is the big tensor, so each pass over it counts."""
+        if self.spec.input_scale != 1.0:
+            x = x * self.spec.input_scale
+        h = x - self.b_dec
+        codes = torch.addmm(self.b_enc, h.reshape(-1, h.shape[-1]), self.W_enc)
+        if torch.is_grad_enabled() and codes.requires_grad:
+            codes = torch.relu(codes)  # autograd needs the pre-activation kept
+        else:
+            codes.relu_()
+        return codes.reshape(*h.shape[:-1], -1)
 
     def decode(self, f: Tensor) -> Tensor:
         """[..., m] → [..., d] reconstruction (in scaled units)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -185,10 +184,13 @@ def init_ray(cfg: BuildConfig) -> None:
 
     if ray.is_initialized():
         return
-    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.ray.address)  # None joins RAY_ADDRESS, as under `ray job submit`
+    if cfg.ray.num_cpus is not None or cfg.ray.num_gpus is not None:
+        # Resources given: a fresh local Ray of that size (never a cluster that happens to run here).
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
+        # ray.address, else RAY_ADDRESS (as under `ray job submit`), else a running local
+        # cluster, else a new local Ray — Ray's own order.
+        ray.init(address=cfg.ray.address)
 
 
 def versions() -> dict:

@@ -143,10 +143,12 @@ class AnnotateConfig(Section):
 
 class RayConfig(Section):
     address: str | None = None
-    """Cluster to join; null joins RAY_ADDRESS if set, else starts a local Ray."""
+    """Cluster to join; null: RAY_ADDRESS if set (as under `ray job submit`), else a Ray already
+    running on this machine, else a new local one."""
     num_cpus: int | None = None
     num_gpus: int | None = None
-    """Resources of a locally started Ray (ignored when joining a cluster)."""
+    """Set either to always start a fresh local Ray with these resources (for fake GPUs in
+    tests, or to cap a laptop run); ray.address is then ignored."""
 
 
 class BuildConfig(Section):
