@@ -162,6 +162,9 @@ class Build:
                     AnnotateActor, batch_size=cfg.annotate.batch_size, batch_format="pyarrow",
                     compute=ActorPoolStrategy(min_size=1, max_size=n_cpus), fn_constructor_kwargs={"cfg": cfg})
                 self.write(traits, "traits")
+            else:  # nothing selected: still leave an empty traits/ with the contract's schema
+                from pipeline.annotate import TRAITS_SCHEMA
+                storage.write_table(self.fs, storage.join(self.path("traits"), "empty.parquet"), TRAITS_SCHEMA.empty_table())
 
         self.stages["errors"] = {"rows": storage.count_rows(self.fs, self.path("errors"))}
         manifest = {
