@@ -1,0 +1,33 @@
+"""The trainer recovers a known dictionary (issue 3's first test, on the foundation's trainer)."""
+
+import torch
+
+from pipeline.train_sae import SAETrainSpec, TrainLoop, train
+
+
+def planted_dictionary(d=64, n_atoms=256, n=60_000, k=4, seed=0):
+    """x = s·D + noise + a constant offset; D unit-norm rows, k atoms per sample with positive
+    coefficients in [1, 3]."""
+    g = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n_atoms, d, generator=g)
+    dictionary /= dictionary.norm(dim=1, keepdim=True)
+    atoms = torch.stack([torch.randperm(n_atoms, generator=g)[:k] for _ in range(n)])
+    codes = torch.zeros(n, n_atoms).scatter_(1, atoms, torch.rand(n, k, generator=g) * 2 + 1)
+    offset = 3.0 * torch.randn(d, generator=g) / d**0.5
+    return codes @ dictionary + 0.01 * torch.randn(n, d, generator=g) + offset, dictionary
+
+
+def test_relu_sae_recovers_a_planted_dictionary():
+    x, dictionary = planted_dictionary()
+    loop = TrainLoop(batch_size=1024, steps=3000, lr=3e-3, warmup_steps=100, l1_warmup_steps=200, log_every=1000)
+    sae, history = train(x, SAETrainSpec(expansion=4, alpha=1e-2), loop, log=lambda _: None)
+    best_cos = (dictionary @ sae.W_dec.T).max(dim=1).values  # each atom's closest decoder row
+    with torch.no_grad():
+        l0 = (sae.encode(x[:5000]) > 0.1).float().sum(1).mean().item()
+    recovered = (best_cos > 0.9).float().mean().item()
+    print(f"\nrecovered atoms (cos > 0.9): {recovered:.3f}; median cos {best_cos.median():.3f}; "
+          f"L0 (codes > 0.1) {l0:.2f} vs 4 true; nmse {history[-1]['nmse']:.3f}")
+    # Measured here: 0.973 recovered, median cos 0.997, L0 6.5 — the L1 penalty keeps a few
+    # small extra codes, so L0 is allowed up to twice the true sparsity.
+    assert recovered >= 0.9
+    assert 3.0 <= l0 <= 8.0
