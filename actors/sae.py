@@ -30,15 +30,76 @@ FORMAT_VERSION = 1
 class SAESpec:
     d: int
     m: int
-    kind: str = "relu"
+    kind: str = "relu"  # relu | topk | batchtopk
+    k: int | None = None  # active latents per patch (topk) or per patch on average (batchtopk)
     input_scale: float = 1.0
     metadata: dict = field(default_factory=dict)  # training figures, provenance
+
+
+# --------------------------------------------------------------------------- activations
+# Small interchangeable pieces: pre-activations [rows, m] → codes [rows, m].
+
+class ReLU(nn.Module):
+    """The paper's SAE: every positive pre-activation is a code (sparsity comes from the L1 loss)."""
+
+    def forward(self, pre: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and pre.requires_grad:
+            return torch.relu(pre)  # autograd needs the pre-activation kept
+        return pre.relu_()  # the [rows, m] tensor is the big one: no extra pass
+
+
+class TopK(nn.Module):
+    """Exactly the k largest (positive) pre-activations of each row survive."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, pre: Tensor) -> Tensor:
+        values, index = pre.topk(self.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, index, torch.relu(values))
+
+
+class BatchTopK(nn.Module):
+    """Training: the k·rows largest pre-activations of the whole batch survive (rows share a
+    budget). Inference: a fixed threshold θ — the running mean of the smallest value kept in
+    training — so a patch's codes do not depend on the rest of its batch."""
+
+    def __init__(self, k: int, momentum: float = 0.01):
+        super().__init__()
+        self.k = k
+        self.momentum = momentum
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    def forward(self, pre: Tensor) -> Tensor:
+        if not self.training:
+            if torch.isnan(self.threshold):
+                raise ValueError("BatchTopK SAE has no inference threshold: it was never trained")
+            return pre * (pre > self.threshold)
+        flat = torch.relu(pre).flatten()
+        values, index = flat.topk(min(self.k * pre.shape[0], flat.numel()))
+        with torch.no_grad():
+            smallest = values[values > 0].min() if (values > 0).any() else values.new_tensor(0.0)
+            self.threshold.copy_(smallest if torch.isnan(self.threshold)
+                                 else torch.lerp(self.threshold, smallest, self.momentum))
+        return torch.zeros_like(flat).scatter_(0, index, values).view_as(pre)
+
+
+def make_activation(spec: SAESpec) -> nn.Module:
+    if spec.kind == "relu":
+        return ReLU()
+    if spec.kind in ("topk", "batchtopk"):
+        if not spec.k or spec.k < 1:
+            raise ValueError(f"sae.k: a {spec.kind} SAE needs k >= 1 (got {spec.k})")
+        return TopK(spec.k) if spec.kind == "topk" else BatchTopK(spec.k)
+    raise ValueError(f"sae.kind: unknown kind {spec.kind!r} (relu, topk or batchtopk)")
 
 
 class SparseAutoencoder(nn.Module):
     def __init__(self, spec: SAESpec):
         super().__init__()
         self.spec = spec
+        self.activation = make_activation(spec)
         d, m = spec.d, spec.m
         self.W_enc = nn.Parameter(torch.empty(d, m))
         self.b_enc = nn.Parameter(torch.zeros(m))
@@ -49,18 +110,16 @@ class SparseAutoencoder(nn.Module):
             self.W_dec.copy_(self.W_enc.T)
             self.normalize_decoder_()
 
-    def encode(self, x: Tensor) -> Tensor:
-        """[..., d] → [..., m] codes. The bias add is fused into the matmul and the ReLU is in
-        place: the [..., m] code is the big tensor, so each pass over it counts."""
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """[..., d] → [rows, m] (the bias add fused into the matmul)."""
         if self.spec.input_scale != 1.0:
             x = x * self.spec.input_scale
         h = x - self.b_dec
-        codes = torch.addmm(self.b_enc, h.reshape(-1, h.shape[-1]), self.W_enc)
-        if torch.is_grad_enabled() and codes.requires_grad:
-            codes = torch.relu(codes)  # autograd needs the pre-activation kept
-        else:
-            codes.relu_()
-        return codes.reshape(*h.shape[:-1], -1)
+        return torch.addmm(self.b_enc, h.reshape(-1, h.shape[-1]), self.W_enc)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """[..., d] → [..., m] codes."""
+        return self.activation(self.pre_activation(x)).reshape(*x.shape[:-1], -1)
 
     def decode(self, f: Tensor) -> Tensor:
         """[..., m] → [..., d] reconstruction (in scaled units)."""
@@ -71,11 +130,13 @@ class SparseAutoencoder(nn.Module):
         return self.decode(f), f
 
     def loss(self, x: Tensor, alpha: float) -> dict[str, Tensor]:
-        """MSE + α·L1 on a batch of activations [batch, d]."""
+        """On a batch of activations [batch, d]: MSE + α·L1 for the ReLU SAE; MSE alone for the
+        TopK kinds, whose sparsity is fixed by k (α is not used)."""
         x_hat, f = self(x)
         mse = (x_hat - x * self.spec.input_scale).pow(2).mean()
         l1 = f.abs().sum(dim=-1).mean()
-        return {"loss": mse + alpha * l1, "mse": mse, "l1": l1, "l0": (f > 0).float().sum(-1).mean()}
+        penalty = alpha * l1 if self.spec.kind == "relu" else torch.zeros_like(mse)
+        return {"loss": mse + penalty, "mse": mse, "l1": l1, "l0": (f > 0).float().sum(-1).mean()}
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -106,7 +167,7 @@ def save_saev(sae: SparseAutoencoder, path: str | Path) -> Path:
     """Write the saev format (one JSON line, then torch.save of the state dict)."""
     path = Path(path)
     header = {"d_vit": sae.spec.d, "exp_factor": sae.spec.m // sae.spec.d, "d_sae": sae.spec.m,
-              "sae_traits": {"input_scale": sae.spec.input_scale}}
+              "sae_traits": {"input_scale": sae.spec.input_scale, "kind": sae.spec.kind, "k": sae.spec.k}}
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in sae.state_dict().items()}, buf)
     path.write_bytes(json.dumps(header).encode() + b"\n" + buf.getvalue())
@@ -122,7 +183,10 @@ def _from_state(state: dict[str, Tensor], **spec_kwargs) -> SparseAutoencoder:
         raise ValueError(f"SAE checkpoint: W_enc is {tuple(state['W_enc'].shape)} but W_dec is "
                          f"{tuple(state['W_dec'].shape)}; expected W_dec [{m}, {d}]")
     sae = SparseAutoencoder(SAESpec(d=d, m=m, **spec_kwargs))
-    sae.load_state_dict({k: state[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")})
+    wanted = set(sae.state_dict())
+    sae.load_state_dict({k: v.float() for k, v in state.items() if k in wanted}, strict=False)
+    if "activation.threshold" in wanted and "activation.threshold" not in state:
+        raise ValueError("SAE checkpoint: a batchtopk SAE needs its activation.threshold")
     return sae
 
 
@@ -133,7 +197,7 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
         config = json.loads((path / "config.json").read_text())
         if config.get("version", 0) > FORMAT_VERSION:
             raise ValueError(f"{path}: SAE format version {config['version']} is newer than this code reads")
-        kwargs = {k: config[k] for k in ("kind", "input_scale", "metadata") if k in config}
+        kwargs = {k: config[k] for k in ("kind", "k", "input_scale", "metadata") if k in config}
         return _from_state(load_file(str(path / "model.safetensors")), **kwargs)
     if not path.exists():
         raise FileNotFoundError(f"sae.checkpoint: {path} does not exist")
@@ -144,5 +208,6 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
             raise ValueError(f"sae.checkpoint: {path} is neither a project folder nor a saev file "
                              "(first line is not JSON)") from None
         state = torch.load(f, map_location="cpu", weights_only=True)
-    scale = header.get("sae_traits", {}).get("input_scale", 1.0)
-    return _from_state(state, input_scale=scale, metadata={"saev_config": header})
+    ours = header.get("sae_traits", {})
+    return _from_state(state, kind=ours.get("kind", "relu"), k=ours.get("k"),
+                       input_scale=ours.get("input_scale", 1.0), metadata={"saev_config": header})

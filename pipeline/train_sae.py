@@ -19,7 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from actors.encoder import PatchFeatures
 from actors.sae import SAESpec, SparseAutoencoder, save_sae, save_saev
@@ -28,10 +30,21 @@ from pipeline.config import (BackboneConfig, ConfigError, PreprocessConfig, Sect
 
 
 class SAETrainSpec(Section):
+    kind: Literal["relu", "topk", "batchtopk"] = "relu"
+    """relu: the paper's ReLU + L1; topk / batchtopk: k active latents per patch (per patch on
+    average across a batch), no L1 — not in the paper, a fixed L0 instead of a tuned α."""
+    k: int | None = Field(default=None, ge=1)
+    """Active latents per patch for topk / batchtopk."""
     expansion: int = Field(default=32, ge=1)
     """m = expansion · d latents (the paper: 32 → 24,576 for DINOv2-base)."""
     alpha: float = Field(default=4e-4, ge=0)
-    """L1 coefficient α (the paper's default 4e-4)."""
+    """L1 coefficient α (the paper's default 4e-4); relu only."""
+
+    @model_validator(mode="after")
+    def _k_for_topk(self) -> SAETrainSpec:
+        if self.kind != "relu" and self.k is None:
+            raise ValueError(f"k is required for a {self.kind} SAE")
+        return self
 
 
 class TrainLoop(Section):
@@ -89,7 +102,7 @@ def train(acts: torch.Tensor, spec: SAETrainSpec, loop: TrainLoop, log=print) ->
     gen = torch.Generator().manual_seed(loop.seed)
     torch.manual_seed(loop.seed)
     d = acts.shape[1]
-    sae = SparseAutoencoder(SAESpec(d=d, m=spec.expansion * d))
+    sae = SparseAutoencoder(SAESpec(d=d, m=spec.expansion * d, kind=spec.kind, k=spec.k))
     with torch.no_grad():
         sample = acts[torch.randperm(len(acts), generator=gen)[:65536]]
         sae.b_dec.copy_(sample.mean(0))  # the reference code meant to do this but never did

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from actors.sae import SAESpec, SparseAutoencoder, load_sae, save_sae, save_saev
+from actors.sae import SAESpec, SparseAutoencoder, TopK, load_sae, save_sae, save_saev
 from pipeline.train_sae import SAETrainSpec, TrainLoop, train
 
 
@@ -73,3 +73,48 @@ def test_training_recipe_bdec_at_mean_unit_rows_and_l1_warmup():
     for h in history:
         assert h["loss"] == pytest.approx(h["mse"] + h["alpha"] * h["l1"], rel=1e-3, abs=1e-5)
     assert history[-1]["mse"] < history[0]["mse"]
+
+
+def test_topk_keeps_exactly_k_per_row():
+    sae = SparseAutoencoder(SAESpec(d=16, m=128, kind="topk", k=5))
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)  # every pre-activation positive, so exactly k survive
+        codes = sae.encode(torch.randn(3, 7, 16))
+    assert codes.shape == (3, 7, 128)
+    assert ((codes > 0).sum(-1) == 5).all()
+    pre = sae.pre_activation(torch.randn(4, 16)).detach()
+    kept = TopK(5)(pre)
+    assert torch.equal(kept.topk(5).values, torch.relu(pre.topk(5).values))
+
+
+def test_batchtopk_shares_a_budget_in_training_and_uses_its_threshold_at_inference(tmp_path):
+    sae = SparseAutoencoder(SAESpec(d=16, m=128, kind="batchtopk", k=4))
+    x = torch.randn(32, 16)
+    with torch.no_grad():
+        sae.b_enc.fill_(1.0)
+        codes = sae.encode(x)
+    assert (codes > 0).sum() == 4 * 32 and (codes > 0).sum(-1).float().std() > 0  # rows share the budget
+    theta = sae.activation.threshold.item()
+    assert theta == pytest.approx(codes[codes > 0].min().item())
+    sae.eval()
+    with torch.no_grad():
+        pre = sae.pre_activation(x)
+        assert torch.equal(sae.encode(x), pre * (pre > theta))
+    loaded = load_sae(save_sae(sae, tmp_path / "btk")).eval()
+    assert loaded.spec.kind == "batchtopk" and loaded.activation.threshold.item() == pytest.approx(theta)
+    assert torch.allclose(loaded.encode(x), sae.encode(x))
+    saev = load_sae(save_saev(sae, tmp_path / "btk.pt")).eval()
+    assert torch.allclose(saev.encode(x), sae.encode(x))
+
+
+def test_unknown_kind_and_missing_k_name_the_key():
+    with pytest.raises(ValueError, match="sae.kind"):
+        SparseAutoencoder(SAESpec(d=4, m=8, kind="gated"))
+    with pytest.raises(ValueError, match="sae.k"):
+        SparseAutoencoder(SAESpec(d=4, m=8, kind="topk"))
+
+
+def test_topk_loss_has_no_l1_term():
+    sae = SparseAutoencoder(SAESpec(d=8, m=32, kind="topk", k=3))
+    out = sae.loss(torch.randn(64, 8), alpha=10.0)
+    assert out["loss"].item() == pytest.approx(out["mse"].item())
