@@ -129,14 +129,31 @@ class SparseAutoencoder(nn.Module):
         f = self.encode(x)
         return self.decode(f), f
 
-    def loss(self, x: Tensor, alpha: float) -> dict[str, Tensor]:
-        """On a batch of activations [batch, d]: MSE + α·L1 for the ReLU SAE; MSE alone for the
-        TopK kinds, whose sparsity is fixed by k (α is not used)."""
-        x_hat, f = self(x)
-        mse = (x_hat - x * self.spec.input_scale).pow(2).mean()
+    def loss(self, x: Tensor, alpha: float, dead: Tensor | None = None, aux_k: int = 256,
+             aux_alpha: float = 1 / 32) -> dict[str, Tensor]:
+        """On a batch of activations [batch, d]: MSE + α·L1 for the ReLU SAE; for the TopK kinds
+        MSE (sparsity is fixed by k, α unused) plus, when ``dead`` [m] marks latents that have
+        not fired for a while, the AuxK loss: the ``aux_k`` largest dead latents must explain
+        what the live ones left unexplained — which pulls dead latents back into use."""
+        target = x * self.spec.input_scale
+        pre = self.pre_activation(x)
+        f = self.activation(pre)
+        x_hat = self.decode(f)
+        mse = (x_hat - target).pow(2).mean()
         l1 = f.abs().sum(dim=-1).mean()
-        penalty = alpha * l1 if self.spec.kind == "relu" else torch.zeros_like(mse)
-        return {"loss": mse + penalty, "mse": mse, "l1": l1, "l0": (f > 0).float().sum(-1).mean()}
+        out = {"mse": mse, "l1": l1, "l0": (f > 0).float().sum(-1).mean(), "aux": torch.zeros_like(mse),
+               "codes": f}  # the trainer tracks which latents fire
+        if self.spec.kind == "relu":
+            out["loss"] = mse + alpha * l1
+            return out
+        if dead is not None and dead.any():
+            k = min(aux_k, int(dead.sum()))
+            values, index = pre.masked_fill(~dead, float("-inf")).topk(k, dim=-1)
+            f_dead = torch.zeros_like(pre).scatter_(-1, index, torch.relu(values))
+            residual = (target - x_hat).detach()
+            out["aux"] = (f_dead @ self.W_dec - residual).pow(2).mean()
+        out["loss"] = mse + aux_alpha * out["aux"]
+        return out
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

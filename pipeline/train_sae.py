@@ -60,6 +60,14 @@ class TrainLoop(Section):
     max_images: int | None = Field(default=None, ge=1)
     """Read at most this many images for activations (the simple trainer holds them in memory)."""
     log_every: int = Field(default=50, ge=1)
+    dead_after_patches: int = Field(default=1_000_000, ge=1)
+    """A latent that has not fired for this many patches counts as dead (metrics; AuxK loss)."""
+    aux_k: int = Field(default=256, ge=1)
+    """topk / batchtopk: dead latents used by the AuxK loss per patch."""
+    aux_alpha: float = Field(default=1 / 32, ge=0)
+    """topk / batchtopk: weight of the AuxK loss."""
+    dense_fraction: float = Field(default=0.1, gt=0, le=1)
+    """A latent firing on more than this fraction of a batch's patches counts as dense (metrics)."""
 
 
 class TrainSAEConfig(Section):
@@ -110,10 +118,16 @@ def train(acts: torch.Tensor, spec: SAETrainSpec, loop: TrainLoop, log=print) ->
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, loop.warmup_steps))
     variance = acts.var(0).sum().item()
     history = []
+    since_fired = torch.zeros(sae.spec.m, dtype=torch.long)  # patches since each latent last fired
     for step in range(loop.steps):
         batch = acts[torch.randint(len(acts), (min(loop.batch_size, len(acts)),), generator=gen)]
         alpha = spec.alpha * (min(1.0, (step + 1) / loop.l1_warmup_steps) if loop.l1_warmup_steps else 1.0)
-        out = sae.loss(batch, alpha)
+        dead = since_fired >= loop.dead_after_patches
+        out = sae.loss(batch, alpha, dead=dead, aux_k=loop.aux_k, aux_alpha=loop.aux_alpha)
+        with torch.no_grad():
+            firing_rate = (out.pop("codes") > 0).float().mean(0)
+            since_fired += len(batch)
+            since_fired[firing_rate > 0] = 0
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         sae.remove_parallel_grad_()
@@ -123,7 +137,9 @@ def train(acts: torch.Tensor, spec: SAETrainSpec, loop: TrainLoop, log=print) ->
         if step % loop.log_every == 0 or step == loop.steps - 1:
             row = {"step": step, "alpha": alpha, "lr": sched.get_last_lr()[0],
                    **{k: round(v.item(), 6) for k, v in out.items()},
-                   "nmse": round(out["mse"].item() * d / variance, 6)}
+                   "nmse": round(out["mse"].item() * d / variance, 6),
+                   "dead": round(dead.float().mean().item(), 6),
+                   "dense": round((firing_rate > loop.dense_fraction).float().mean().item(), 6)}
             history.append(row)
             log(json.dumps(row))
     return sae, history

@@ -1,5 +1,6 @@
 """The trainer recovers a known dictionary (issue 3's first test, on the foundation's trainer)."""
 
+import pytest
 import torch
 
 from pipeline.train_sae import SAETrainSpec, TrainLoop, train
@@ -31,3 +32,22 @@ def test_relu_sae_recovers_a_planted_dictionary():
     # small extra codes, so L0 is allowed up to twice the true sparsity.
     assert recovered >= 0.9
     assert 3.0 <= l0 <= 8.0
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk"])
+def test_topk_saes_recover_the_dictionary_with_the_auxk_loss(kind):
+    x, dictionary = planted_dictionary()
+    loop = TrainLoop(batch_size=1024, steps=3000, lr=3e-3, warmup_steps=100, log_every=1000,
+                     dead_after_patches=20_000, aux_k=32)
+    sae, history = train(x, SAETrainSpec(kind=kind, k=4, expansion=4), loop, log=lambda _: None)
+    best_cos = (dictionary @ sae.W_dec.T).max(dim=1).values
+    sae.eval()
+    with torch.no_grad():
+        l0 = (sae.encode(x[:5000]) > 0).float().sum(1).mean().item()
+    recovered = (best_cos > 0.9).float().mean().item()
+    print(f"\n{kind}: recovered {recovered:.3f}, median cos {best_cos.median():.3f}, L0 {l0:.2f}, "
+          f"dead {history[-1]['dead']:.3f}")
+    # Measured here: topk 1.000 / L0 4.00; batchtopk 0.992 / L0 4.03. Without the AuxK loss
+    # (aux_alpha=0) the same runs recover 0.863 and 0.777: dead latents never come back.
+    assert recovered >= 0.95
+    assert abs(l0 - 4) < 0.25
