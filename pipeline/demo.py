@@ -63,7 +63,7 @@ def prepare_demo(out: Path, images_per_species: int = 16, log=print) -> dict:
     cfg = demo_train_config(out)
     acts = collect_activations(cfg)
     sae, history = train(acts, cfg.sae, cfg.train, log=lambda line: None)
-    sae.spec.metadata = {"final": history[-1], "patches": int(acts.shape[0])}
+    sae.spec.metadata |= {"final": history[-1], "patches": int(acts.shape[0])}
     save_sae(sae, cfg.output)
     save_saev(sae, Path(cfg.output) / "sae.pt")
     log(f"[demo] trained the demo SAE on {acts.shape[0]} patches: {json.dumps(history[-1])}")

@@ -39,6 +39,9 @@ class SAETrainSpec(Section):
     """m = expansion · d latents (the paper: 32 → 24,576 for DINOv2-base)."""
     alpha: float = Field(default=4e-4, ge=0)
     """L1 coefficient α (the paper's default 4e-4); relu only."""
+    scale: Literal["none", "unit_mean_norm"] = "none"
+    """none: raw activations (the paper); unit_mean_norm: scale so the mean patch norm is 1.
+    The scale is stored in the checkpoint and the build's encoder applies it identically."""
 
     @model_validator(mode="after")
     def _k_for_topk(self) -> SAETrainSpec:
@@ -109,14 +112,23 @@ def train(acts: torch.Tensor, spec: SAETrainSpec, loop: TrainLoop, log=print) ->
     """Train a ReLU+L1 SAE on activations [N, d]; returns the SAE and the logged metrics."""
     gen = torch.Generator().manual_seed(loop.seed)
     torch.manual_seed(loop.seed)
+    finite = torch.isfinite(acts).all(dim=1)
+    n_nonfinite = int((~finite).sum())
+    if n_nonfinite:  # a NaN/Inf patch is counted and skipped, never trained on
+        log(json.dumps({"skipped_nonfinite_patches": n_nonfinite}))
+        acts = acts[finite]
+    if not len(acts):
+        raise ValueError("train: no finite activations to train on")
     d = acts.shape[1]
-    sae = SparseAutoencoder(SAESpec(d=d, m=spec.expansion * d, kind=spec.kind, k=spec.k))
+    sample = acts[torch.randperm(len(acts), generator=gen)[:65536]]
+    scale = 1.0 if spec.scale == "none" else 1.0 / sample.norm(dim=1).mean().item()
+    sae = SparseAutoencoder(SAESpec(d=d, m=spec.expansion * d, kind=spec.kind, k=spec.k, input_scale=scale,
+                                    metadata={"skipped_nonfinite_patches": n_nonfinite}))
     with torch.no_grad():
-        sample = acts[torch.randperm(len(acts), generator=gen)[:65536]]
-        sae.b_dec.copy_(sample.mean(0))  # the reference code meant to do this but never did
+        sae.b_dec.copy_((sample * scale).mean(0))  # the reference code meant to do this but never did
     opt = torch.optim.Adam(sae.parameters(), lr=loop.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, loop.warmup_steps))
-    variance = acts.var(0).sum().item()
+    variance = acts.var(0).sum().item() * scale**2  # of the data the SAE sees
     history = []
     since_fired = torch.zeros(sae.spec.m, dtype=torch.long)  # patches since each latent last fired
     for step in range(loop.steps):
@@ -158,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[train_sae] {acts.shape[0]} patch activations of d={acts.shape[1]}", flush=True)
     sae, history = train(acts, cfg.sae, cfg.train)
-    sae.spec.metadata = {"final": history[-1], "patches": int(acts.shape[0]), "wall_s": round(time.perf_counter() - start, 2),
-                         "config": cfg.model_dump(mode="json")}
+    sae.spec.metadata |= {"final": history[-1], "patches": int(acts.shape[0]),
+                          "wall_s": round(time.perf_counter() - start, 2), "config": cfg.model_dump(mode="json")}
     out = Path(cfg.output)
     save_sae(sae, out)
     save_saev(sae, out / "sae.pt")

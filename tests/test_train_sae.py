@@ -51,3 +51,34 @@ def test_topk_saes_recover_the_dictionary_with_the_auxk_loss(kind):
     # (aux_alpha=0) the same runs recover 0.863 and 0.777: dead latents never come back.
     assert recovered >= 0.95
     assert abs(l0 - 4) < 0.25
+
+
+def test_unit_mean_norm_scale_is_recorded_and_applied(tmp_path):
+    from actors.sae import load_sae, save_sae
+
+    x = torch.randn(4096, 16) * 7.0 + 2.0
+    loop = TrainLoop(batch_size=256, steps=5, warmup_steps=0)
+    sae, _ = train(x, SAETrainSpec(expansion=2, scale="unit_mean_norm"), loop, log=lambda _: None)
+    s = sae.spec.input_scale
+    assert (x * s).norm(dim=1).mean().item() == pytest.approx(1.0, rel=0.02)
+    assert torch.allclose(sae.b_dec, (x * s).mean(0), atol=0.05)  # b_dec starts at the scaled mean
+    loaded = load_sae(save_sae(sae, tmp_path / "sae"))
+    with torch.no_grad():  # the build's encoder calls encode(raw features): the scale is inside
+        expected = torch.relu((x * s - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        assert torch.allclose(loaded.encode(x), expected, atol=1e-5)
+    unscaled, _ = train(x, SAETrainSpec(expansion=2), loop, log=lambda _: None)
+    assert unscaled.spec.input_scale == 1.0
+
+
+def test_non_finite_patches_are_counted_and_skipped():
+    x = torch.randn(2048, 8)
+    x[::100, 3] = float("nan")
+    x[5, 0] = float("inf")
+    logged = []
+    sae, history = train(x, SAETrainSpec(expansion=2), TrainLoop(batch_size=512, steps=20, warmup_steps=0),
+                         log=logged.append)
+    assert sae.spec.metadata["skipped_nonfinite_patches"] == 22
+    assert all(torch.isfinite(p).all() for p in sae.parameters())
+    assert "skipped_nonfinite_patches" in logged[0] and all(h["loss"] == h["loss"] for h in history)
+    with pytest.raises(ValueError, match="no finite activations"):
+        train(torch.full((4, 8), float("nan")), SAETrainSpec(expansion=2), TrainLoop(steps=1), log=lambda _: None)
