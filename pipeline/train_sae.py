@@ -73,8 +73,15 @@ class TrainLoop(Section):
     """A latent firing on more than this fraction of a batch's patches counts as dense (metrics)."""
 
 
+class TrainSourceConfig(SourceConfig):
+    format: Literal["bioscan", "imagefolder", "parquet", "activations"] = "bioscan"
+    """Image sources as in the build (features come from the backbone), or activations: a
+    folder (or file) of precomputed patch activations — .npy arrays [n, d] (float32 or float16)
+    or Parquet files whose first fixed-size-list column holds one activation per row."""
+
+
 class TrainSAEConfig(Section):
-    source: SourceConfig
+    source: TrainSourceConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     sae: SAETrainSpec = Field(default_factory=SAETrainSpec)
@@ -83,8 +90,43 @@ class TrainSAEConfig(Section):
     """Checkpoint folder."""
 
 
+def load_activation_files(cfg: SourceConfig) -> torch.Tensor:
+    """Precomputed activations [n, d] from .npy / Parquet files (fp32, CPU)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    fs, root = storage.filesystem(cfg.root, cfg.storage_options)
+    files = sorted(p for p in fs.find(root) if p.endswith((".npy", ".parquet"))) if fs.isdir(root) else [root]
+    chunks, first = [], None
+    for path in files:
+        with fs.open(path, "rb") as f:
+            if path.endswith(".npy"):
+                array = np.load(f)
+            else:
+                table = pq.read_table(f)
+                column = next((c for c in table.columns if pa.types.is_fixed_size_list(c.type)), None)
+                if column is None:
+                    raise ConfigError(f"source.root: {path} has no fixed-size list column of activations")
+                array = column.combine_chunks().flatten().to_numpy().reshape(len(column), column.type.list_size)
+        if array.ndim != 2:
+            raise ConfigError(f"source.root: {path} holds an array of shape {array.shape}; expected [n, d]")
+        if first is None:
+            first = (path, array.shape)
+        elif array.shape[1] != first[1][1]:
+            raise ConfigError(f"source.root: {path} has shape {array.shape} but {first[0]} has {first[1]}: "
+                              "every file must have the same d")
+        chunks.append(torch.tensor(array, dtype=torch.float32))  # a copy: Arrow buffers are read-only
+    if not chunks or not sum(len(c) for c in chunks):
+        raise ConfigError(f"source.root: no activations (.npy or Parquet) in {cfg.root}")
+    return torch.cat(chunks)
+
+
 def collect_activations(cfg: TrainSAEConfig) -> torch.Tensor:
-    """All patch activations [N·P, d] of the source's images (fp32, CPU)."""
+    """All patch activations [N·P, d]: precomputed, or of the source's images (fp32, CPU)."""
+    if cfg.source.format == "activations":
+        return load_activation_files(cfg.source)
     from pipeline.preprocessing import decode_batch
     from pipeline.sources import ImageReader, build_index
 

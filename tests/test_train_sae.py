@@ -82,3 +82,59 @@ def test_non_finite_patches_are_counted_and_skipped():
     assert "skipped_nonfinite_patches" in logged[0] and all(h["loss"] == h["loss"] for h in history)
     with pytest.raises(ValueError, match="no finite activations"):
         train(torch.full((4, 8), float("nan")), SAETrainSpec(expansion=2), TrainLoop(steps=1), log=lambda _: None)
+
+
+def test_activation_files_npy_and_parquet(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import ConfigError
+    from pipeline.train_sae import TrainSourceConfig, load_activation_files
+
+    a = np.random.default_rng(0).standard_normal((10, 6)).astype(np.float32)
+    b = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float16)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    c = np.arange(18, dtype=np.float32).reshape(3, 6)
+    pq.write_table(pa.table({"id": [1, 2, 3], "x": pa.FixedSizeListArray.from_arrays(pa.array(c.ravel()), 6)}),
+                   tmp_path / "c.parquet")
+    acts = load_activation_files(TrainSourceConfig(format="activations", root=str(tmp_path)))
+    assert acts.dtype == torch.float32 and acts.shape == (18, 6)
+    assert torch.equal(acts[:10], torch.from_numpy(a))
+    assert torch.equal(acts[10:15], torch.from_numpy(b.astype(np.float32)))
+    assert torch.equal(acts[15:], torch.from_numpy(c))
+
+    np.save(tmp_path / "d.npy", np.zeros((2, 7), np.float32))
+    with pytest.raises(ConfigError, match=r"\(2, 7\).*\(10, 6\)"):
+        load_activation_files(TrainSourceConfig(format="activations", root=str(tmp_path)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no activations"):
+        load_activation_files(TrainSourceConfig(format="activations", root=str(tmp_path / "empty")))
+
+
+def test_cli_trains_from_activation_files_and_writes_both_formats(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    import yaml
+
+    from actors.sae import load_sae
+
+    np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32))
+    config = {"source": {"format": "activations", "root": str(tmp_path / "acts.npy")},
+              "sae": {"expansion": 2}, "train": {"batch_size": 256, "steps": 30, "warmup_steps": 5, "log_every": 10},
+              "output": str(tmp_path / "ckpt")}
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train_sae", "--config", str(tmp_path / "train.yaml"),
+                           "--set", "sae.alpha=1e-3"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    sae, saev = load_sae(tmp_path / "ckpt"), load_sae(tmp_path / "ckpt" / "sae.pt")
+    x = torch.randn(4, 8)
+    assert sae.spec.d == 8 and sae.spec.m == 16 and torch.equal(sae.encode(x), saev.encode(x))
+    assert sae.spec.metadata["config"]["sae"]["alpha"] == 1e-3 and sae.spec.metadata["patches"] == 2000
+    metrics = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 10, 20, 29]
+    assert {"mse", "nmse", "l0", "l1", "dead", "dense"} <= set(metrics[-1])
