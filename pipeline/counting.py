@@ -49,6 +49,11 @@ def sparse_count(codes: np.ndarray, latents: np.ndarray, n_codes: int,
     return cells // m, cells % m, counts
 
 
+def labelled_rows(table: pa.Table) -> pa.Table:
+    """The rows that take part in the contrast: both species and genus known."""
+    return table.filter(pc.and_(pc.is_valid(table["species"]), pc.is_valid(table["genus"])))
+
+
 def _key(table: pa.Table) -> pa.Table:
     return pa.table({"species": table["species"], "genus": table["genus"],
                      "family": table["family"].fill_null(NO_FAMILY)})
@@ -56,8 +61,7 @@ def _key(table: pa.Table) -> pa.Table:
 
 def taxonomy_codes(index: pa.Table) -> pa.Table:
     """One row per distinct labelled (species, genus, family) with its integer ``code``."""
-    labelled = index.filter(pc.and_(pc.is_valid(index["species"]), pc.is_valid(index["genus"])))
-    distinct = _key(labelled).group_by(TAXON_KEY, use_threads=False).aggregate([])
+    distinct = _key(labelled_rows(index)).group_by(TAXON_KEY, use_threads=False).aggregate([])
     distinct = distinct.sort_by([(k, "ascending") for k in TAXON_KEY])
     return distinct.append_column("code", pa.array(np.arange(distinct.num_rows), pa.int32()))
 
@@ -69,7 +73,7 @@ def count_firings(batch: pa.Table, taxonomy: pa.Table, unit: str = "patches") ->
     unit="images": the number of images where the latent fires at least once."""
     if unit not in ("patches", "images"):
         raise ValueError(f"counting.unit: unknown unit {unit!r}")
-    batch = batch.filter(pc.and_(pc.is_valid(batch["species"]), pc.is_valid(batch["genus"])))
+    batch = labelled_rows(batch)
     keyed = _key(batch).append_column("row", pa.array(np.arange(batch.num_rows), pa.int64()))
     coded = keyed.join(taxonomy, TAXON_KEY, join_type="inner", use_threads=False)
     row_code = np.full(batch.num_rows, -1, np.int64)
@@ -85,6 +89,10 @@ def count_firings(batch: pa.Table, taxonomy: pa.Table, unit: str = "patches") ->
     else:
         codes = np.repeat(row_code, lengths)
     codes, latents, counts = sparse_count(codes, latents, taxonomy.num_rows)
+    return _code_counts(codes, latents, counts)
+
+
+def _code_counts(codes: np.ndarray, latents: np.ndarray, counts: np.ndarray) -> pa.Table:
     return pa.table({"code": pa.array(codes, pa.int32()), "latent": pa.array(latents, pa.int32()),
                      "count": pa.array(counts, pa.int64())}, schema=CODE_COUNTS_SCHEMA)
 
@@ -93,8 +101,7 @@ def sum_counts(partials: pa.Table, n_codes: int) -> pa.Table:
     """Sum partial counts with the same (code, latent) — the reduce, on one table."""
     codes, latents, counts = sparse_count(partials["code"].to_numpy(), partials["latent"].to_numpy(), n_codes,
                                           weights=partials["count"].to_numpy().astype(np.float64))
-    return pa.table({"code": pa.array(codes, pa.int32()), "latent": pa.array(latents, pa.int32()),
-                     "count": pa.array(counts, pa.int64())}, schema=CODE_COUNTS_SCHEMA)
+    return _code_counts(codes, latents, counts)
 
 
 def counts_by_rank(code_counts: pa.Table, taxonomy: pa.Table, ranks: tuple[str, ...] = RANKS) -> pa.Table:

@@ -53,8 +53,7 @@ def prepare_demo(out: Path, images_per_species: int = 16, log=print) -> dict:
     """Data, tiny backbone and trained SAE under ``out`` (skips what is already there)."""
     from pipeline.synthetic import generate_demo_dataset
     from pipeline.tiny_models import make_tiny_dinov2
-    from pipeline.train_sae import collect_activations, train
-    from actors.sae import save_sae, save_saev
+    from pipeline.train_sae import collect_activations, train, write_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
     summary = generate_demo_dataset(out / "data", images_per_species=images_per_species, seed=0)
@@ -63,9 +62,7 @@ def prepare_demo(out: Path, images_per_species: int = 16, log=print) -> dict:
     cfg = demo_train_config(out)
     acts = collect_activations(cfg)
     sae, history = train(acts, cfg.sae, cfg.train, log=lambda line: None)
-    sae.spec.metadata |= {"final": history[-1], "patches": int(acts.shape[0])}
-    save_sae(sae, cfg.output)
-    save_saev(sae, Path(cfg.output) / "sae.pt")
+    write_checkpoint(sae, history, cfg.output, patches=int(acts.shape[0]))
     log(f"[demo] trained the demo SAE on {acts.shape[0]} patches: {json.dumps(history[-1])}")
     return summary
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ContrastConfig
+from pipeline.counting import labelled_rows
 
 SELECTED_SCHEMA = pa.schema([
     ("species", pa.string()), ("genus", pa.string()), ("latent", pa.int32()),
@@ -39,7 +40,7 @@ def rank_frequencies(counts: pa.Table, rank: str) -> tuple[pa.Array, np.ndarray,
 
 def taxonomy_of_species(index: pa.Table) -> pa.Table:
     """One row per labelled species: species, genus, family, and whether it is alone in its genus."""
-    labelled = index.filter(pc.and_(pc.is_valid(index["species"]), pc.is_valid(index["genus"])))
+    labelled = labelled_rows(index)
     species = labelled.group_by(["species"], use_threads=False).aggregate(
         [("genus", "min"), ("family", "min"), ([], "count_all")])
     species = pa.table({"species": species["species"], "genus": species["genus_min"],

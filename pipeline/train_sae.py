@@ -16,11 +16,10 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from actors.encoder import PatchFeatures
@@ -151,7 +150,7 @@ def lr_factor(step: int, warmup_steps: int) -> float:
 
 
 def train(acts: torch.Tensor, spec: SAETrainSpec, loop: TrainLoop, log=print) -> tuple[SparseAutoencoder, list[dict]]:
-    """Train a ReLU+L1 SAE on activations [N, d]; returns the SAE and the logged metrics."""
+    """Train an SAE of ``spec.kind`` on activations [N, d]; returns the SAE and the logged metrics."""
     gen = torch.Generator().manual_seed(loop.seed)
     torch.manual_seed(loop.seed)
     finite = torch.isfinite(acts).all(dim=1)
@@ -199,6 +198,17 @@ def train(acts: torch.Tensor, spec: SAETrainSpec, loop: TrainLoop, log=print) ->
     return sae, history
 
 
+def write_checkpoint(sae: SparseAutoencoder, history: list[dict], output: str | Path, **metadata) -> Path:
+    """The project format (final figures in its metadata), ``sae.pt`` in the saev format and
+    ``metrics.jsonl``, all in ``output``."""
+    out = Path(output)
+    sae.spec.metadata |= {"final": history[-1], **metadata}
+    save_sae(sae, out)
+    save_saev(sae, out / "sae.pt")
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train_sae", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
@@ -212,12 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"[train_sae] {acts.shape[0]} patch activations of d={acts.shape[1]}", flush=True)
     sae, history = train(acts, cfg.sae, cfg.train)
-    sae.spec.metadata |= {"final": history[-1], "patches": int(acts.shape[0]),
-                          "wall_s": round(time.perf_counter() - start, 2), "config": cfg.model_dump(mode="json")}
-    out = Path(cfg.output)
-    save_sae(sae, out)
-    save_saev(sae, out / "sae.pt")
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    out = write_checkpoint(sae, history, cfg.output, patches=int(acts.shape[0]),
+                           wall_s=round(time.perf_counter() - start, 2), config=cfg.model_dump(mode="json"))
     print(f"[train_sae] wrote {out}", flush=True)
     return 0
 
