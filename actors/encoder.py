@@ -117,3 +117,18 @@ def _column(values: np.ndarray, type_: pa.DataType) -> pa.Array:
     if values.dtype == object:
         return pa.array(list(values), type=type_, from_pandas=True)
     return pa.array(values, from_pandas=True).cast(type_)
+
+
+class PatchActivations:
+    """The SAE trainer's view of the backbone: a batch with uint8 ``pixels`` [B, S, S, 3] →
+    ``{"x": float32 [B·P, d]}``, one row per patch (patches of an image stay adjacent; the
+    trainer's shuffle buffer mixes them)."""
+
+    def __init__(self, model: str, layer: int, dtype: str = "auto"):
+        self.features = PatchFeatures(model, layer, dtype)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not len(batch["pixels"]):
+            return {"x": np.zeros((0, self.features.hidden_size), np.float32)}
+        feats = self.features(batch["pixels"])
+        return {"x": feats.reshape(-1, feats.shape[-1]).float().cpu().numpy()}

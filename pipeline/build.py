@@ -23,7 +23,7 @@ from importlib import metadata
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.config import BuildConfig, ConfigError, add_config_arguments, load_config
+from pipeline.config import BuildConfig, ConfigError, RayConfig, add_config_arguments, load_config
 from pipeline.errors import write_errors
 
 STAGE_DIRS = ("activations", "counts", "selected", "candidates", "traits", "errors")
@@ -119,7 +119,7 @@ class Build:
         self.stages["index"] = {"rows": index.num_rows, "rejected": len(rejected),
                                 "wall_s": round(time.perf_counter() - t0, 3)}
 
-        init_ray(cfg)
+        init_ray(cfg.ray)
         ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
         n_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
@@ -182,18 +182,18 @@ class Build:
         return manifest
 
 
-def init_ray(cfg: BuildConfig) -> None:
+def init_ray(cfg: RayConfig) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    if cfg.ray.num_cpus is not None or cfg.ray.num_gpus is not None:
+    if cfg.num_cpus is not None or cfg.num_gpus is not None:
         # Resources given: a fresh local Ray of that size (never a cluster that happens to run here).
-        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=cfg.ray.num_gpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
     else:
         # ray.address, else RAY_ADDRESS (as under `ray job submit`), else a running local
         # cluster, else a new local Ray — Ray's own order.
-        ray.init(address=cfg.ray.address)
+        ray.init(address=cfg.address)
 
 
 def versions() -> dict:

@@ -1,31 +1,44 @@
-"""A simple single-process SAE trainer (the paper's recipe), good enough for the demo.
+"""SAE training on Ray Train: the paper's recipe, with the reference code's bugs fixed.
 
-    python -m pipeline.train_sae --config FILE.yaml [--set key=value ...]
+    python -m pipeline.train_sae --config FILE.yaml [--set key=value ...] [--overwrite]
 
-Patch activations come from the same sources, preprocessing and backbone as the build. The
-recipe fixes the reference code's bugs: b_dec starts at the mean of a sample of activations, and
-the L1 warm-up really scales the loss. Decoder rows stay unit-norm and the decoder gradient's
-component parallel to each row is removed before every step. Output: the project's format
-(config.json + model.safetensors, with training figures in its metadata) and ``sae.pt`` in the
-saev format."""
+    images ─► decode (tasks) ─► backbone (actor pool) ─┐
+                                                        ├─► Ray Data rows {x: [d]} ─► TorchTrainer
+    activation files (.npy [n, d] / Parquet) ───────────┘    N data-parallel workers, each reading
+                                                             its shard with iter_torch_batches and
+                                                             a local shuffle buffer
+
+Outputs in ``output``: the project's SAE format (config.json + model.safetensors, with the final
+figures in its metadata), ``sae.pt`` in the saev format, ``metrics.jsonl`` (one line every
+``train.log_every`` steps) and ``ray_train/`` with the periodic checkpoints. Run the same command
+again after an interruption and it resumes from the last checkpoint; one worker with the same
+seed ends at the same weights as an uninterrupted run.
+
+The recipe: b_dec starts at the mean of a sample of activations (the reference code meant to and
+never did); Adam with a linear lr warm-up; an L1 warm-up that really scales the loss (the
+reference code's schedule wrote an attribute the loss never read); decoder rows unit-norm, with
+the gradient component parallel to each row removed before every step."""
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from actors.encoder import PatchFeatures
 from actors.sae import SAESpec, SparseAutoencoder, save_sae, save_saev
-from pipeline.config import (BackboneConfig, ConfigError, PreprocessConfig, Section, SourceConfig,
-                             add_config_arguments, load_config)
+from pipeline.config import (BackboneConfig, ConfigError, EncoderConfig, PreprocessConfig, RayConfig, Section,
+                             SourceConfig, add_config_arguments, load_config)
 
 
 class SAETrainSpec(Section):
@@ -51,17 +64,33 @@ class SAETrainSpec(Section):
 
 class TrainLoop(Section):
     batch_size: int = Field(default=16384, ge=1)
-    """Patches per step (the paper: 16,384)."""
+    """Patches per step over all workers (the paper: 16,384); each worker takes batch_size / num_workers."""
     steps: int = Field(default=1000, ge=1)
+    """Optimizer steps (ignored when total_patches is set)."""
+    total_patches: int | None = Field(default=None, ge=1)
+    """Train on this many patches instead: steps = ceil(total_patches / batch_size) (the paper: ~100M)."""
     lr: float = Field(default=1e-3, gt=0)
     warmup_steps: int = Field(default=500, ge=0)
     """Linear learning-rate warm-up."""
     l1_warmup_steps: int = Field(default=0, ge=0)
     """α rises linearly from 0 to sae.alpha over this many steps (0: no warm-up)."""
     seed: int = 0
+    """Seeds the SAE's initial weights and the shuffle order."""
     max_images: int | None = Field(default=None, ge=1)
-    """Read at most this many images for activations (the simple trainer holds them in memory)."""
+    """Image sources: read at most this many images."""
+    init_patches: int = Field(default=65536, ge=1)
+    """Patches (the first batches) whose mean initialises b_dec, and whose spread gives the
+    activation scale and the data variance behind the normalised MSE."""
+    shuffle_buffer: int = Field(default=131072, ge=0)
+    """Patches in each worker's local shuffle buffer, so a batch mixes many images' patches
+    (0: no shuffling). At d = 768 in fp32, 131,072 patches take 400 MB."""
+    cache: bool = False
+    """Keep the activations in Ray's object store after the first pass. For small sources trained
+    for many epochs (the demo); off, every epoch streams them from the source again."""
     log_every: int = Field(default=50, ge=1)
+    checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    """Periodic checkpoints kept under output/ray_train (the newest ones)."""
     dead_after_patches: int = Field(default=1_000_000, ge=1)
     """A latent that has not fired for this many patches counts as dead (metrics; AuxK loss)."""
     aux_k: int = Field(default=256, ge=1)
@@ -70,132 +99,481 @@ class TrainLoop(Section):
     """topk / batchtopk: weight of the AuxK loss."""
     dense_fraction: float = Field(default=0.1, gt=0, le=1)
     """A latent firing on more than this fraction of a batch's patches counts as dense (metrics)."""
+    num_workers: int = Field(default=1, ge=1)
+    """Ray Train data-parallel workers; gradients are averaged over them every step."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); off: CPU workers (gloo)."""
+    cpus_per_worker: float = Field(default=1, gt=0)
+    threads: int | None = Field(default=None, ge=1)
+    """torch threads per worker (null: what Ray gives the worker, i.e. its CPUs)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU. Weights and optimizer state stay fp32."""
+    max_failures: int = Field(default=0, ge=-1)
+    """Ray Train restarts the workers from the last checkpoint this many times after a failure (-1: always)."""
+    fail_at_step: int | None = Field(default=None, ge=1)
+    """Fault injection for tests: a worker raises right after the checkpoint of this step
+    (once: not again after resuming from that checkpoint)."""
+
+    @property
+    def n_steps(self) -> int:
+        return math.ceil(self.total_patches / self.batch_size) if self.total_patches else self.steps
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainLoop:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
+        return self
 
 
 class TrainSourceConfig(SourceConfig):
     format: Literal["bioscan", "imagefolder", "parquet", "activations"] = "bioscan"
-    """Image sources as in the build (features come from the backbone), or activations: a
-    folder (or file) of precomputed patch activations — .npy arrays [n, d] (float32 or float16)
-    or Parquet files whose first fixed-size-list column holds one activation per row."""
+    """Image sources as in the build (features come from the backbone, streamed, never dumped),
+    or activations: a folder (or file) of precomputed patch activations — .npy arrays [n, d]
+    (float32 or float16) or Parquet files whose first fixed-size-list column holds one
+    activation per row."""
 
 
 class TrainSAEConfig(Section):
     source: TrainSourceConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    """The backbone actor pool for image sources (batch_size, num_gpus, min/max_actors); its SAE is not used."""
     sae: SAETrainSpec = Field(default_factory=SAETrainSpec)
     train: TrainLoop = Field(default_factory=TrainLoop)
+    ray: RayConfig = Field(default_factory=RayConfig)
     output: str
-    """Checkpoint folder."""
+    """Checkpoint folder (local path)."""
 
 
-def load_activation_files(cfg: SourceConfig) -> torch.Tensor:
-    """Precomputed activations [n, d] from .npy / Parquet files (fp32, CPU)."""
+# Keys that may change between an interrupted run and its resume: they change how long or how
+# visibly it runs, not the trajectory it follows.
+RESUMABLE_KEYS = ("train.steps", "train.total_patches", "train.log_every", "train.checkpoint_every",
+                  "train.keep_checkpoints", "train.max_failures", "train.fail_at_step", "ray.")
+
+
+# --------------------------------------------------------------------------- activation sources
+
+def activation_files(cfg: SourceConfig) -> list[tuple[str, tuple[int, int]]]:
+    """Every .npy / Parquet file under ``cfg.root`` with its shape [n, d], read from the headers
+    only; files that disagree on d are refused naming both shapes."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline import storage
 
     fs, root = storage.filesystem(cfg.root, cfg.storage_options)
-    files = sorted(p for p in fs.find(root) if p.endswith((".npy", ".parquet"))) if fs.isdir(root) else [root]
-    chunks, first = [], None
-    for path in files:
+    paths = sorted(p for p in fs.find(root) if p.endswith((".npy", ".parquet"))) if fs.isdir(root) else [root]
+    files = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            if path.endswith(".npy"):
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(
+                    np.lib.format.read_magic(f), np.lib.format.read_array_header_2_0)
+                shape, _, _ = read_header(f)
+            else:
+                meta = pq.ParquetFile(f)
+                column = next((c for c in meta.schema_arrow if pa.types.is_fixed_size_list(c.type)), None)
+                if column is None:
+                    raise ConfigError(f"source.root: {path} has no fixed-size list column of activations")
+                shape = (meta.metadata.num_rows, column.type.list_size)
+        if len(shape) != 2:
+            raise ConfigError(f"source.root: {path} holds an array of shape {tuple(shape)}; expected [n, d]")
+        if files and shape[1] != files[0][1][1]:
+            raise ConfigError(f"source.root: {path} has shape {tuple(shape)} but {files[0][0]} has "
+                              f"{files[0][1]}: every file must have the same d")
+        files.append((path, tuple(shape)))
+    if not sum(shape[0] for _, shape in files):
+        raise ConfigError(f"source.root: no activations (.npy or Parquet with rows) in {cfg.root}")
+    return files
+
+
+def read_activation_chunks(batch: dict[str, np.ndarray], *, cfg: SourceConfig,
+                           chunk_rows: int = 65536) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data map over file paths → ``{"x": float32 [≤chunk_rows, d]}`` chunks (a large file
+    never sits whole in one block)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    fs, _ = storage.filesystem(cfg.root, cfg.storage_options)
+    for path in batch["path"]:
         with fs.open(path, "rb") as f:
             if path.endswith(".npy"):
                 array = np.load(f)
+                for start in range(0, len(array), chunk_rows):
+                    yield {"x": np.asarray(array[start:start + chunk_rows], np.float32)}
             else:
-                table = pq.read_table(f)
-                column = next((c for c in table.columns if pa.types.is_fixed_size_list(c.type)), None)
-                if column is None:
-                    raise ConfigError(f"source.root: {path} has no fixed-size list column of activations")
-                array = column.combine_chunks().flatten().to_numpy().reshape(len(column), column.type.list_size)
-        if array.ndim != 2:
-            raise ConfigError(f"source.root: {path} holds an array of shape {array.shape}; expected [n, d]")
-        if first is None:
-            first = (path, array.shape)
-        elif array.shape[1] != first[1][1]:
-            raise ConfigError(f"source.root: {path} has shape {array.shape} but {first[0]} has {first[1]}: "
-                              "every file must have the same d")
-        chunks.append(torch.tensor(array, dtype=torch.float32))  # a copy: Arrow buffers are read-only
-    if not chunks or not sum(len(c) for c in chunks):
-        raise ConfigError(f"source.root: no activations (.npy or Parquet) in {cfg.root}")
-    return torch.cat(chunks)
+                for rows in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows):
+                    column = next(c for c in rows.columns if pa.types.is_fixed_size_list(c.type))
+                    values = column.flatten().to_numpy(zero_copy_only=False)
+                    yield {"x": values.reshape(len(column), column.type.list_size).astype(np.float32)}
 
 
-def collect_activations(cfg: TrainSAEConfig) -> torch.Tensor:
-    """All patch activations [N·P, d]: precomputed, or of the source's images (fp32, CPU)."""
+def activation_dataset(cfg: TrainSAEConfig):
+    """(Ray Dataset with one ``x`` [d] float32 row per patch, d)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
     if cfg.source.format == "activations":
-        return load_activation_files(cfg.source)
+        files = activation_files(cfg.source)
+        ds = ray.data.from_items([{"path": p} for p, _ in files]).map_batches(
+            read_activation_chunks, batch_size=1, fn_kwargs={"cfg": cfg.source})
+        ds.context.execution_options.preserve_order = True  # same order every epoch and every run
+        return ds, files[0][1][1]
+
+    from transformers import AutoConfig
+
+    from actors.encoder import PatchActivations
+    from pipeline.build import INDEX_BLOCK_ROWS
     from pipeline.preprocessing import decode_batch
     from pipeline.sources import ImageReader, build_index
 
     index, _ = build_index(cfg.source)
     if cfg.train.max_images:
         index = index.slice(0, cfg.train.max_images)
-    features = PatchFeatures(cfg.backbone.model, cfg.backbone.layer, cfg.backbone.dtype)
-    reader = ImageReader(cfg.source)
-    chunks = []
-    for start in range(0, index.num_rows, cfg.preprocess.batch_size):
-        batch = index.slice(start, cfg.preprocess.batch_size).to_pydict()
-        good, _ = decode_batch({k: np.array(v, dtype=object) for k, v in batch.items()}, cfg.preprocess, reader)
-        if len(good["image_id"]):
-            chunks.append(features(good["pixels"]).float().reshape(-1, features.hidden_size).cpu())
-    if not chunks:
-        raise ConfigError(f"source.root: no decodable images in {cfg.source.root}")
-    return torch.cat(chunks)
+    if not index.num_rows:
+        raise ConfigError(f"source.root: no images in {cfg.source.root}")
 
+    def decode(batch):  # rejected images are simply not trained on
+        return decode_batch(batch, cfg.preprocess, ImageReader(cfg.source))[0]
+
+    blocks = [index.slice(i, INDEX_BLOCK_ROWS) for i in range(0, index.num_rows, INDEX_BLOCK_ROWS)]
+    ds = ray.data.from_arrow(blocks).map_batches(decode, batch_size=cfg.preprocess.batch_size, batch_format="numpy")
+    ds = ds.map_batches(
+        PatchActivations, batch_size=cfg.encoder.batch_size, batch_format="numpy",
+        compute=ActorPoolStrategy(min_size=cfg.encoder.min_actors, max_size=cfg.encoder.max_actors),
+        num_gpus=cfg.encoder.num_gpus, num_cpus=cfg.encoder.num_cpus,
+        fn_constructor_kwargs={"model": cfg.backbone.model, "layer": cfg.backbone.layer, "dtype": cfg.backbone.dtype})
+    ds.context.execution_options.preserve_order = True
+    return ds, AutoConfig.from_pretrained(cfg.backbone.model).hidden_size
+
+
+# --------------------------------------------------------------------------- the recipe
 
 def lr_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
 
 
-def train(acts: torch.Tensor, spec: SAETrainSpec, loop: TrainLoop, log=print) -> tuple[SparseAutoencoder, list[dict]]:
-    """Train an SAE of ``spec.kind`` on activations [N, d]; returns the SAE and the logged metrics."""
-    gen = torch.Generator().manual_seed(loop.seed)
-    torch.manual_seed(loop.seed)
-    finite = torch.isfinite(acts).all(dim=1)
-    n_nonfinite = int((~finite).sum())
-    if n_nonfinite:  # a NaN/Inf patch is counted and skipped, never trained on
-        log(json.dumps({"skipped_nonfinite_patches": n_nonfinite}))
-        acts = acts[finite]
-    if not len(acts):
-        raise ValueError("train: no finite activations to train on")
-    d = acts.shape[1]
-    sample = acts[torch.randperm(len(acts), generator=gen)[:65536]]
-    scale = 1.0 if spec.scale == "none" else 1.0 / sample.norm(dim=1).mean().item()
-    sae = SparseAutoencoder(SAESpec(d=d, m=spec.expansion * d, kind=spec.kind, k=spec.k, input_scale=scale,
-                                    metadata={"skipped_nonfinite_patches": n_nonfinite}))
-    with torch.no_grad():
-        sae.b_dec.copy_((sample * scale).mean(0))  # the reference code meant to do this but never did
-    opt = torch.optim.Adam(sae.parameters(), lr=loop.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, loop.warmup_steps))
-    variance = acts.var(0).sum().item() * scale**2  # of the data the SAE sees
-    history = []
-    since_fired = torch.zeros(sae.spec.m, dtype=torch.long)  # patches since each latent last fired
-    for step in range(loop.steps):
-        batch = acts[torch.randint(len(acts), (min(loop.batch_size, len(acts)),), generator=gen)]
-        alpha = spec.alpha * (min(1.0, (step + 1) / loop.l1_warmup_steps) if loop.l1_warmup_steps else 1.0)
-        dead = since_fired >= loop.dead_after_patches
-        out = sae.loss(batch, alpha, dead=dead, aux_k=loop.aux_k, aux_alpha=loop.aux_alpha)
+class SAETraining:
+    """The recipe's state and one optimisation step. The same object runs in every Ray Train
+    worker and in the in-memory :func:`train`. With N workers, gradients and firing counts are
+    summed over the workers by one all-reduce each, so N workers at batch B/N take the step one
+    worker takes at batch B."""
+
+    def __init__(self, spec: SAETrainSpec, loop: TrainLoop, d: int, device: torch.device | str = "cpu",
+                 world_size: int = 1):
+        self.spec, self.loop, self.d = spec, loop, d
+        self.device, self.world_size = torch.device(device), world_size
+        torch.manual_seed(loop.seed)  # identical initial weights on every worker
+        self.sae = SparseAutoencoder(SAESpec(d=d, m=spec.expansion * d, kind=spec.kind, k=spec.k)).to(self.device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=loop.lr)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, loop.warmup_steps))
+        self.since_fired = torch.zeros(self.sae.spec.m, dtype=torch.long, device=self.device)
+        self.step = 0
+        self.patches_seen = 0
+        self.skipped_nonfinite = 0
+        self.variance = 1.0  # of the data the SAE sees (scaled), summed over dimensions
+        self.history: list[dict] = []  # the metrics rows, kept with the state so a resume continues them
+        self.elapsed_s = 0.0  # wall time of the steps and the data waits between them (not start-up)
+        self._last_step_end: float | None = None
+        use_bf16 = loop.dtype == "bfloat16" or (loop.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    @torch.no_grad()
+    def initialise(self, sample: torch.Tensor) -> None:
+        """b_dec = the sample mean, the activation scale and the data variance, from the first
+        patches of every worker together."""
+        sample = sample.to(self.device, torch.float32)
+        sample = sample[torch.isfinite(sample).all(dim=1)].double()
+        count = torch.tensor([len(sample)], dtype=torch.float64, device=self.device)
+        sums = self.all_reduce(torch.cat([sample.sum(0), sample.pow(2).sum(0), sample.norm(dim=1).sum().view(1), count]))
+        n = sums[-1].item()
+        if not n:
+            raise ValueError("train: no finite activations to train on")
+        mean, mean_sq, mean_norm = sums[:self.d] / n, sums[self.d:2 * self.d] / n, sums[-2].item() / n
+        scale = 1.0 if self.spec.scale == "none" else 1.0 / mean_norm
+        self.sae.spec.input_scale = scale
+        self.sae.b_dec.copy_((mean * scale).float())  # the reference code meant to do this but never did
+        self.variance = ((mean_sq - mean.pow(2)).sum() * scale**2).item()
+
+    def alpha(self) -> float:
+        warm = self.loop.l1_warmup_steps
+        return self.spec.alpha * (min(1.0, (self.step + 1) / warm) if warm else 1.0)
+
+    def train_step(self, x: torch.Tensor) -> dict | None:
+        """One step on this worker's batch [b, d]; returns the metrics row on logging steps."""
+        begin = self._last_step_end or time.perf_counter()  # include the wait for this batch
+        row = self._train_step(x)
+        self._last_step_end = time.perf_counter()
+        self.elapsed_s += self._last_step_end - begin
+        if row:
+            row["elapsed_s"] = round(self.elapsed_s, 3)
+        return row
+
+    def _train_step(self, x: torch.Tensor) -> dict | None:
+        if x.shape[-1] != self.d:
+            raise ValueError(f"train: an activation batch has shape {tuple(x.shape)} but the SAE's d is {self.d}")
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        finite = torch.isfinite(x).all(dim=1)
+        n_bad = len(x) - int(finite.sum())
+        if n_bad:  # a NaN/Inf patch is counted and skipped, never trained on
+            x = x[finite]
+        alpha, dead = self.alpha(), self.since_fired >= self.loop.dead_after_patches
+        self.opt.zero_grad(set_to_none=False)
+        out = None
+        if len(x):
+            with self.autocast:
+                out = self.sae.loss(x, alpha, dead=dead, aux_k=self.loop.aux_k, aux_alpha=self.loop.aux_alpha)
+            out["loss"].backward()
         with torch.no_grad():
-            firing_rate = (out.pop("codes") > 0).float().mean(0)
-            since_fired += len(batch)
-            since_fired[firing_rate > 0] = 0
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        sae.remove_parallel_grad_()
-        opt.step()
-        sched.step()
-        sae.normalize_decoder_()
-        if step % loop.log_every == 0 or step == loop.steps - 1:
-            row = {"step": step, "alpha": alpha, "lr": sched.get_last_lr()[0],
-                   **{k: round(v.item(), 6) for k, v in out.items()},
-                   "nmse": round(out["mse"].item() * d / variance, 6),
-                   "dead": round(dead.float().mean().item(), 6),
-                   "dense": round((firing_rate > loop.dense_fraction).float().mean().item(), 6)}
-            history.append(row)
+            fired = (out.pop("codes") > 0).sum(0) if out else torch.zeros_like(self.since_fired)
+            counts = self.all_reduce(torch.cat([fired, torch.tensor([len(x), n_bad], device=self.device)]))
+            n_rows, self.skipped_nonfinite = int(counts[-2]), self.skipped_nonfinite + int(counts[-1])
+            if n_rows == 0:  # every worker's batch was non-finite: no step
+                self.step += 1
+                return None
+            if self.world_size > 1:  # one all-reduce for all gradients
+                grads = [p.grad for p in self.sae.parameters()]
+                flat = self.all_reduce(torch.cat([g.flatten() for g in grads])) / self.world_size
+                for g, new in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                    g.copy_(new)
+        self.sae.remove_parallel_grad_()
+        self.opt.step()
+        self.sched.step()
+        self.sae.normalize_decoder_()
+        with torch.no_grad():
+            self.since_fired += n_rows
+            self.since_fired[counts[:-2] > 0] = 0
+        self.step += 1
+        self.patches_seen += n_rows
+        if (self.step - 1) % self.loop.log_every and self.step != self.loop.n_steps:
+            return None
+        row = self.metrics_row(out, alpha, dead, counts[:-2].float() / n_rows)
+        self.history.append(row)
+        return row
+
+    def metrics_row(self, out: dict | None, alpha: float, dead: torch.Tensor, firing_rate: torch.Tensor) -> dict:
+        names = ["loss", "mse", "l1", "l0", "aux"]
+        local = torch.stack([out[k].detach().float() for k in names]) if out else torch.zeros(5, device=self.device)
+        mean = (self.all_reduce(local.clone()) / self.world_size).tolist()
+        row = {"step": self.step - 1, "patches": self.patches_seen, "alpha": alpha, "lr": self.sched.get_last_lr()[0],
+               **{k: round(v, 6) for k, v in zip(names, mean)}}
+        row["nmse"] = round(row["mse"] * self.d / self.variance, 6)
+        row["dead"] = round(dead.float().mean().item(), 6)
+        row["dense"] = round((firing_rate > self.loop.dense_fraction).float().mean().item(), 6)
+        row["skipped_nonfinite"] = self.skipped_nonfinite
+        return row
+
+    def state_dict(self) -> dict:
+        return {"sae": self.sae.state_dict(), "input_scale": self.sae.spec.input_scale, "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(), "since_fired": self.since_fired, "step": self.step,
+                "patches_seen": self.patches_seen, "skipped_nonfinite": self.skipped_nonfinite,
+                "variance": self.variance, "history": self.history, "elapsed_s": self.elapsed_s}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.sae.spec.input_scale = state["input_scale"]
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.since_fired.copy_(state["since_fired"])
+        for key in ("step", "patches_seen", "skipped_nonfinite", "variance", "history", "elapsed_s"):
+            setattr(self, key, state[key])
+
+    def finished_sae(self) -> SparseAutoencoder:
+        sae = self.sae.cpu()
+        sae.spec.metadata["skipped_nonfinite_patches"] = self.skipped_nonfinite
+        return sae
+
+
+def train(acts: torch.Tensor, spec: SAETrainSpec, loop: TrainLoop, log=print) -> tuple[SparseAutoencoder, list[dict]]:
+    """The recipe in one process on activations held in memory [N, d] (random batches drawn with
+    replacement): for unit tests of the recipe and quick experiments. Returns (SAE, metrics rows)."""
+    gen = torch.Generator().manual_seed(loop.seed)
+    run = SAETraining(spec, loop, acts.shape[1])
+    run.initialise(acts[torch.randperm(len(acts), generator=gen)[:loop.init_patches]])
+    finite = torch.isfinite(acts).all(dim=1)
+    if not finite.all():
+        log(json.dumps({"skipped_nonfinite_patches": int((~finite).sum())}))
+    for _ in range(loop.n_steps):
+        row = run.train_step(acts[torch.randint(len(acts), (min(loop.batch_size, len(acts)),), generator=gen)])
+        if row:
             log(json.dumps(row))
-    return sae, history
+    run.skipped_nonfinite = int((~finite).sum())  # patches, not draws
+    return run.finished_sae(), run.history
+
+
+# --------------------------------------------------------------------------- the Ray Train worker
+
+def stream_batches(shard, batch_size: int, loop: TrainLoop, epoch: int, skip: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """(epoch, batch index, x [batch, d]) forever, epoch after epoch, starting at batch ``skip`` of
+    ``epoch``. The shuffle is seeded per epoch, so a resumed run sees the same batches."""
+    buffer = max(loop.shuffle_buffer, batch_size) if loop.shuffle_buffer else None
+    while True:
+        n = 0
+        for i, batch in enumerate(shard.iter_torch_batches(
+                batch_size=batch_size, dtypes=torch.float32, drop_last=True,
+                local_shuffle_buffer_size=buffer, local_shuffle_seed=loop.seed + epoch if buffer else None)):
+            n += 1
+            if i >= skip:
+                yield epoch, i, batch["x"]
+        if not n:
+            raise ValueError(f"train: the source yields fewer patches per worker than one batch ({batch_size}); "
+                             "lower train.batch_size or add data")
+        epoch, skip = epoch + 1, 0
+
+
+def train_worker(config: dict) -> None:
+    """Ray Train's ``train_loop_per_worker``."""
+    import ray.train
+    import ray.train.torch
+    from tqdm import tqdm
+
+    cfg = TrainSAEConfig.model_validate(config["cfg"])
+    loop = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if loop.threads:
+        torch.set_num_threads(loop.threads)
+    device = ray.train.torch.get_device() if loop.use_gpu else torch.device("cpu")
+    run = SAETraining(cfg.sae, loop, config["d"], device, world)
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = loop.batch_size // world
+
+    epoch = skip = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / "state.pt", map_location=device, weights_only=False)
+        run.load_state_dict(state)
+        epoch, skip = state["epoch"], state["next_batch"]
+    resumed_at = run.step
+    batches = stream_batches(shard, per_worker, loop, epoch, skip)
+    if not checkpoint:  # the first batches give b_dec and the scale, then are trained on as usual
+        head = list(itertools.islice(batches, math.ceil(min(loop.init_patches, per_worker * loop.n_steps) / per_worker)))
+        run.initialise(torch.cat([x for _, _, x in head]))
+        batches = itertools.chain(head, batches)
+
+    # A live copy of the metrics for people watching a run on this node; the authoritative rows
+    # travel in the checkpoints (rows logged after the checkpoint we resume from are dropped).
+    metrics = Path(config["metrics"])
+    if rank == 0:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text("".join(json.dumps(r) + "\n" for r in run.history))
+    bar = tqdm(total=loop.n_steps, initial=run.step, disable=rank != 0, desc="train_sae", unit="step",
+               mininterval=5, file=sys.stderr)
+    for epoch, i, x in batches:
+        if run.step >= loop.n_steps:
+            break
+        row = run.train_step(x)
+        bar.update(1)
+        if row and rank == 0:
+            with metrics.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(nmse=row["nmse"], l0=row["l0"], dead=row["dead"], refresh=False)
+        if run.step % loop.checkpoint_every == 0 or run.step == loop.n_steps:
+            report_checkpoint(run, {"epoch": epoch, "next_batch": i + 1}, row or {"step": run.step - 1}, rank)
+            if loop.fail_at_step == run.step and resumed_at < run.step:
+                raise RuntimeError(f"train.fail_at_step: injected failure after step {run.step}")
+    bar.close()
+
+
+def report_checkpoint(run: SAETraining, position: dict, metrics: dict, rank: int) -> None:
+    """Rank 0 saves the whole training state; every rank reports (report is a barrier)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            torch.save({**run.state_dict(), **position}, Path(folder) / "state.pt")
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# --------------------------------------------------------------------------- the driver
+
+def flat_config(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out |= flat_config(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def check_resume(cfg: TrainSAEConfig, out: Path, overwrite: bool) -> int | None:
+    """A resume must use the config the run started with (except RESUMABLE_KEYS). Returns the
+    activation size d of the run being resumed (None for a new run)."""
+    saved = out / "train_config.json"
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    current = cfg.model_dump(mode="json")
+    d = None
+    if saved.exists():
+        previous = json.loads(saved.read_text())
+        d = previous["d"]
+        old, new = flat_config(previous["config"]), flat_config(current)
+        differ = sorted(k for k in old.keys() | new.keys()
+                        if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS))
+        if differ:
+            changes = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in differ)
+            raise ConfigError(f"output: {out} holds a training run made with a different config ({changes}); "
+                              "resume with the same config, or pass --overwrite to start again")
+    out.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"config": current, "d": d}, indent=2))
+    return d
+
+
+def fit(cfg: TrainSAEConfig, overwrite: bool = False, log=print) -> Path:
+    """Train (or resume) on Ray Train; writes the final SAE into ``cfg.output`` and returns it."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.build import init_ray
+
+    out = Path(cfg.output).resolve()
+    resumed_d = check_resume(cfg, out, overwrite)
+    start = time.perf_counter()
+    init_ray(cfg.ray)
+    ds, d = activation_dataset(cfg)
+    if resumed_d not in (None, d):
+        raise ConfigError(f"source: the activations have shape [n, {d}] but the run being resumed in {out} "
+                          f"trains an SAE on [n, {resumed_d}]")
+    (out / "train_config.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "d": d}, indent=2))
+    if cfg.train.cache:
+        ds = ds.materialize()
+    log(f"[train_sae] {cfg.train.n_steps} steps of {cfg.train.batch_size} patches, d={d}, "
+        f"m={cfg.sae.expansion * d}, {cfg.train.num_workers} worker(s)")
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # a resumed run must see the batches in the same order
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "d": d, "metrics": str(out / "metrics.jsonl")},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                               resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        datasets={"train": ds},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
+        run_config=ray.train.RunConfig(
+            name="ray_train", storage_path=str(out),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=False)
+    run = SAETraining(cfg.sae, cfg.train, d)
+    run.load_state_dict(state)
+    history = run.history
+    write_checkpoint(run.finished_sae(), history, out, patches=run.patches_seen,
+                     wall_s=round(time.perf_counter() - start, 2), config=cfg.model_dump(mode="json"))
+    log(f"[train_sae] wrote {out}: {json.dumps(history[-1])}")
+    return out
 
 
 def write_checkpoint(sae: SparseAutoencoder, history: list[dict], output: str | Path, **metadata) -> Path:
@@ -212,21 +590,20 @@ def write_checkpoint(sae: SparseAutoencoder, history: list[dict], output: str | 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.train_sae", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
+    parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in the output and start again")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(TrainSAEConfig, args.config, args.overrides)
-        start = time.perf_counter()
-        acts = collect_activations(cfg)
+        fit(cfg, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"[train_sae] {acts.shape[0]} patch activations of d={acts.shape[1]}", flush=True)
-    sae, history = train(acts, cfg.sae, cfg.train)
-    out = write_checkpoint(sae, history, cfg.output, patches=int(acts.shape[0]),
-                           wall_s=round(time.perf_counter() - start, 2), config=cfg.model_dump(mode="json"))
-    print(f"[train_sae] wrote {out}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module, not __main__, so Ray pickles the worker function and
+    # the config classes by reference.
+    from pipeline.train_sae import main as _main
+
+    sys.exit(_main())

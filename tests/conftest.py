@@ -8,6 +8,8 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Ray Train's controller polls its workers every 2 s by default; the tests' runs last seconds.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")
@@ -31,8 +33,8 @@ def tiny_dinov2(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo_dir(tmp_path_factory):
-    """Demo data (12 images per species) + tiny backbone + trained demo SAE."""
+def demo_dir(ray_local, tmp_path_factory):
+    """Demo data (12 images per species) + tiny backbone + demo SAE trained on Ray Train."""
     from pipeline.demo import prepare_demo
 
     out = tmp_path_factory.mktemp("demo")

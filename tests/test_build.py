@@ -43,7 +43,7 @@ def clean_build(ray_local, demo_dir, tmp_path_factory):
     return out, manifest
 
 
-def test_every_table_has_the_contract_columns(clean_build):
+def test_every_table_has_the_contract_columns(clean_build, demo_dir):
     out, manifest = clean_build
     for name, columns in CONTRACT.items():
         if name == "errors":
@@ -57,6 +57,9 @@ def test_every_table_has_the_contract_columns(clean_build):
     assert written["status"] == "succeeded" and written["config"]["sae"]["threshold"] == 0.9
     assert all("wall_s" in s for n, s in written["stages"].items() if n != "errors")
     assert written["stages"]["errors"]["rows"] == 0
+    # The SAE's final training figures (from the Ray Train run in demo_dir) travel into the manifest.
+    trained = json.loads((demo_dir / "models" / "sae" / "config.json").read_text())["metadata"]["final"]
+    assert written["sae"]["metadata"]["final"] == trained and trained["step"] == 599 and trained["nmse"] < 1
     traits = table(out, "traits").to_pylist()
     assert {t["status"] for t in traits} == {"ok"}
     t = traits[0]
