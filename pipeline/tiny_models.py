@@ -22,3 +22,82 @@ def make_tiny_dinov2(folder: str | Path, *, hidden_size: int = 64, layers: int =
                           intermediate_size=hidden_size * 4, image_size=image_size, patch_size=14)
     Dinov2Model(config).eval().save_pretrained(folder)
     return folder
+
+
+# Qwen's special tokens, in Qwen's own order (ids 151643… in the real vocabulary; 0… here).
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                       "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                       "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+
+_BPE_TEXT = """You are a helpful assistant. Describe the insect part inside the red box.
+The head is dark brown with long thin antennae and large compound eyes.
+The thorax is black and shiny; the legs are yellow with dark tarsi and fine hairs.
+The wings are clear with dark veins; the abdomen is striped orange and black.
+{"part": "head", "colour": "brown", "texture": "smooth", "shape": "round"}
+Body part: pronotum, scutellum, elytra, femur, tibia, mandible, ovipositor, setae, spots, bands.
+0 1 2 3 4 5 6 7 8 9 . , ; : ! ? ( ) [ ] { } " ' - + = / *"""
+
+
+def make_qwen_bpe_tokenizer(*, vocab_size: int = 512):
+    """A small byte-level BPE trained on a few built-in lines, laid out like Qwen's (NFC, Qwen's split
+    regex, byte-level), with Qwen's special tokens first (ids 0–13). Returns a ``Qwen2Tokenizer``
+    whose eos is ``<|im_end|>`` and pad ``<|endoftext|>`` as in the Instruct models."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from actors.llm_transformers import QWEN_CHAT_TEMPLATE
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_BPE_TEXT.splitlines() * 4, trainer)
+    # Qwen2Tokenizer rebuilds its BPE from vocab + merges with the same normalizer/pre-tokenizer.
+    spec = json.loads(bpe.to_str())["model"]
+    return Qwen2Tokenizer(vocab=spec["vocab"], merges=[tuple(m) for m in spec["merges"]],
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          extra_special_tokens=QWEN_SPECIAL_TOKENS[1:], chat_template=QWEN_CHAT_TEMPLATE)
+
+
+def qwen_token_ids(tokenizer) -> dict[str, int]:
+    """The config fields that name special tokens, read from a tokenizer."""
+    ids = tokenizer.convert_tokens_to_ids
+    return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+            "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
+
+
+def make_tiny_qwen2_5_vl(folder: str | Path, *, seed: int = 0) -> Path:
+    """A random-weight Qwen2.5-VL (text: hidden 64, 2 layers; vision: hidden 32, 2 blocks) with the real
+    patch 14 / merge 2 / temporal patch 2, its BPE tokenizer, chat template and a PIL
+    ``Qwen2VLImageProcessor`` capped at 112×112 px (≤ 16 image tokens). Loads offline with
+    ``AutoTokenizer`` / ``AutoImageProcessor`` / ``AutoModelForImageTextToText.from_pretrained(folder)``."""
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    tokenizer = make_qwen_bpe_tokenizer()
+    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                         # head_dim 16 → 8 rotary frequencies split over (t, h, w) like Qwen's [16, 24, 24] of 64
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                         bos_token_id=pad, eos_token_id=eos, pad_token_id=pad),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[1], tokens_per_second=2),
+        tie_word_embeddings=True, **qwen_token_ids(tokenizer))
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=pad, eos_token_id=[eos, pad], pad_token_id=pad)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # 56×56 … 112×112 px: each image is 4×4 … 8×8 patches, i.e. 4 … 16 <|image_pad|> tokens after the 2×2 merge.
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
+    return folder
