@@ -1,27 +1,29 @@
-"""The annotate stage: candidates → traits/ rows (measurements, renderings, description).
+"""The annotate stage: candidates/ → annotation units → traits/ rows.
 
-With ``annotate.llm.kind: none`` (the default until the annotator issue) the description is
-templated from the model-free measurements. The LLM backends slot in behind
-:meth:`AnnotateCandidates.describe` without changing the rest of the stage."""
+A unit is one LLM request: a complete consensus group of candidates/ (three images of one species
+where the same latent fires — the paper's three-image prompt) when ``annotate.images_per_prompt``
+is 3, else one candidate image. For each unit the stage loads the images, measures the zones,
+renders them (overlay / crop / whole image for the MLLM-only baseline) and asks the describer —
+:class:`actors.annotator.TraitAnnotator` in this process (kinds none, openai, transformers) or the
+annotator Serve app through a DeploymentHandle (kind serve). All units of a batch are in flight
+together, bounded by the backend's share of ``annotate.max_in_flight``."""
 
 from __future__ import annotations
 
-import time
+import asyncio
+from collections import defaultdict
 
 import numpy as np
 import pyarrow as pa
 
+from actors.annotator import EMPTY_ANSWER, TraitAnnotator, describe_failure, regions_and_measurements
 from pipeline import storage
-from pipeline.boxes import region_masks
 from pipeline.candidates import BOX_TYPE
 from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
 from pipeline.errors import ImageRejected, Rejected
-from pipeline.measurements import describe_measurements, measure_region, segment_specimen
 from pipeline.preprocessing import Geometry, decode_image
-from pipeline.renderings import render_crop, render_overlay
 from pipeline.sources import ImageReader
 
-PROMPT_VERSION = "template-v1"
 MEASUREMENT_TYPE = pa.struct([
     ("area_px", pa.int64()), ("area_frac_specimen", pa.float64()),
     ("box_w_px", pa.int32()), ("box_h_px", pa.int32()),
@@ -29,86 +31,146 @@ MEASUREMENT_TYPE = pa.struct([
     ("axial_pos", pa.float64()), ("lateral_pos", pa.float64()),
     ("colour_r", pa.int32()), ("colour_g", pa.int32()), ("colour_b", pa.int32()), ("colour_name", pa.string()),
 ])
+TRAIT_TYPE = pa.struct([("attribute", pa.string()), ("value", pa.string())])
 TRAITS_SCHEMA = pa.schema([
     ("annotation_id", pa.string()), ("image_ids", pa.list_(pa.string())),
     ("species", pa.string()), ("genus", pa.string()), ("latent", pa.int32()),
     ("boxes", pa.list_(pa.list_(BOX_TYPE))), ("measurements", pa.list_(pa.list_(MEASUREMENT_TYPE))),
     ("description", pa.string()), ("model", pa.string()), ("prompt_version", pa.string()),
     ("status", pa.string()), ("latency_s", pa.float64()),
+    ("body_part", pa.string()), ("body_part_raw", pa.string()), ("body_part_known", pa.bool_()),
+    ("is_background", pa.bool_()), ("traits", pa.list_(TRAIT_TYPE)), ("common_traits", pa.list_(pa.string())),
+    ("parsed_as", pa.string()), ("raw_answer", pa.string()), ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()), ("attempts", pa.int32()), ("error", pa.string()),
 ])
 RENDERINGS_FIELD = pa.field("renderings", pa.list_(pa.binary()))
 
 
-def annotation_id(species: str, latent: int, image_ids: list[str]) -> str:
+def annotation_id(prompt_version: str, species: str, latent: int, image_ids: list[str]) -> str:
     """Stable across runs: the same request always has the same id (resume, de-duplication)."""
-    return storage.stable_digest([PROMPT_VERSION, species, str(latent), *image_ids])
+    return storage.stable_digest([prompt_version, species, str(latent), *image_ids])
+
+
+def annotation_units(candidates: list[dict], images_per_prompt: int) -> list[dict]:
+    """Candidate rows → units {species, genus, latent, members: [rows, strongest first]}: one per
+    complete consensus group when ``images_per_prompt`` is 3, one per remaining candidate."""
+    groups, units = defaultdict(list), []
+    for row in candidates:
+        if images_per_prompt > 1 and row.get("consensus_group") is not None:
+            groups[row["species"], row["latent"], row["consensus_group"]].append(row)
+        else:
+            units.append([row])
+    units += [sorted(g, key=lambda r: r["image_rank"]) for _, g in sorted(groups.items())]
+    return [{"species": m[0]["species"], "genus": m[0]["genus"], "latent": m[0]["latent"], "members": m} for m in units]
+
+
+class ServeDescriber:
+    """kind serve: the annotator Serve app's TraitDescriber, called through a DeploymentHandle,
+    with at most ``max_in_flight`` calls outstanding from this actor."""
+
+    def __init__(self, app_name: str, max_in_flight: int):
+        from ray import serve
+
+        self.handle = serve.get_deployment_handle("TraitDescriber", app_name=app_name)
+        self.max_in_flight = max_in_flight
+        self._slots: dict[int, asyncio.Semaphore] = {}  # one per event loop (asyncio.run per batch)
+
+    async def describe(self, images, **kwargs) -> dict:
+        loop = id(asyncio.get_running_loop())
+        slots = self._slots.setdefault(loop, asyncio.Semaphore(self.max_in_flight))
+        async with slots:
+            try:
+                return await self.handle.describe.remote(images, **kwargs)
+            except Exception as exc:  # the deployment died or refused: a failed row, the batch goes on
+                return describe_failure("serve_call_failed", model=None, prompt_version=kwargs.get("prompt_version"),
+                                        detail=f"{type(exc).__name__}: {exc}")
 
 
 class AnnotateCandidates:
-    """Callable over a candidates/ batch (pyarrow) → (traits rows, rejected)."""
+    """Callable over a batch of units (pyarrow, from :func:`annotation_units`) → (traits rows, rejected)."""
 
-    def __init__(self, cfg: AnnotateConfig, source: SourceConfig, preprocess: PreprocessConfig):
-        self.cfg = cfg
-        self.preprocess = preprocess
+    def __init__(self, cfg: AnnotateConfig, source: SourceConfig, preprocess: PreprocessConfig,
+                 max_in_flight: int | None = None):
+        self.cfg, self.preprocess = cfg, preprocess
         self.reader = ImageReader(source)
+        in_flight = max_in_flight or cfg.max_in_flight
+        # The local annotator renders and numbers prompts for every kind; kind serve only sends
+        # the rendered images to the deployment, which words the prompt the same way.
+        local_llm = cfg.llm if cfg.llm.kind != "serve" else cfg.llm.model_copy(update={"kind": "none"})
+        self.annotator = TraitAnnotator(local_llm, render=cfg.render, mllm_only=cfg.mllm_only,
+                                        include_taxon=cfg.include_taxon, max_in_flight=in_flight,
+                                        crop_margin=cfg.crop_margin)
+        self.describer = ServeDescriber(cfg.llm.app_name, in_flight) if cfg.llm.kind == "serve" else self.annotator
+
+    def prompt_version(self, n_images: int) -> str:
+        if self.cfg.llm.kind == "serve":  # numbered as the deployment numbers it
+            from actors.prompts import prompt_version
+
+            render = "mllm_only" if self.cfg.mllm_only else self.cfg.render
+            return prompt_version(render, n_images, include_taxon=self.cfg.include_taxon)
+        return self.annotator.prompt_version(n_images)
 
     def load_rgb(self, row: dict) -> np.ndarray:
         try:
             data = self.reader.read(row["path"], row["source_file"], row["source_row"])
         except FileNotFoundError as exc:
             raise ImageRejected("missing_file", str(exc)) from None
-        return np.asarray(decode_image(data, self.preprocess))
-
-    def render(self, rgb: np.ndarray, regions: list[tuple[dict, np.ndarray]]) -> list[bytes]:
-        if self.cfg.render == "overlay":
-            union = np.logical_or.reduce([m for _, m in regions])
-            return [render_overlay(rgb, union)]
-        return [render_crop(rgb, box, margin_frac=self.cfg.crop_margin) for box, _ in regions]
-
-    def describe(self, measurements: list[dict]) -> tuple[str, str]:
-        """(description, model name). The LLM backends replace this."""
-        return describe_measurements(None, measurements), "none"
-
-    def annotate_one(self, row: dict) -> tuple[dict, list[bytes]]:
-        start = time.perf_counter()
+        rgb = np.asarray(decode_image(data, self.preprocess))
         geom = Geometry.from_row(row)
-        rgb = self.load_rgb(row)
         if rgb.shape[:2] != (geom.orig_h, geom.orig_w):
             raise ImageRejected("changed_on_disk", f"image is {rgb.shape[1]}x{rgb.shape[0]}, "
                                 f"was {geom.orig_w}x{geom.orig_h} when encoded")
-        regions = region_masks(row["patches"], geom)
-        specimen = segment_specimen(rgb)
-        measurements = [measure_region(rgb, specimen, mask, box) for box, mask in regions]
-        description, model = self.describe(measurements)
-        traits = {
-            "annotation_id": annotation_id(row["species"], row["latent"], [row["image_id"]]),
-            "image_ids": [row["image_id"]], "species": row["species"], "genus": row["genus"],
-            "latent": row["latent"], "boxes": [[box for box, _ in regions]], "measurements": [measurements],
-            "description": description, "model": model, "prompt_version": PROMPT_VERSION, "status": "ok",
-            "latency_s": time.perf_counter() - start,
-        }
-        # Renderings are for the LLM and for saving; a templated description needs neither.
-        wanted = self.cfg.save_renderings or self.cfg.llm.kind != "none"
-        return traits, self.render(rgb, regions) if wanted else []
+        return rgb
+
+    def prepare(self, unit: dict) -> tuple[list[bytes], list[list[dict]], list[list[dict]]]:
+        """(rendered images, boxes per member, measurements per member). A consensus unit sends one
+        rendering per member (the largest crop with render crop); a single image may send up to 3 crops."""
+        images, boxes, measurements = [], [], []
+        single = len(unit["members"]) == 1
+        for row in unit["members"]:
+            rgb = self.load_rgb(row)
+            regions, measured = regions_and_measurements(rgb, row["patches"], Geometry.from_row(row))
+            images += self.annotator.render(rgb, regions, max_crops=3 if single else 1)
+            boxes.append([box for box, _ in regions])
+            measurements.append(measured)
+        return images, boxes, measurements
+
+    async def annotate_unit(self, unit: dict) -> tuple[dict, list[bytes], Rejected | None]:
+        members = unit["members"]
+        image_ids = [r["image_id"] for r in members]
+        n_images = len(members) if len(members) > 1 else 1
+        aid = annotation_id(self.prompt_version(n_images), unit["species"], unit["latent"], image_ids)
+        row = {"annotation_id": aid, "image_ids": image_ids, "species": unit["species"], "genus": unit["genus"],
+               "latent": unit["latent"], "boxes": [r["boxes"] for r in members], "measurements": [[] for _ in members]}
+        try:  # in a thread: rendering is CPU work, and the event loop must keep the requests moving
+            images, row["boxes"], row["measurements"] = await asyncio.to_thread(self.prepare, unit)
+        except Exception as exc:  # one unreadable image fails its unit, not the batch
+            reason = exc.reason if isinstance(exc, ImageRejected) else "annotate_failed"
+            answer = describe_failure(reason, model=None, prompt_version=self.prompt_version(n_images),
+                                      detail=f"{type(exc).__name__}: {exc}")
+            return {**row, **_answer_columns(answer)}, [], Rejected(
+                stage="annotate", reason=reason, detail=answer["error"], image_id=image_ids[0], annotation_id=aid)
+        kwargs = {"render": self.cfg.render, "mllm_only": self.cfg.mllm_only, "include_taxon": self.cfg.include_taxon} \
+            if self.cfg.llm.kind == "serve" else {}
+        answer = await self.describer.describe(images, species=unit["species"], genus=unit["genus"],
+                                               measurements=row["measurements"], request_id=aid, **kwargs)
+        rejected = None
+        if answer["status"] == "failed":  # still failing after the retries: recorded, the row stays
+            reason = "llm_" + (answer["error"] or "failed").split(":")[0]
+            rejected = Rejected(stage="annotate", reason=reason, detail=answer["error"] or "", image_id=image_ids[0],
+                                annotation_id=aid)
+        return {**row, **_answer_columns(answer)}, images, rejected
+
+    async def annotate_all(self, units: list[dict]):
+        return await asyncio.gather(*(self.annotate_unit(u) for u in units))
 
     def __call__(self, batch: pa.Table) -> tuple[pa.Table, list[Rejected]]:
-        rows, renderings, rejected = [], [], []
-        for row in batch.to_pylist():
-            try:
-                traits, pngs = self.annotate_one(row)
-            except Exception as exc:  # one bad candidate must not kill the batch
-                reason = exc.reason if isinstance(exc, ImageRejected) else "annotate_failed"
-                aid = annotation_id(row["species"], row["latent"], [row["image_id"]])
-                rejected.append(Rejected(stage="annotate", reason=reason, detail=f"{type(exc).__name__}: {exc}",
-                                         image_id=row["image_id"], annotation_id=aid))
-                traits = {"annotation_id": aid, "image_ids": [row["image_id"]], "species": row["species"],
-                          "genus": row["genus"], "latent": row["latent"], "boxes": [row["boxes"]],
-                          "measurements": [[]], "description": None, "model": None,
-                          "prompt_version": PROMPT_VERSION, "status": "failed", "latency_s": None}
-                pngs = []
-            rows.append(traits)
-            renderings.append(pngs)
-        table = pa.Table.from_pylist(rows, schema=TRAITS_SCHEMA)
+        results = asyncio.run(self.annotate_all(batch.to_pylist()))
+        table = pa.Table.from_pylist([r for r, _, _ in results], schema=TRAITS_SCHEMA)
         if self.cfg.save_renderings:
-            table = table.append_column(RENDERINGS_FIELD, pa.array(renderings, RENDERINGS_FIELD.type))
-        return table, rejected
+            table = table.append_column(RENDERINGS_FIELD, pa.array([p for _, p, _ in results], RENDERINGS_FIELD.type))
+        return table, [rej for _, _, rej in results if rej is not None]
+
+
+def _answer_columns(answer: dict) -> dict:
+    return {k: answer.get(k) for k in EMPTY_ANSWER if k in TRAITS_SCHEMA.names}

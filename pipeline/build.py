@@ -43,11 +43,11 @@ def decode_task(batch, *, cfg: BuildConfig):
 
 
 class AnnotateActor:
-    def __init__(self, cfg: BuildConfig):
+    def __init__(self, cfg: BuildConfig, max_in_flight: int):
         from pipeline.annotate import AnnotateCandidates
 
         self.cfg = cfg
-        self.stage = AnnotateCandidates(cfg.annotate, cfg.source, cfg.preprocess)
+        self.stage = AnnotateCandidates(cfg.annotate, cfg.source, cfg.preprocess, max_in_flight=max_in_flight)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         traits, rejected = self.stage(batch)
@@ -155,15 +155,23 @@ class Build:
             self.write(top, "candidates")
 
         with self.stage("annotate", rows_from="traits"):
-            if storage.count_rows(self.fs, self.path("candidates")):
-                # Small blocks, so every annotate actor gets work (candidates/ is a few files).
-                traits = self.read("candidates").repartition(
-                    target_num_rows_per_block=cfg.annotate.batch_size).map_batches(
-                    AnnotateActor, batch_size=cfg.annotate.batch_size, batch_format="pyarrow",
-                    compute=ActorPoolStrategy(min_size=1, max_size=n_cpus), fn_constructor_kwargs={"cfg": cfg})
+            from pipeline.annotate import TRAITS_SCHEMA, annotation_units
+
+            units = annotation_units(storage.read_table(self.fs, self.path("candidates")).to_pylist()
+                                     if self.fs.exists(self.path("candidates")) else [], cfg.annotate.images_per_prompt)
+            if units:
+                ann = cfg.annotate
+                # kind none is CPU work: one actor per CPU. An LLM kind is waiting on the model:
+                # num_actors actors, each with its share of max_in_flight and batches big enough to fill it.
+                actors = n_cpus if ann.llm.kind == "none" else ann.num_actors
+                share = -(-ann.max_in_flight // actors)
+                batch = ann.batch_size if ann.llm.kind == "none" else max(ann.batch_size, 4 * share)
+                traits = ray.data.from_items(units).repartition(target_num_rows_per_block=batch).map_batches(
+                    AnnotateActor, batch_size=batch, batch_format="pyarrow",
+                    compute=ActorPoolStrategy(min_size=1, max_size=actors), num_gpus=ann.num_gpus,
+                    fn_constructor_kwargs={"cfg": cfg, "max_in_flight": share})
                 self.write(traits, "traits")
             else:  # nothing selected: still leave an empty traits/ with the contract's schema
-                from pipeline.annotate import TRAITS_SCHEMA
                 storage.write_table(self.fs, storage.join(self.path("traits"), "empty.parquet"), TRAITS_SCHEMA.empty_table())
 
         self.stages["errors"] = {"rows": storage.count_rows(self.fs, self.path("errors"))}

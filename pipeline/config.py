@@ -127,18 +127,68 @@ class CandidatesConfig(Section):
 
 
 class LLMConfig(Section):
-    kind: Literal["none"] = "none"
-    """none: descriptions are templated from the measurements (no model)."""
+    kind: Literal["none", "openai", "transformers", "serve"] = "none"
+    """none: descriptions templated from the measurements (no model); openai: any OpenAI-compatible
+    chat-completions server (the Ray Serve LLM app, `vllm serve`, SGLang) at base_url; transformers:
+    a local Hugging Face VLM (model) in each annotate actor; serve: the annotator Serve app's
+    TraitDescriber deployment, through a DeploymentHandle."""
+    base_url: str | None = None
+    """openai: the server's API root, e.g. http://127.0.0.1:8000/llm/v1."""
+    model: str | None = None
+    """openai: the served model name; transformers: a hub id or local folder."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: environment variable holding the API key (the key itself never enters a config or manifest)."""
+    timeout_s: float = Field(default=120.0, gt=0)
+    """openai: per-attempt timeout."""
+    max_retries: int = Field(default=5, ge=0)
+    """openai: retries on 429 / 5xx / timeouts / connection errors / malformed answers."""
+    backoff_s: float = Field(default=1.0, ge=0)
+    """openai: first retry delay; doubles per retry (with jitter), at least the server's Retry-After."""
+    json_schema: bool = True
+    """Send the answer's JSON schema as response_format (vLLM constrains decoding to it)."""
+    max_tokens: int | None = Field(default=None, ge=1)
+    """null: the paper's 196 (one image) / 256 (three)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """transformers: where the model runs."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """transformers: auto = bfloat16 on CUDA, float32 on CPU."""
+    max_pixels: int | None = Field(default=None, ge=3136)
+    """transformers: cap on pixels per image given to the vision tower (null: the processor's own)."""
+    app_name: str = "annotator"
+    """serve: the Serve application that holds the TraitDescriber deployment."""
+
+    @model_validator(mode="after")
+    def _needs(self) -> LLMConfig:
+        if self.kind == "openai" and not (self.base_url and self.model):
+            raise ValueError("kind openai needs base_url and model")
+        if self.kind == "transformers" and not self.model:
+            raise ValueError("kind transformers needs model")
+        return self
 
 
 class AnnotateConfig(Section):
     llm: LLMConfig = Field(default_factory=LLMConfig)
     render: Literal["overlay", "crop"] = "overlay"
     """overlay: red outline of the zone, upscaled 2× (the paper); crop: each box plus a margin."""
+    images_per_prompt: Literal[1, 3] = 3
+    """3: the paper's consensus prompt over a candidates/ consensus group (its best setting);
+    candidates outside a complete group still go one by one. 1: every image alone."""
+    mllm_only: bool = False
+    """The paper's MLLM-only baseline: whole images, no boxes drawn (same candidates and grouping)."""
+    include_taxon: bool = False
+    """Name the species in the prompt (after the images). Off, as in the paper: observed, not recalled, traits."""
+    max_in_flight: int = Field(default=32, ge=1)
+    """LLM requests outstanding at once over the whole annotate stage."""
+    num_actors: int = Field(default=1, ge=1)
+    """Annotate actors for the LLM kinds (each holds max_in_flight / num_actors requests; with
+    transformers each loads the model). kind none uses one actor per CPU."""
+    num_gpus: float = Field(default=0, ge=0)
+    """GPUs per annotate actor (transformers on a GPU)."""
     crop_margin: float = Field(default=0.15, ge=0)
     save_renderings: bool = False
     """Also write the rendered PNGs under renderings/ (one row per annotation)."""
     batch_size: int = Field(default=16, ge=1)
+    """Candidates per annotate batch (LLM kinds take at least 4 × the actor's in-flight share)."""
 
 
 class RayConfig(Section):

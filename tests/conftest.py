@@ -40,3 +40,14 @@ def demo_dir(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     prepare_demo(out, images_per_species=12, log=lambda *_: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_build(ray_local, demo_dir, tmp_path_factory):
+    """(output folder, manifest) of a clean demo build (annotate.llm.kind none) on the session Ray."""
+    from pipeline.build import Build
+    from pipeline.demo import demo_build_config
+
+    out = tmp_path_factory.mktemp("clean") / "build"
+    manifest = Build(demo_build_config(demo_dir, [f"output={out}", "encoder.num_gpus=1"])).run()
+    return out, manifest

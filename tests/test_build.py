@@ -37,10 +37,8 @@ def table(out, name):
 
 
 @pytest.fixture(scope="module")
-def clean_build(ray_local, demo_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("clean") / "build"
-    manifest = run_build(demo_dir, demo_dir / "data", out)
-    return out, manifest
+def clean_build(demo_build):
+    return demo_build
 
 
 def test_every_table_has_the_contract_columns(clean_build, demo_dir):
