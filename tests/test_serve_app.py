@@ -1,0 +1,343 @@
+"""The annotator Serve application: both Serve YAMLs validate without vLLM (DESIGN §6); the app
+from serve_configs/local_cpu.yaml, with tiny random-weight models swapped in, answers over HTTP
+(multipart and JSON) and through a DeploymentHandle; bad input and auth get the right 4xx."""
+
+import base64
+import io
+import json
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from PIL import Image, ImageDraw
+
+from actors.serve_app import (AnnotatorAppConfig, build_annotator_app, check_bearer, choose_latents,
+                              parse_multipart, sae_fingerprint)
+from pipeline.config import ConfigError, validate
+from pipeline.renderings import png_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+LAYER = 2  # of the tiny 4-block DINOv2 (as in the demo)
+
+
+def serve_config(name: str) -> dict:
+    return yaml.safe_load((ROOT / "serve_configs" / name).read_text())
+
+
+def app_args(config: dict, name: str) -> dict:
+    return next(a for a in config["applications"] if a["name"] == name)["args"]
+
+
+# --------------------------------------------------------------------------- the YAMLs (no Ray, no vLLM)
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_72b.yaml", "local_cpu.yaml"])
+def test_serve_yaml_validates(name):
+    from ray._common.utils import import_attr
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig as ServeLLMConfig
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    config = serve_config(name)
+    ServeDeploySchema.model_validate(config)
+    for app in config["applications"]:
+        if app["import_path"] == "ray.serve.llm:build_openai_app":
+            for entry in app["args"]["llm_configs"]:
+                ServeLLMConfig.model_validate(entry)
+        else:
+            assert app["import_path"] == "actors.serve_app:build_annotator_app"
+            validate(AnnotatorAppConfig, app["args"])
+            # what the controller does with an import path + args (no Ray needed to bind)
+            built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app["args"])
+            assert isinstance(built, Application)
+
+
+def test_72b_yaml_cross_checks():
+    config = serve_config("qwen2_5_vl_72b.yaml")
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    llm_app = next(a for a in config["applications"] if a["name"] == "llm")
+    (llm,) = llm_app["args"]["llm_configs"]
+    engine = llm["engine_kwargs"]
+    assert llm["model_loading_config"]["model_id"] == "Qwen/Qwen2.5-VL-72B-Instruct"
+    assert llm["accelerator_type"] == "H100"
+    assert engine["tensor_parallel_size"] == 4 and engine["enable_prefix_caching"] is True
+    assert engine["limit_mm_per_prompt"]["image"] >= 3
+    assert llm["placement_group_config"]["strategy"] == "STRICT_PACK"
+    assert llm["placement_group_config"]["bundle_per_worker"]["GPU"] == 1
+    autoscaling = llm["deployment_config"]["autoscaling_config"]
+    assert "target_ongoing_requests" in autoscaling  # explicit: Ray's default (1e9) never scales up
+    assert autoscaling["target_ongoing_requests"] <= llm["deployment_config"]["max_ongoing_requests"]
+    # The annotator calls that very model through the llm app's route.
+    annotator = validate(AnnotatorAppConfig, app_args(config, "annotator"))
+    assert annotator.llm.kind == "openai" and annotator.llm.model == llm["model_loading_config"]["model_id"]
+    assert annotator.llm.base_url.endswith(llm_app["route_prefix"] + "/v1")
+    assert annotator.encoder_num_gpus == 1 and annotator.backbone.layer == 10
+    assert validate(AnnotatorAppConfig, app_args(serve_config("local_cpu.yaml"), "annotator")).llm.kind == "transformers"
+
+
+def test_app_config_errors_name_the_key():
+    args = app_args(serve_config("local_cpu.yaml"), "annotator")
+    for bad, key in [({"llm": {"kind": "none"}}, "llm"), ({"llm": {"kind": "serve"}}, "llm"),
+                     ({"image_url_fetch": True}, "image_url_fetch"), ({"max_latents": 0}, "max_latents"),
+                     ({"describer_min_replicas": 3, "describer_max_replicas": 2}, "describer_max_replicas")]:
+        with pytest.raises(ConfigError, match=key):
+            build_annotator_app({**args, **bad})
+    with pytest.raises(ConfigError, match="sae_checkpoint"):
+        build_annotator_app({k: v for k, v in args.items() if k != "sae_checkpoint"})
+
+
+# --------------------------------------------------------------------------- request helpers (no Ray)
+
+def test_choose_latents_rules():
+    latent = np.array([5, 5, 7, 9, 9, 9])
+    value = np.array([1.0, 1.0, 5.0, 0.5, 0.5, 0.5])
+    assert choose_latents(latent, value, None, 2)[:2] == ([7, 5], "strongest")
+    assert choose_latents(latent, value, [9, 100, 5, 7], 2, build="b")[:2] == ([9, 5], "selected")
+    chosen, rule, why = choose_latents(latent, value, [100], 3, build="b", species="S")
+    assert (chosen, rule) == ([7, 5, 9], "strongest") and "none of the species' 1 selected" in why
+    assert "no latent fires" in choose_latents(latent[:0], value[:0], None, 3)[2]
+
+
+def test_parse_multipart_is_exact_on_binary():
+    payload = bytes(range(256)) * 4 + b"\r\n--x\r\n\r\n"
+    prepared = requests.Request("POST", "http://x/", files={"image": ("a.png", payload, "image/png")},
+                                data={"species": "Aus bus"}).prepare()
+    fields = parse_multipart(prepared.body, prepared.headers["Content-Type"])
+    assert fields == {"species": [b"Aus bus"], "image": [payload]}
+
+
+def test_check_bearer():
+    check_bearer(None, None)  # no token configured: open
+    check_bearer(f"Bearer {TOKEN}", TOKEN)
+    for header in (None, "Bearer nope", f"Basic {TOKEN}", TOKEN):
+        with pytest.raises(Exception, match="unauthorized"):
+            check_bearer(header, TOKEN)
+
+
+# --------------------------------------------------------------------------- the running app
+
+def specimen_png(width: int = 300, height: int = 200) -> bytes:
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((40, 50, 260, 150), fill=(120, 70, 30))
+    draw.ellipse((200, 70, 250, 120), fill=(230, 200, 40))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fake_build(folder: Path, selected: dict[str, list[int]], sae: dict | None, status: str = "succeeded") -> str:
+    """A build folder with what the endpoint reads: manifest.json and selected/."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "selected").mkdir(parents=True)
+    rows = [{"species": s, "genus": s.split()[0], "latent": z, "f_species": 0.1, "f_genus": 0.05, "rank_in_species": r}
+            for s, zs in selected.items() for r, z in enumerate(zs)]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "selected" / "selected.parquet")
+    (folder / "manifest.json").write_text(json.dumps({"status": status, "sae": sae}))
+    return str(folder)
+
+
+def serve_run_config(config: dict, timeout_s: float = 180) -> None:
+    """What `serve run <config file>` does (ray/serve/scripts.py): validate the file, start Serve
+    with its http_options, deploy its applications (built on the cluster from their import paths)."""
+    import time
+
+    from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = {name: app.status for name, app in serve.status().applications.items()}
+        if statuses and all(s == "RUNNING" for s in statuses.values()):
+            return
+        failed = {n: a.message for n, a in serve.status().applications.items() if a.status == "DEPLOY_FAILED"}
+        if failed or time.monotonic() > deadline:
+            raise RuntimeError(f"Serve applications did not start: {failed or statuses}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, tiny_dinov2, tmp_path_factory):
+    """serve_configs/local_cpu.yaml with the tiny Qwen2.5-VL, tiny DINOv2 and a random SAE swapped
+    in, a free port, and SAE_TRAITS_TOKEN in the application's runtime_env — run as `serve run` does."""
+    import torch
+    from ray import serve
+
+    from actors.sae import SAESpec, SparseAutoencoder, save_sae
+    from pipeline.tiny_models import make_tiny_qwen2_5_vl
+
+    tmp = tmp_path_factory.mktemp("serve_app")
+    torch.manual_seed(0)
+    sae = save_sae(SparseAutoencoder(SAESpec(d=64, m=256)), tmp / "sae")
+    (tmp / "builds").mkdir()
+    config = serve_config("local_cpu.yaml")
+    port = config["http_options"]["port"] = free_port()
+    (annotator,) = config["applications"]
+    annotator["runtime_env"] = {"env_vars": {"SAE_TRAITS_TOKEN": TOKEN}}
+    args = annotator["args"]
+    args.update({
+        "llm": {**args["llm"], "model": str(make_tiny_qwen2_5_vl(tmp / "qwen")), "max_tokens": 24},
+        "backbone": {"model": str(tiny_dinov2), "layer": LAYER}, "sae_checkpoint": str(sae), "threshold": 1.5,
+        "builds_root": str(tmp / "builds"), "max_latents": 2, "max_upload_bytes": 200_000, "max_pixels": 1_000_000,
+        # the session Ray has 2 CPUs; leave room for whatever else runs in it
+        "encoder_num_cpus": 0.2, "describer_num_cpus": 0.2, "endpoint_num_cpus": 0.2,
+    })
+    serve_run_config(config)
+    yield SimpleNamespace(
+        url=f"http://127.0.0.1:{port}", builds=tmp / "builds", sae=sae, tmp=tmp,
+        unfinished_build=fake_build(tmp / "builds" / "running", {}, None, status="running"),
+        other_sae_build=fake_build(tmp / "builds" / "other", {"Aus bus": [1]}, {"d": 64, "m": 512, "metadata": {}}))
+    serve.delete("annotator")
+    serve.shutdown()  # the session's Ray stays up
+
+
+def post(app, *, files=None, data=None, json_body=None, headers=AUTH, **kw):
+    return requests.post(f"{app.url}/annotate", files=files, data=data, json=json_body, headers=headers,
+                         timeout=120, **kw)
+
+
+def check_annotations(answer: dict, width: int = 300, height: int = 200) -> None:
+    assert answer["image"]["width"] == width and answer["image"]["height"] == height
+    assert answer["image"]["geometry"]["input_size"] == 224
+    assert 1 <= len(answer["annotations"]) <= 2
+    for a in answer["annotations"]:
+        assert a["status"] in ("ok", "background", "unparsed")  # random weights: usually unparsed
+        assert a["model"] and a["prompt_version"].startswith("single") and a["latency_s"] > 0
+        assert a["boxes"] and len(a["measurements"]) == len(a["boxes"])
+        for b in a["boxes"]:
+            assert 0 <= b["x0"] < b["x1"] <= width and 0 <= b["y0"] < b["y1"] <= height
+
+
+def test_healthz_needs_no_token(app):
+    r = requests.get(f"{app.url}/healthz", timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_annotate_multipart_and_json(app):
+    png = specimen_png()
+    r = post(app, files={"image": ("s.png", png, "image/png")}, data={"species": "Aus bus"})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    check_annotations(answer)
+    assert answer["latent_rule"] == "strongest" and answer["latent_rule_reason"].startswith("no build named")
+    r = post(app, json_body={"image_base64": base64.b64encode(png).decode(), "genus": "Aus"})
+    assert r.status_code == 200, r.text
+    assert [a["latent"] for a in r.json()["annotations"]] == [a["latent"] for a in answer["annotations"]]
+
+
+def test_annotate_uses_the_builds_selected_latents(app):
+    png = specimen_png()
+    strongest = [a["latent"] for a in post(app, files={"image": ("s.png", png)}).json()["annotations"]]
+    # latent 300 is out of the SAE's range (never fires); the species' best firing one comes first
+    build = fake_build(app.builds / "b1", {"Aus bus": [300, strongest[1], strongest[0]]}, sae_fingerprint(str(app.sae)))
+    answer = post(app, files={"image": ("s.png", png)}, data={"species": "Aus bus", "build": build}).json()
+    assert answer["latent_rule"] == "selected"
+    assert [a["latent"] for a in answer["annotations"]] == [strongest[1], strongest[0]]
+    check_annotations(answer)
+    other = post(app, files={"image": ("s.png", png)}, data={"species": "Cus dus", "build": build}).json()
+    assert other["latent_rule"] == "strongest" and "has no selected latents" in other["latent_rule_reason"]
+
+
+def test_describer_handle_one_and_three_images(app):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("TraitDescriber", app_name="annotator")
+    images = [png_bytes(np.full((60, 80, 3), c, np.uint8)) for c in (40, 120, 200)]
+    for n in (1, 3):
+        answer = handle.describe.remote(images[:n], species="Aus bus", request_id=f"t{n}").result(timeout_s=120)
+        assert answer["status"] in ("ok", "background", "unparsed"), answer
+        assert answer["prompt_version"].startswith("single" if n == 1 else "consensus")
+        assert answer["model"] and answer["prompt_tokens"] > 0 and answer["completion_tokens"] > 0
+        assert answer["latency_s"] > 0 and answer["attempts"] == 1
+
+
+@pytest.mark.parametrize("case, status, says", [
+    ("multipart without image", 400, "no image"),
+    ("json without image", 400, "no image"),
+    ("not an image", 415, "not_an_image"),
+    ("upload too large", 413, "max_upload_bytes"),
+    ("base64 upload too large", 413, "max_upload_bytes"),
+    ("body far over the limit", 413, "max_upload_bytes"),
+    ("too many pixels", 413, "too_many_pixels"),
+    ("unknown json field", 422, "image_url"),
+    ("unknown form field", 422, "colour"),
+    ("bad base64", 400, "image_base64"),
+    ("bad json", 400, "not valid JSON"),
+    ("text body", 415, "content-type text/plain"),
+    ("build outside builds_root", 403, "outside builds_root"),
+    ("build is a url", 400, "URL"),
+    ("unfinished build", 400, "not a finished build"),
+    ("build with another sae", 400, "another SAE"),
+])
+def test_bad_input(app, case, status, says):
+    png = {"files": {"image": ("s.png", specimen_png())}}
+    big = b"\x89PNG" + bytes(250_000)
+    requests_by_case = {
+        "multipart without image": {"files": {"species": (None, "Aus bus")}},
+        "json without image": {"json_body": {"species": "Aus bus"}},
+        "not an image": {"files": {"image": ("s.png", b"hello, not a picture")}},
+        "upload too large": {"files": {"image": ("s.png", big)}},
+        "base64 upload too large": {"json_body": {"image_base64": base64.b64encode(big).decode()}},
+        "body far over the limit": {"files": {"image": ("s.png", big * 2)}},  # refused before it is read
+        "too many pixels": {"files": {"image": ("s.png", specimen_png(1200, 1000))}},
+        "unknown json field": {"json_body": {"image_url": "http://example.com/x.jpg"}},
+        "unknown form field": {"files": {"image": ("s.png", specimen_png()), "colour": (None, "red")}},
+        "bad base64": {"json_body": {"image_base64": "not base64!"}},
+        "bad json": {"data": b"{nope", "headers": {**AUTH, "Content-Type": "application/json"}},
+        "text body": {"data": b"hello", "headers": {**AUTH, "Content-Type": "text/plain"}},
+        "build outside builds_root": {**png, "data": {"build": str(app.tmp)}},
+        "build is a url": {**png, "data": {"build": "s3://bucket/build"}},
+        "unfinished build": {**png, "data": {"build": app.unfinished_build}},
+        "build with another sae": {**png, "data": {"build": app.other_sae_build}},
+    }
+    r = post(app, **requests_by_case[case])
+    assert r.status_code == status, r.text
+    assert says in r.json()["detail"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}])
+def test_auth_refused(app, headers):
+    r = post(app, files={"image": ("s.png", specimen_png())}, headers=headers)
+    assert r.status_code == 401 and "unauthorized" in r.json()["detail"]
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+
+def test_demo_build_annotates_through_the_serve_app(app, demo_dir, demo_build, tmp_path):
+    """annotate.llm.kind serve: the build's annotate actors call TraitDescriber through a
+    DeploymentHandle (the tiny random Qwen answers gibberish: unparsed is its honest status)."""
+    import pyarrow.parquet as pq
+
+    from pipeline.build import Build
+    from pipeline.demo import demo_build_config
+
+    out = tmp_path / "build"
+    cfg = demo_build_config(demo_dir, [f"output={out}", "encoder.num_gpus=1", "annotate.llm.kind=serve",
+                                       "annotate.max_in_flight=4", "annotate.save_renderings=false"])
+    manifest = Build(cfg).run()
+    traits = pq.read_table(out / "traits").to_pylist()
+    clean = pq.read_table(demo_build[0] / "traits").to_pylist()
+    assert sorted(len(t["image_ids"]) for t in traits) == sorted(len(t["image_ids"]) for t in clean)
+    assert len({t["annotation_id"] for t in traits}) == len(traits) == manifest["stages"]["annotate"]["rows"]
+    assert {t["status"] for t in traits} <= {"ok", "background", "unparsed"}  # none failed
+    for t in traits:
+        assert t["model"].endswith("qwen") and t["completion_tokens"] > 0 and t["raw_answer"] is not None
+        assert t["prompt_version"].startswith("consensus-v1." if len(t["image_ids"]) == 3 else "single-v1.")
