@@ -166,9 +166,10 @@ class Build:
                 actors = n_cpus if ann.llm.kind == "none" else ann.num_actors
                 share = -(-ann.max_in_flight // actors)
                 batch = ann.batch_size if ann.llm.kind == "none" else max(ann.batch_size, 4 * share)
-                traits = ray.data.from_items(units).repartition(target_num_rows_per_block=batch).map_batches(
+                # Blocks of one batch each, made on the driver, so every actor gets work.
+                traits = ray.data.from_items(units, override_num_blocks=-(-len(units) // batch)).map_batches(
                     AnnotateActor, batch_size=batch, batch_format="pyarrow",
-                    compute=ActorPoolStrategy(min_size=1, max_size=actors), num_gpus=ann.num_gpus,
+                    compute=ActorPoolStrategy(min_size=1, max_size=actors), num_gpus=ann.num_gpus, num_cpus=ann.num_cpus,
                     fn_constructor_kwargs={"cfg": cfg, "max_in_flight": share})
                 self.write(traits, "traits")
             else:  # nothing selected: still leave an empty traits/ with the contract's schema

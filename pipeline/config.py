@@ -184,6 +184,8 @@ class AnnotateConfig(Section):
     transformers each loads the model). kind none uses one actor per CPU."""
     num_gpus: float = Field(default=0, ge=0)
     """GPUs per annotate actor (transformers on a GPU)."""
+    num_cpus: float = Field(default=1, gt=0)
+    """CPUs reserved per annotate actor (rendering is CPU work; an openai/serve actor mostly waits)."""
     crop_margin: float = Field(default=0.15, ge=0)
     save_renderings: bool = False
     """Also write the rendered PNGs under renderings/ (one row per annotation)."""

@@ -49,5 +49,6 @@ def demo_build(ray_local, demo_dir, tmp_path_factory):
     from pipeline.demo import demo_build_config
 
     out = tmp_path_factory.mktemp("clean") / "build"
-    manifest = Build(demo_build_config(demo_dir, [f"output={out}", "encoder.num_gpus=1"])).run()
+    # encoder.num_cpus below 1: decode tasks must still fit if the Serve app's tests hold part of the 2 CPUs.
+    manifest = Build(demo_build_config(demo_dir, [f"output={out}", "encoder.num_gpus=1", "encoder.num_cpus=0.25"])).run()
     return out, manifest

@@ -330,7 +330,9 @@ def test_demo_build_annotates_through_the_serve_app(app, demo_dir, demo_build, t
     from pipeline.demo import demo_build_config
 
     out = tmp_path / "build"
-    cfg = demo_build_config(demo_dir, [f"output={out}", "encoder.num_gpus=1", "annotate.llm.kind=serve",
+    # The app holds 0.6 of the session Ray's 2 CPUs: the build's actors take fractions so its tasks still fit.
+    cfg = demo_build_config(demo_dir, [f"output={out}", "encoder.num_gpus=1", "encoder.num_cpus=0.25",
+                                       "annotate.num_cpus=0.25", "annotate.llm.kind=serve",
                                        "annotate.max_in_flight=4", "annotate.save_renderings=false"])
     manifest = Build(cfg).run()
     traits = pq.read_table(out / "traits").to_pylist()
