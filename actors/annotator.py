@@ -23,7 +23,7 @@ from pipeline.boxes import region_masks
 from pipeline.config import LLMConfig
 from pipeline.measurements import describe_measurements, measure_region, segment_specimen
 from pipeline.preprocessing import Geometry
-from pipeline.renderings import png_bytes, render_crop, render_overlay
+from pipeline.renderings import encode_image, render_crop, render_overlay
 
 TEMPLATE_VERSION = "template-v1"  # kind none: descriptions templated from the measurements
 MAX_IMAGES = 3  # what the Serve config lets vLLM take per prompt (limit_mm_per_prompt)
@@ -67,9 +67,9 @@ EMPTY_ANSWER = {"status": None, "description": None, "body_part": None, "body_pa
 class TraitAnnotator:
     def __init__(self, llm: LLMConfig, *, render: str = "overlay", mllm_only: bool = False,
                  include_taxon: bool = False, max_in_flight: int = 32, crop_margin: float = 0.15,
-                 backend: Backend | None = None):
+                 image_format: str = "png", backend: Backend | None = None):
         self.llm, self.render_kind, self.mllm_only = llm, render, mllm_only
-        self.include_taxon, self.crop_margin = include_taxon, crop_margin
+        self.include_taxon, self.crop_margin, self.image_format = include_taxon, crop_margin, image_format
         self.backend = backend if backend is not None else make_backend(llm, max_in_flight)
         self.model = self.backend.model if self.backend is not None else "none"
 
@@ -84,14 +84,15 @@ class TraitAnnotator:
         return prompt_version(render, n_images, include_taxon=self.include_taxon if include_taxon is None else include_taxon)
 
     def render(self, rgb: np.ndarray, regions: list[tuple[dict, np.ndarray]], max_crops: int = MAX_IMAGES) -> list[bytes]:
-        """PNGs for one image: the whole image (MLLM-only baseline), the zone outlined and
+        """Encoded images for one image: the whole image (MLLM-only baseline), the zone outlined and
         upscaled (overlay), or a crop per region, largest first (crop, at most ``max_crops``)."""
+        fmt = self.image_format
         if self.mllm_only:
-            return [png_bytes(rgb)]
+            return [encode_image(rgb, fmt)]
         if self.render_kind == "overlay":
-            return [render_overlay(rgb, np.logical_or.reduce([m for _, m in regions]))]
+            return [render_overlay(rgb, np.logical_or.reduce([m for _, m in regions]), fmt=fmt)]
         by_area = sorted(regions, key=lambda r: -int(r[1].sum()))[:max_crops]
-        return [render_crop(rgb, box, margin_frac=self.crop_margin) for box, _ in by_area]
+        return [render_crop(rgb, box, margin_frac=self.crop_margin, fmt=fmt) for box, _ in by_area]
 
     async def describe(self, images: list[bytes], *, species: str | None = None, genus: str | None = None,
                        measurements: list[list[dict]] | None = None, request_id: str | None = None,

@@ -99,7 +99,7 @@ class AnnotateCandidates:
         local_llm = cfg.llm if cfg.llm.kind != "serve" else cfg.llm.model_copy(update={"kind": "none"})
         self.annotator = TraitAnnotator(local_llm, render=cfg.render, mllm_only=cfg.mllm_only,
                                         include_taxon=cfg.include_taxon, max_in_flight=in_flight,
-                                        crop_margin=cfg.crop_margin)
+                                        crop_margin=cfg.crop_margin, image_format=cfg.image_format)
         self.describer = ServeDescriber(cfg.llm.app_name, in_flight) if cfg.llm.kind == "serve" else self.annotator
 
     def prompt_version(self, n_images: int) -> str:

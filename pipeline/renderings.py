@@ -1,4 +1,4 @@
-"""Images shown to the multimodal LLM, returned as PNG bytes.
+"""Images shown to the multimodal LLM, returned as encoded bytes (PNG, or JPEG when asked).
 
 Inputs follow the package conventions: ``uint8 [H, W, 3]`` sRGB in ORIGINAL
 pixels, zone masks ``bool [H, W]`` in the same pixels, boxes
@@ -12,7 +12,7 @@ import io
 import numpy as np
 from PIL import Image
 
-__all__ = ["png_bytes", "zone_outline", "render_overlay", "render_crop", "crop_box"]
+__all__ = ["png_bytes", "encode_image", "zone_outline", "render_overlay", "render_crop", "crop_box"]
 
 
 def png_bytes(rgb: np.ndarray, *, compress_level: int = 1) -> bytes:
@@ -26,6 +26,19 @@ def png_bytes(rgb: np.ndarray, *, compress_level: int = 1) -> bytes:
         x = np.clip(x, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(x)).save(buf, format="PNG", compress_level=int(compress_level))
+    return buf.getvalue()
+
+
+def encode_image(rgb: np.ndarray, fmt: str = "png", *, jpeg_quality: int = 95) -> bytes:
+    """PNG (lossless) or JPEG bytes. JPEG at quality 95 encodes ~20x faster than PNG level 1 for
+    an upscaled overlay and is ~6x smaller; PNG encoding otherwise bounds the annotate stage."""
+    if fmt == "png":
+        return png_bytes(rgb)
+    if fmt != "jpeg":
+        raise ValueError(f"image format must be png or jpeg, got {fmt!r}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.asarray(rgb)[..., :3], dtype=np.uint8)).save(
+        buf, format="JPEG", quality=int(jpeg_quality))
     return buf.getvalue()
 
 
@@ -65,9 +78,9 @@ def zone_outline(zone_mask: np.ndarray, width: int = 3) -> np.ndarray:
 
 
 def render_overlay(rgb: np.ndarray, zone_mask: np.ndarray, *, colour=(255, 0, 0),
-                   width: int = 3, upscale: int = 2) -> bytes:
+                   width: int = 3, upscale: int = 2, fmt: str = "png") -> bytes:
     """Outline (``colour``, ``width`` px) of the zone drawn on the image, then the
-    image upscaled ``upscale``x with bicubic interpolation; PNG bytes of size
+    image upscaled ``upscale``x with bicubic interpolation; ``fmt`` bytes of size
     ``(H*upscale, W*upscale)``."""
     img = np.array(np.asarray(rgb)[..., :3], dtype=np.uint8, copy=True)
     zone = np.asarray(zone_mask, dtype=bool)
@@ -78,7 +91,7 @@ def render_overlay(rgb: np.ndarray, zone_mask: np.ndarray, *, colour=(255, 0, 0)
     if s > 1:
         H, W = img.shape[:2]
         img = np.asarray(Image.fromarray(img).resize((W * s, H * s), Image.BICUBIC))
-    return png_bytes(img)
+    return encode_image(img, fmt)
 
 
 def _grow(lo: int, hi: int, need: int, limit: int) -> tuple[int, int]:
@@ -119,10 +132,10 @@ def crop_box(box: dict, shape, *, margin_frac: float = 0.15, min_side_px: int = 
 
 
 def render_crop(rgb: np.ndarray, box: dict, *, margin_frac: float = 0.15,
-                min_side_px: int = 64) -> bytes:
-    """PNG bytes of the region's box plus a margin (see :func:`crop_box`)."""
+                min_side_px: int = 64, fmt: str = "png") -> bytes:
+    """``fmt`` bytes of the region's box plus a margin (see :func:`crop_box`)."""
     img = np.asarray(rgb)[..., :3]
     c = crop_box(box, img.shape, margin_frac=margin_frac, min_side_px=min_side_px)
     if c["x1"] <= c["x0"] or c["y1"] <= c["y0"]:
         raise ValueError(f"empty crop for box {box} on image {img.shape[:2]}")
-    return png_bytes(img[c["y0"]:c["y1"], c["x0"]:c["x1"]])
+    return encode_image(img[c["y0"]:c["y1"], c["x0"]:c["x1"]], fmt)

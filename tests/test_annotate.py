@@ -65,6 +65,8 @@ def test_openai_backend_retries_then_records_failures_and_loses_nothing(demo_dir
         st = stage(demo_dir, **annotate)
         table, rejected = st(pa.Table.from_pylist(units))
         successes, max_processing = server.successes(), server.max_processing
+        urls = [p["image_url"]["url"] for p in server.received[0].body["messages"][0]["content"] if "image_url" in p]
+    assert urls and all(u.startswith("data:image/jpeg;base64,") for u in urls)  # the true type of the default format
     rows = table.to_pylist()
     assert [r["annotation_id"] for r in rows] == ids and len(set(ids)) == len(ids)  # nothing lost or duplicated
     failed = {r["annotation_id"]: (r["error"], r["attempts"]) for r in rows if r["status"] == "failed"}
@@ -94,9 +96,9 @@ def test_mllm_only_baseline_sends_whole_images(demo_dir, units):
         one = annotation_units([m for u in units[:1] for m in u["members"]], images_per_prompt=1)[:1]
         table, _ = stage(demo_dir, **annotate)(pa.Table.from_pylist(one))
     row = table.to_pylist()[0]
-    png = Image.open(io.BytesIO(row["renderings"][0]))
+    whole = Image.open(io.BytesIO(row["renderings"][0]))
     member = one[0]["members"][0]
-    assert png.size == (member["orig_w"], member["orig_h"])  # the whole image, not upscaled, no outline
+    assert whole.size == (member["orig_w"], member["orig_h"])  # the whole image, not upscaled, no outline
     assert row["prompt_version"].startswith("mllm-only-v1.") and row["boxes"][0]  # boxes still recorded
 
 

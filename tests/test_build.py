@@ -62,8 +62,8 @@ def test_every_table_has_the_contract_columns(clean_build, demo_dir):
     assert {t["status"] for t in traits} == {"ok"}
     t = traits[0]
     assert t["measurements"][0] and t["description"].startswith("Region 1")
-    png = Image.open(io.BytesIO(t["renderings"][0]))
-    assert png.format == "PNG" and png.width % 2 == 0  # the overlay is upscaled 2x
+    rendering = Image.open(io.BytesIO(t["renderings"][0]))
+    assert rendering.format == "JPEG" and rendering.width % 2 == 0  # annotate.image_format; upscaled 2x
 
 
 def test_planted_parts_are_found(clean_build, demo_dir):

@@ -142,3 +142,16 @@ def test_png_bytes_roundtrip():
     np.testing.assert_array_equal(_decode(png_bytes(img)), img)
     with pytest.raises(Exception):
         png_bytes(np.zeros((4, 4, 7), np.uint8))
+
+
+def test_jpeg_encoding_for_the_llm_is_close_and_labelled_jpeg():
+    from actors.prompts import sniff_image_mime
+    from pipeline.renderings import encode_image
+
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[10:30, 20:40] = (200, 30, 30)
+    data = encode_image(img, "jpeg")
+    assert sniff_image_mime(data) == "image/jpeg" and sniff_image_mime(encode_image(img)) == "image/png"
+    assert np.abs(np.asarray(Image.open(io.BytesIO(data))).astype(int) - img).mean() < 3  # quality 95: close
+    with pytest.raises(ValueError, match="png or jpeg"):
+        encode_image(img, "gif")
