@@ -69,7 +69,7 @@ def ray_train_run(x: np.ndarray, d: int, expansion: int, batch: int, steps: int,
         np.save(Path(tmp) / "acts.npy", x)
         config = {"source": {"format": "activations", "root": str(Path(tmp) / "acts.npy")},
                   "sae": {"expansion": expansion},
-                  "train": {"batch_size": batch, "steps": steps + 1, "log_every": 1, "checkpoint_every": steps + 1,
+                  "train": {"batch_size": batch, "steps": steps + 1, "log_every": steps + 1, "checkpoint_every": steps + 1,
                             "shuffle_buffer": 2 * batch, "init_patches": batch, "threads": threads},
                   "ray": {"num_cpus": os.cpu_count()}, "output": str(Path(tmp) / "sae")}
         (Path(tmp) / "train.yaml").write_text(yaml.safe_dump(config))
@@ -81,7 +81,7 @@ def ray_train_run(x: np.ndarray, d: int, expansion: int, batch: int, steps: int,
         if proc.returncode:
             sys.exit(proc.stderr[-3000:])
         rows = [json.loads(r) for r in (Path(tmp) / "sae" / "metrics.jsonl").read_text().splitlines()]
-    # steady state: from the end of the first (warm-up) step to the end of the last
+    # steady state: from the end of the first (warm-up) step to the end of the last (the two rows logged)
     steady = (rows[-1]["patches"] - rows[0]["patches"]) / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"])
     return steady, rows[-1]["patches"] / wall
 

@@ -332,8 +332,15 @@ class SAETraining:
             with self.autocast:
                 out = self.sae.loss(x, alpha, dead=dead, aux_k=self.loop.aux_k, aux_alpha=self.loop.aux_alpha)
             out["loss"].backward()
+        logging = self.step % self.loop.log_every == 0 or self.step == self.loop.n_steps - 1
         with torch.no_grad():
-            fired = (out.pop("codes") > 0).sum(0) if out else torch.zeros_like(self.since_fired)
+            codes = out.pop("codes") if out else None
+            if codes is None:
+                fired = torch.zeros_like(self.since_fired)
+            elif logging:  # exact firing counts, for the dense-latent metric
+                fired = (codes > 0).sum(0)
+            else:  # which latents fired: codes are >= 0, so a column sum tells (~10x cheaper than counting)
+                fired = (codes.sum(0) > 0).long()
             counts = self.all_reduce(torch.cat([fired, torch.tensor([len(x), n_bad], device=self.device)]))
             n_rows, self.skipped_nonfinite = int(counts[-2]), self.skipped_nonfinite + int(counts[-1])
             if n_rows == 0:  # every worker's batch was non-finite: no step
@@ -353,7 +360,7 @@ class SAETraining:
             self.since_fired[counts[:-2] > 0] = 0
         self.step += 1
         self.patches_seen += n_rows
-        if (self.step - 1) % self.loop.log_every and self.step != self.loop.n_steps:
+        if not logging:
             return None
         row = self.metrics_row(out, alpha, dead, counts[:-2].float() / n_rows)
         self.history.append(row)
