@@ -5,7 +5,7 @@
     python benchmarks/bench_train_sae.py --gpu          # CUDA, no Ray: bf16 steps at batch 16,384
 
 CPU mode, both measured in this run on the same random activations:
-- plain: one process, activations in memory, ``SparseAutoencoder.loss`` → backward → parallel-
+- plain: one process, activations in memory (run before and after ours; their mean), ``SparseAutoencoder.loss`` → backward → parallel-
   gradient removal → Adam → renormalise, on random batches: what the paper's code does.
 - ours: ``python -m pipeline.train_sae`` on the same activations written as .npy — Ray Data reads
   them, the Ray Train worker iterates its shard with the local shuffle buffer. Its steady-state
@@ -92,10 +92,14 @@ def bench_cpu(args) -> None:
     n = max(4 * args.batch, 65536)
     x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
     print(f"CPU, {threads} torch threads: d={d}, m={m}, batch {args.batch}, {args.steps} timed steps each")
-    plain = plain_loop(torch.from_numpy(x), d, m, args.batch, args.steps)
+    # The plain loop runs before and after the Ray Train run and counts as their mean: on a small
+    # shared machine the rate drifts by ±15% from minute to minute.
+    before = plain_loop(torch.from_numpy(x), d, m, args.batch, args.steps)
     steady, end_to_end = ray_train_run(x, d, args.expansion, args.batch, args.steps, threads)
+    after = plain_loop(torch.from_numpy(x), d, m, args.batch, args.steps)
+    plain = (before + after) / 2
     print(f"{'':28}{'patches/s':>12}{'vs plain':>10}")
-    print(f"{'plain PyTorch loop':28}{plain:12.0f}{1.0:10.2f}")
+    print(f"{'plain PyTorch loop (mean)':28}{plain:12.0f}{1.0:10.2f}   (before {before:.0f}, after {after:.0f})")
     print(f"{'Ray Train (steady state)':28}{steady:12.0f}{steady / plain:10.2f}")
     print(f"{'Ray Train (with start-up)':28}{end_to_end:12.0f}{end_to_end / plain:10.2f}")
     ratio = steady / plain
