@@ -29,6 +29,11 @@ TEMPLATE_VERSION = "template-v1"  # kind none: descriptions templated from the m
 MAX_IMAGES = 3  # what the Serve config lets vLLM take per prompt (limit_mm_per_prompt)
 
 
+def prompt_render(render: str, mllm_only: bool) -> str:
+    """The rendering a prompt is worded for: the MLLM-only baseline has prompts of its own."""
+    return "mllm_only" if mllm_only else render
+
+
 def make_backend(llm: LLMConfig, max_in_flight: int = 32) -> Backend | None:
     """The model behind ``llm.kind`` (None for kind none; kind serve is a DeploymentHandle, not a backend)."""
     if llm.kind == "openai":
@@ -73,16 +78,6 @@ class TraitAnnotator:
         self.backend = backend if backend is not None else make_backend(llm, max_in_flight)
         self.model = self.backend.model if self.backend is not None else "none"
 
-    def prompt_version(self, n_images: int, *, render: str | None = None, mllm_only: bool | None = None,
-                       include_taxon: bool | None = None) -> str:
-        from actors.prompts import prompt_version
-
-        if self.backend is None:
-            return TEMPLATE_VERSION
-        mllm_only = self.mllm_only if mllm_only is None else mllm_only
-        render = "mllm_only" if mllm_only else render or self.render_kind
-        return prompt_version(render, n_images, include_taxon=self.include_taxon if include_taxon is None else include_taxon)
-
     def render(self, rgb: np.ndarray, regions: list[tuple[dict, np.ndarray]], max_crops: int = MAX_IMAGES) -> list[bytes]:
         """Encoded images for one image: the whole image (MLLM-only baseline), the zone outlined and
         upscaled (overlay), or a crop per region, largest first (crop, at most ``max_crops``)."""
@@ -107,12 +102,11 @@ class TraitAnnotator:
             return {**EMPTY_ANSWER, "status": "ok", "description": text or None, "model": "none",
                     "prompt_version": TEMPLATE_VERSION, "latency_s": 0.0, "attempts": 0}
         from actors.answers import parse_answer
-        from actors.prompts import build_request
+        from actors.prompts import build_request, prompt_version
 
-        mllm_only = self.mllm_only if mllm_only is None else mllm_only
+        render = prompt_render(render or self.render_kind, self.mllm_only if mllm_only is None else mllm_only)
         include_taxon = self.include_taxon if include_taxon is None else include_taxon
-        render = "mllm_only" if mllm_only else render or self.render_kind
-        version = self.prompt_version(len(images), render=render, include_taxon=include_taxon)
+        version = prompt_version(render, len(images), include_taxon=include_taxon)
         request = build_request(images, render=render, species=species, genus=genus, include_taxon=include_taxon,
                                 json_schema=self.llm.json_schema, max_tokens=self.llm.max_tokens, request_id=request_id)
         try:

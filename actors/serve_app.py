@@ -245,11 +245,10 @@ def choose_latents(latent: np.ndarray, value: np.ndarray, selected: list[int] | 
 
 def sae_fingerprint(checkpoint: str) -> dict | None:
     """What identifies an SAE across copies: its shape and training metadata (project folders only)."""
-    config = Path(checkpoint) / "config.json"
-    if not config.is_file():
-        return None
-    spec = json.loads(config.read_text())
-    return {"d": spec.get("d"), "m": spec.get("m"), "metadata": spec.get("metadata", {})}
+    from pipeline.build import sae_metadata  # what a build's manifest records of its SAE
+
+    meta = sae_metadata(checkpoint)
+    return {k: meta[k] for k in ("d", "m", "metadata")} if "d" in meta else None
 
 
 class BuildCatalog:

@@ -16,7 +16,8 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 
-from actors.annotator import EMPTY_ANSWER, TraitAnnotator, describe_failure, regions_and_measurements
+from actors.annotator import (EMPTY_ANSWER, TEMPLATE_VERSION, TraitAnnotator, describe_failure, prompt_render,
+                              regions_and_measurements)
 from pipeline import storage
 from pipeline.candidates import BOX_TYPE
 from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
@@ -82,7 +83,7 @@ class ServeDescriber:
             try:
                 return await self.handle.describe.remote(images, **kwargs)
             except Exception as exc:  # the deployment died or refused: a failed row, the batch goes on
-                return describe_failure("serve_call_failed", model=None, prompt_version=kwargs.get("prompt_version"),
+                return describe_failure("serve_call_failed", model=None, prompt_version=None,
                                         detail=f"{type(exc).__name__}: {exc}")
 
 
@@ -103,12 +104,13 @@ class AnnotateCandidates:
         self.describer = ServeDescriber(cfg.llm.app_name, in_flight) if cfg.llm.kind == "serve" else self.annotator
 
     def prompt_version(self, n_images: int) -> str:
-        if self.cfg.llm.kind == "serve":  # numbered as the deployment numbers it
-            from actors.prompts import prompt_version
+        """The version the describer will record, known before asking it (it is part of the annotation_id)."""
+        from actors.prompts import prompt_version
 
-            render = "mllm_only" if self.cfg.mllm_only else self.cfg.render
-            return prompt_version(render, n_images, include_taxon=self.cfg.include_taxon)
-        return self.annotator.prompt_version(n_images)
+        if self.cfg.llm.kind == "none":
+            return TEMPLATE_VERSION
+        return prompt_version(prompt_render(self.cfg.render, self.cfg.mllm_only), n_images,
+                              include_taxon=self.cfg.include_taxon)
 
     def load_rgb(self, row: dict) -> np.ndarray:
         try:
@@ -138,22 +140,22 @@ class AnnotateCandidates:
     async def annotate_unit(self, unit: dict) -> tuple[dict, list[bytes], Rejected | None]:
         members = unit["members"]
         image_ids = [r["image_id"] for r in members]
-        n_images = len(members) if len(members) > 1 else 1
-        aid = annotation_id(self.prompt_version(n_images), unit["species"], unit["latent"], image_ids)
+        version = self.prompt_version(len(members))
+        aid = annotation_id(version, unit["species"], unit["latent"], image_ids)
         row = {"annotation_id": aid, "image_ids": image_ids, "species": unit["species"], "genus": unit["genus"],
                "latent": unit["latent"], "boxes": [r["boxes"] for r in members], "measurements": [[] for _ in members]}
         try:  # in a thread: rendering is CPU work, and the event loop must keep the requests moving
             images, row["boxes"], row["measurements"] = await asyncio.to_thread(self.prepare, unit)
         except Exception as exc:  # one unreadable image fails its unit, not the batch
             reason = exc.reason if isinstance(exc, ImageRejected) else "annotate_failed"
-            answer = describe_failure(reason, model=None, prompt_version=self.prompt_version(n_images),
-                                      detail=f"{type(exc).__name__}: {exc}")
+            answer = describe_failure(reason, model=None, prompt_version=version, detail=f"{type(exc).__name__}: {exc}")
             return {**row, **_answer_columns(answer)}, [], Rejected(
                 stage="annotate", reason=reason, detail=answer["error"], image_id=image_ids[0], annotation_id=aid)
         kwargs = {"render": self.cfg.render, "mllm_only": self.cfg.mllm_only, "include_taxon": self.cfg.include_taxon} \
             if self.cfg.llm.kind == "serve" else {}
         answer = await self.describer.describe(images, species=unit["species"], genus=unit["genus"],
                                                measurements=row["measurements"], request_id=aid, **kwargs)
+        answer["prompt_version"] = answer["prompt_version"] or version  # a deployment that failed to answer says none
         rejected = None
         if answer["status"] == "failed":  # still failing after the retries: recorded, the row stays
             reason = "llm_" + (answer["error"] or "failed").split(":")[0]

@@ -517,7 +517,8 @@ def flat_config(cfg: dict, prefix: str = "") -> dict:
 
 def check_resume(cfg: TrainSAEConfig, out: Path, overwrite: bool) -> int | None:
     """A resume must use the config the run started with (except RESUMABLE_KEYS). Returns the
-    activation size d of the run being resumed (None for a new run)."""
+    activation size d of the run being resumed (None for a new run); :func:`fit` records the
+    config and d once it knows d."""
     saved = out / "train_config.json"
     if overwrite and out.exists():
         shutil.rmtree(out)
@@ -534,7 +535,6 @@ def check_resume(cfg: TrainSAEConfig, out: Path, overwrite: bool) -> int | None:
             raise ConfigError(f"output: {out} holds a training run made with a different config ({changes}); "
                               "resume with the same config, or pass --overwrite to start again")
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps({"config": current, "d": d}, indent=2))
     return d
 
 

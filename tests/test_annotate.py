@@ -51,7 +51,7 @@ def test_openai_backend_retries_then_records_failures_and_loses_nothing(demo_dir
     annotate = {"llm": {"kind": "openai", "base_url": "http://x", "model": "fake-vlm", "max_retries": 2,
                         "backoff_s": 0.01, "timeout_s": 5}, "max_in_flight": 4, "save_renderings": True}
     probe = stage(demo_dir, **annotate)
-    ids = [annotation_id(probe.prompt_version(len(u["members"]) if len(u["members"]) > 1 else 1), u["species"],
+    ids = [annotation_id(probe.prompt_version(len(u["members"])), u["species"],
                          u["latent"], [r["image_id"] for r in u["members"]]) for u in units]
     doomed, flaky, garbled = set(ids[:2]), ids[2], ids[3]
 
