@@ -14,6 +14,7 @@ from transformers import AutoModel
 from actors.sae import load_sae
 from pipeline.preprocessing import GEOMETRY_TYPES
 from pipeline.sources import INDEX_SCHEMA
+from pipeline.storage import fsspec_options, local_copy
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,10 +31,12 @@ def pick_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32 if dtype in ("auto", "float16", "bfloat16") else DTYPES[dtype]
 
 
-def load_backbone(model: str, layer: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, int]:
+def load_backbone(model: str, layer: int, device: torch.device, dtype: torch.dtype,
+                  storage_options: dict | None = None) -> tuple[torch.nn.Module, int]:
     """A DINOv2 model cut after block ``layer`` (later blocks are never needed), and how many
-    prefix tokens (CLS + registers) precede the patch tokens."""
-    backbone = AutoModel.from_pretrained(model, dtype=dtype)
+    prefix tokens (CLS + registers) precede the patch tokens. ``model`` is a hub id, a local
+    folder or a remote folder (s3://...), copied to this node's cache first."""
+    backbone = AutoModel.from_pretrained(local_copy(model, storage_options), dtype=dtype)
     if backbone.config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise ValueError(f"backbone.model: {model} is a {backbone.config.model_type!r} model, not DINOv2")
     n_layers = len(backbone.encoder.layer)
@@ -47,11 +50,13 @@ def load_backbone(model: str, layer: int, device: torch.device, dtype: torch.dty
 
 class PatchFeatures:
     """uint8 pixels [B, S, S, 3] → DINOv2 residual stream after block ``layer``, patch tokens
-    only [B, P, d] (ImageNet normalisation done on the device)."""
+    only [B, P, d] (ImageNet normalisation done on the device). ``storage``: the config's storage
+    section (StorageConfig or its dict), for a model on s3://."""
 
-    def __init__(self, model: str, layer: int, dtype: str = "auto"):
+    def __init__(self, model: str, layer: int, dtype: str = "auto", storage=None):
         self.device, self.dtype = pick_device_dtype(dtype)
-        self.backbone, self.n_prefix = load_backbone(model, layer, self.device, self.dtype)
+        self.backbone, self.n_prefix = load_backbone(model, layer, self.device, self.dtype,
+                                                     fsspec_options(storage, model))
         self.hidden_size = self.backbone.config.hidden_size
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
@@ -67,13 +72,14 @@ class PatchFeatures:
 class FiringEncoder:
     """Callable over a batch (dict of numpy arrays with a uint8 ``pixels`` [B, S, S, 3] column);
     returns a pyarrow table: the pass-through columns plus ``latent`` list<int32>, ``patch``
-    list<int16>, ``value`` list<float32> and ``n_firings``."""
+    list<int16>, ``value`` list<float32> and ``n_firings``. ``storage``: the config's storage
+    section (StorageConfig or its dict), for a backbone or SAE checkpoint on s3://."""
 
     def __init__(self, model: str, layer: int, sae_checkpoint: str, threshold: float,
-                 dtype: str = "auto", sae_chunk_images: int = 32):
-        self.features = PatchFeatures(model, layer, dtype)
+                 dtype: str = "auto", sae_chunk_images: int = 32, storage=None):
+        self.features = PatchFeatures(model, layer, dtype, storage)
         self.device, self.dtype = self.features.device, self.features.dtype
-        self.sae = load_sae(sae_checkpoint).to(self.device, self.dtype).eval()
+        self.sae = load_sae(sae_checkpoint, fsspec_options(storage, sae_checkpoint)).to(self.device, self.dtype).eval()
         if self.sae.spec.d != self.features.hidden_size:
             raise ValueError(f"sae.checkpoint: SAE input size d={self.sae.spec.d} but the backbone's "
                              f"hidden size is {self.features.hidden_size}")
@@ -124,8 +130,8 @@ class PatchActivations:
     ``{"x": float32 [B·P, d]}``, one row per patch (patches of an image stay adjacent; the
     trainer's shuffle buffer mixes them)."""
 
-    def __init__(self, model: str, layer: int, dtype: str = "auto"):
-        self.features = PatchFeatures(model, layer, dtype)
+    def __init__(self, model: str, layer: int, dtype: str = "auto", storage=None):
+        self.features = PatchFeatures(model, layer, dtype, storage)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not len(batch["pixels"]):

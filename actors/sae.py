@@ -207,9 +207,25 @@ def _from_state(state: dict[str, Tensor], **spec_kwargs) -> SparseAutoencoder:
     return sae
 
 
-def load_sae(path: str | Path) -> SparseAutoencoder:
-    """Load either format; a folder is the project's, a file is saev's."""
-    path = Path(path)
+def sae_config_json(checkpoint: str | Path, storage_options: dict | None = None) -> dict | None:
+    """The ``config.json`` of a project-format checkpoint (a local folder or any fsspec URL, e.g.
+    s3://bucket/sae), read without fetching the weights; None for a saev file or a folder without one."""
+    from pipeline import storage
+
+    fs, path = storage.filesystem(str(checkpoint), storage_options)
+    try:
+        with fs.open(storage.join(path.rstrip("/"), "config.json"), "rb") as f:
+            return json.loads(f.read())
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return None
+
+
+def load_sae(path: str | Path, storage_options: dict | None = None) -> SparseAutoencoder:
+    """Load either format; a folder is the project's, a file is saev's. A remote checkpoint
+    (s3://...) is copied to this node's cache first (:func:`pipeline.storage.local_copy`)."""
+    from pipeline import storage
+
+    path = Path(storage.local_copy(str(path), storage_options))
     if path.is_dir():
         config = json.loads((path / "config.json").read_text())
         if config.get("version", 0) > FORMAT_VERSION:

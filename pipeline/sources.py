@@ -144,7 +144,7 @@ def drop_duplicates(index: pa.Table) -> tuple[pa.Table, list[Rejected]]:
 
 def build_index(cfg: SourceConfig) -> tuple[pa.Table, list[Rejected]]:
     """The de-duplicated index of a source, and the rows rejected on the way."""
-    fs, root = storage.filesystem(cfg.root, cfg.storage_options)
+    fs, root = storage.filesystem(cfg.root, cfg.fsspec_options)
     index, rejected = drop_duplicates(INDEXERS[cfg.format](cfg, fs, root))
     if cfg.limit is not None:
         index = index.slice(0, cfg.limit)
@@ -158,7 +158,7 @@ class ImageReader:
     Made inside each task (holds an open filesystem and a small row-group cache)."""
 
     def __init__(self, cfg: SourceConfig):
-        self.fs, _ = storage.filesystem(cfg.root, cfg.storage_options)
+        self.fs, _ = storage.filesystem(cfg.root, cfg.fsspec_options)
         self.bytes_column = cfg.bytes_column
         self._files: dict[str, pq.ParquetFile] = {}
         self._groups: dict[tuple[str, int], pa.ChunkedArray] = {}

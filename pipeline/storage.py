@@ -1,15 +1,123 @@
 """Pluggable storage: every input and output path goes through fsspec, so a local folder and an
-``s3://`` bucket are the same code path (credentials via ``storage_options``)."""
+``s3://`` bucket are the same code path. The config's ``storage`` section becomes fsspec
+keyword arguments in one place (:func:`fsspec_options`); models and SAE checkpoints that loaders
+need as local files are copied once per node (:func:`local_copy`)."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
+import os
 import posixpath
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+S3_PROTOCOLS = ("s3", "s3a")
+LOCAL_PROTOCOLS = (None, "file", "local")
+
+
+def protocol(url: str) -> str | None:
+    """``s3`` for s3://bucket/key, None for a plain path (or a hub id)."""
+    return fsspec.core.split_protocol(str(url))[0]
+
+
+def is_remote(url: str) -> bool:
+    return protocol(url) not in LOCAL_PROTOCOLS
+
+
+def fsspec_options(storage: Any, url: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """fsspec keyword arguments for opening ``url``: the ``storage`` section (a StorageConfig, its
+    dict, or None) turned into s3fs arguments for an s3:// URL — nothing for any other URL — then
+    ``overrides`` (e.g. ``source.storage_options``) over them. Credentials named by
+    ``key_env`` / ``secret_env`` / ``token_env`` are read from this process's environment now."""
+    from pipeline.config import ConfigError, StorageConfig, merge, validate
+
+    out: dict[str, Any] = {}
+    if protocol(url) in S3_PROTOCOLS:
+        # Many processes write a build: a directory listing cached in one of them goes stale.
+        out["use_listings_cache"] = False
+        if storage is not None:
+            cfg = storage if isinstance(storage, StorageConfig) else validate(StorageConfig, dict(storage), prefix="storage.")
+            if cfg.endpoint_url:
+                out["endpoint_url"] = cfg.endpoint_url
+            if cfg.region:
+                out["client_kwargs"] = {"region_name": cfg.region}
+            if cfg.anon:
+                out["anon"] = True
+            for field, kwarg in (("key_env", "key"), ("secret_env", "secret"), ("token_env", "token")):
+                name = getattr(cfg, field)
+                if name:
+                    value = os.environ.get(name)
+                    if not value:
+                        raise ConfigError(f"storage.{field}: environment variable {name} is not set in this process "
+                                          f"(needed to open {url}; set it on every node)")
+                    out[kwarg] = value
+            out = merge(out, cfg.options)
+    return merge(out, overrides) if overrides else out
+
+
+def cache_dir() -> Path:
+    """Where :func:`local_copy` keeps its copies on this node: $SAE_TRAITS_CACHE, else ~/.cache/sae-traits."""
+    return Path(os.environ.get("SAE_TRAITS_CACHE") or Path.home() / ".cache" / "sae-traits")
+
+
+def local_copy(url: str, options: dict[str, Any] | None = None, cache: str | Path | None = None) -> str:
+    """A local path holding ``url`` (a file or a folder), for loaders that need local files
+    (``from_pretrained``, safetensors). Local paths and hub ids come back unchanged. A remote URL
+    is downloaded once per node into ``cache`` (default :func:`cache_dir`) under a digest of the
+    URL and endpoint, then reused without contacting the store: remote models and checkpoints are
+    taken to be immutable (write a new one to a new path). The copy is atomic: it is made in a
+    temporary folder beside the cache and renamed into place, under a lock, so concurrent actors
+    on a node download it once and never see half a copy."""
+    url = str(url)
+    if not is_remote(url):
+        return url
+    options = dict(options or {})
+    endpoint = (options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    digest = hashlib.sha256(json.dumps([url.rstrip("/"), endpoint]).encode()).hexdigest()[:32]
+    root = Path(cache or cache_dir())
+    final = root / digest
+    target = final / (posixpath.basename(url.rstrip("/").split("://", 1)[-1]) or "root")
+    if target.exists():
+        return str(target)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{digest}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one download per node; the others wait and reuse it
+        if target.exists():
+            return str(target)
+        fs, path = filesystem(url, options)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{digest}.", suffix=".partial", dir=root))
+        try:
+            _download(fs, path.rstrip("/"), tmp / target.name, url)
+            if final.exists():  # a copy without its content (removed by hand): replace it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def _download(fs: fsspec.AbstractFileSystem, path: str, dest: Path, url: str) -> None:
+    if fs.isdir(path):
+        files = [f for f in fs.find(path) if not f.endswith("/")]
+        if not files:
+            raise FileNotFoundError(f"{url}: an empty folder")
+        for file in files:
+            local = dest / posixpath.relpath(file, path)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(file, str(local))
+    elif fs.isfile(path):
+        fs.get_file(path, str(dest))
+    else:
+        raise FileNotFoundError(f"{url} does not exist")
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -36,6 +144,17 @@ def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> No
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as f:
         pq.write_table(table, f)
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    with fs.open(path) as f:
+        return json.load(f)
 
 
 def read_table(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
