@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -20,6 +20,49 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class StorageConfig(Section):
+    """How ``s3://`` paths are reached: every s3:// input (source, SAE checkpoint, backbone) and
+    output of the run. Without this section boto's own chain applies (AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL, ~/.aws, instance roles) in each process that opens a path. Local paths and
+    hub ids are not affected."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, moto, ...), e.g. http://127.0.0.1:9000; null: AWS
+    itself, or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL where set."""
+    region: str | None = None
+    """Region name (e.g. eu-west-1); null: AWS_DEFAULT_REGION or the profile's."""
+    anon: bool = False
+    """Unsigned requests (public buckets): no credentials are looked up."""
+    key_env: str | None = None
+    """Name of the environment variable holding the access key id (with secret_env); null: boto's
+    own chain. Read when a path is opened, in that process — the driver and every Ray worker — so
+    set it on every node (or in the job's runtime_env). The key never enters a config or manifest."""
+    secret_env: str | None = None
+    """Name of the environment variable holding the secret access key (with key_env)."""
+    token_env: str | None = None
+    """Name of the environment variable holding a session token (temporary credentials), if any."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Further s3fs keyword arguments, applied last (e.g. {config_kwargs: {connect_timeout: 5}},
+    {client_kwargs: {verify: false}}). Values here are written to the build's manifest: keep
+    real credentials in the *_env variables."""
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _endpoint_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _credentials(self) -> StorageConfig:
+        if bool(self.key_env) != bool(self.secret_env):
+            raise ValueError("set key_env and secret_env together")
+        if self.anon and (self.key_env or self.token_env):
+            raise ValueError("anon: unsigned requests take no credentials (unset key_env / secret_env / token_env)")
+        return self
 
 
 class SourceConfig(Section):
@@ -43,7 +86,19 @@ class SourceConfig(Section):
     genus_column: str = "genus"
     family_column: str = "family"
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    """Passed to fsspec when opening root (credentials, endpoint_url, ...)."""
+    """Passed to fsspec when opening root, over the storage section's options for it (keys given
+    here win): e.g. a source in another store than the outputs."""
+
+    # The enclosing config's storage section (set by BuildConfig / TrainSAEConfig; travels with a
+    # pickled SourceConfig into Ray tasks, never into a dump or manifest).
+    _storage: Any = PrivateAttr(default=None)
+
+    @property
+    def fsspec_options(self) -> dict[str, Any]:
+        """fsspec options for root: the storage section's (s3 URLs only) with storage_options over them."""
+        from pipeline import storage
+
+        return storage.fsspec_options(self._storage, self.root, self.storage_options)
 
 
 class PreprocessConfig(Section):
@@ -92,6 +147,9 @@ class EncoderConfig(Section):
     min_actors: int = Field(default=1, ge=1)
     max_actors: int = Field(default=1, ge=1)
     """Actor pool bounds; Ray Data scales between them."""
+    fail_once_after_batches: int | None = Field(default=None, ge=1)
+    """Fault injection for tests: the first encoder actor to finish this many batches exits
+    mid-batch (before returning it), once per build. Ray Data restarts it and retries the batch."""
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> EncoderConfig:
@@ -141,9 +199,10 @@ class LLMConfig(Section):
     timeout_s: float = Field(default=120.0, gt=0)
     """openai: per-attempt timeout."""
     max_retries: int = Field(default=5, ge=0)
-    """openai: retries on 429 / 5xx / timeouts / connection errors / malformed answers."""
+    """openai: retries on 429 / 5xx / timeouts / connection errors / malformed answers; serve: on a
+    replica dying or restarting."""
     backoff_s: float = Field(default=1.0, ge=0)
-    """openai: first retry delay; doubles per retry (with jitter), at least the server's Retry-After."""
+    """openai and serve: first retry delay; doubles per retry (with jitter), at least the server's Retry-After."""
     json_schema: bool = True
     """Send the answer's JSON schema as response_format (vLLM constrains decoding to it)."""
     max_tokens: int | None = Field(default=None, ge=1)
@@ -217,6 +276,9 @@ class BuildConfig(Section):
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    report: bool = True
+    """Write the browsable HTML report (OUT/report/, see pipeline.report) at the end of the build."""
     output: str
     """Output root of the build (local path or fsspec URL)."""
 
@@ -226,7 +288,19 @@ class BuildConfig(Section):
             raise ValueError("sae.checkpoint is required")
         if self.source.format == "parquet" and not (self.source.path_column or self.source.bytes_column):
             raise ValueError("source: set path_column or bytes_column for a parquet manifest")
+        self.source._storage = self.storage
         return self
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for the build's own outputs (from the storage section; none for a local output)."""
+        return self.options_for(self.output)
+
+    def options_for(self, url: str) -> dict[str, Any]:
+        """fsspec options for any other path of the build (sae.checkpoint, backbone.model, ...)."""
+        from pipeline import storage
+
+        return storage.fsspec_options(self.storage, url)
 
 
 # --------------------------------------------------------------------------- loading
@@ -261,14 +335,15 @@ def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def validate(model: type[ConfigT], data: dict[str, Any]) -> ConfigT:
-    """Validate ``data``; errors become one ConfigError whose lines start with the dotted key."""
+def validate(model: type[ConfigT], data: dict[str, Any], prefix: str = "") -> ConfigT:
+    """Validate ``data``; errors become one ConfigError whose lines start with the dotted key
+    (after ``prefix``, for a section validated on its own: "storage.")."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<config>"
+            key = prefix + ".".join(str(p) for p in err["loc"]) if err["loc"] else prefix.rstrip(".") or "<config>"
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
@@ -286,6 +361,25 @@ def load_config(model: type[ConfigT], path: str | Path | None = None, overrides:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping")
     return validate(model, merge(data, parse_overrides(overrides or [])))
+
+
+def flat_config(cfg: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} → {"a.b": 1}."""
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict) and value:
+            out |= flat_config(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(old: dict, new: dict, may_change: tuple[str, ...] = ()) -> str:
+    """The keys on which two dumped configs differ (except those starting with ``may_change``),
+    as "key: old → new; ..." ('' when they agree) — what a refused resume tells the user."""
+    old, new = flat_config(old), flat_config(new)
+    differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and not k.startswith(may_change))
+    return "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in differ)
 
 
 def add_config_arguments(parser) -> None:

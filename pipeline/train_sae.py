@@ -38,7 +38,7 @@ from pydantic import Field, model_validator
 
 from actors.sae import SAESpec, SparseAutoencoder, save_sae, save_saev
 from pipeline.config import (BackboneConfig, ConfigError, EncoderConfig, PreprocessConfig, RayConfig, Section,
-                             SourceConfig, add_config_arguments, load_config)
+                             SourceConfig, StorageConfig, add_config_arguments, config_changes, load_config)
 
 
 class SAETrainSpec(Section):
@@ -142,14 +142,21 @@ class TrainSAEConfig(Section):
     sae: SAETrainSpec = Field(default_factory=SAETrainSpec)
     train: TrainLoop = Field(default_factory=TrainLoop)
     ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """How s3:// sources and backbones are reached (the output stays a local folder)."""
     output: str
     """Checkpoint folder (local path)."""
+
+    @model_validator(mode="after")
+    def _share_storage(self) -> TrainSAEConfig:
+        self.source._storage = self.storage
+        return self
 
 
 # Keys that may change between an interrupted run and its resume: they change how long or how
 # visibly it runs, not the trajectory it follows.
 RESUMABLE_KEYS = ("train.steps", "train.total_patches", "train.log_every", "train.checkpoint_every",
-                  "train.keep_checkpoints", "train.max_failures", "train.fail_at_step", "ray.")
+                  "train.keep_checkpoints", "train.max_failures", "train.fail_at_step", "ray.", "storage.")
 
 
 # --------------------------------------------------------------------------- activation sources
@@ -162,7 +169,7 @@ def activation_files(cfg: SourceConfig) -> list[tuple[str, tuple[int, int]]]:
 
     from pipeline import storage
 
-    fs, root = storage.filesystem(cfg.root, cfg.storage_options)
+    fs, root = storage.filesystem(cfg.root, cfg.fsspec_options)
     paths = sorted(p for p in fs.find(root) if p.endswith((".npy", ".parquet"))) if fs.isdir(root) else [root]
     files = []
     for path in paths:
@@ -197,7 +204,7 @@ def read_activation_chunks(batch: dict[str, np.ndarray], *, cfg: SourceConfig,
 
     from pipeline import storage
 
-    fs, _ = storage.filesystem(cfg.root, cfg.storage_options)
+    fs, _ = storage.filesystem(cfg.root, cfg.fsspec_options)
     for path in batch["path"]:
         with fs.open(path, "rb") as f:
             if path.endswith(".npy"):
@@ -226,7 +233,8 @@ def activation_dataset(cfg: TrainSAEConfig):
     from transformers import AutoConfig
 
     from actors.encoder import PatchActivations
-    from pipeline.build import INDEX_BLOCK_ROWS
+    from pipeline import storage
+    from pipeline.build import SHARD_BATCHES
     from pipeline.preprocessing import decode_batch
     from pipeline.sources import ImageReader, build_index
 
@@ -239,15 +247,18 @@ def activation_dataset(cfg: TrainSAEConfig):
     def decode(batch):  # rejected images are simply not trained on
         return decode_batch(batch, cfg.preprocess, ImageReader(cfg.source))[0]
 
-    blocks = [index.slice(i, INDEX_BLOCK_ROWS) for i in range(0, index.num_rows, INDEX_BLOCK_ROWS)]
+    shard = SHARD_BATCHES * cfg.encoder.batch_size
+    blocks = [index.slice(i, shard) for i in range(0, index.num_rows, shard)]
     ds = ray.data.from_arrow(blocks).map_batches(decode, batch_size=cfg.preprocess.batch_size, batch_format="numpy")
     ds = ds.map_batches(
         PatchActivations, batch_size=cfg.encoder.batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(min_size=cfg.encoder.min_actors, max_size=cfg.encoder.max_actors),
         num_gpus=cfg.encoder.num_gpus, num_cpus=cfg.encoder.num_cpus,
-        fn_constructor_kwargs={"model": cfg.backbone.model, "layer": cfg.backbone.layer, "dtype": cfg.backbone.dtype})
+        fn_constructor_kwargs={"model": cfg.backbone.model, "layer": cfg.backbone.layer, "dtype": cfg.backbone.dtype,
+                               "storage": cfg.storage})
     ds.context.execution_options.preserve_order = True
-    return ds, AutoConfig.from_pretrained(cfg.backbone.model).hidden_size
+    model = storage.local_copy(cfg.backbone.model, storage.fsspec_options(cfg.storage, cfg.backbone.model))
+    return ds, AutoConfig.from_pretrained(model).hidden_size
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -505,16 +516,6 @@ def report_checkpoint(run: SAETraining, position: dict, metrics: dict, rank: int
 
 # --------------------------------------------------------------------------- the driver
 
-def flat_config(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            out |= flat_config(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_resume(cfg: TrainSAEConfig, out: Path, overwrite: bool) -> int | None:
     """A resume must use the config the run started with (except RESUMABLE_KEYS). Returns the
     activation size d of the run being resumed (None for a new run); :func:`fit` records the
@@ -527,11 +528,8 @@ def check_resume(cfg: TrainSAEConfig, out: Path, overwrite: bool) -> int | None:
     if saved.exists():
         previous = json.loads(saved.read_text())
         d = previous["d"]
-        old, new = flat_config(previous["config"]), flat_config(current)
-        differ = sorted(k for k in old.keys() | new.keys()
-                        if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_KEYS))
-        if differ:
-            changes = "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in differ)
+        changes = config_changes(previous["config"], current, RESUMABLE_KEYS)
+        if changes:
             raise ConfigError(f"output: {out} holds a training run made with a different config ({changes}); "
                               "resume with the same config, or pass --overwrite to start again")
     out.mkdir(parents=True, exist_ok=True)

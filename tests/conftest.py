@@ -18,7 +18,8 @@ def ray_local():
     production and the actor falls back to the CPU (no CUDA here)."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    # address="local": always a fresh Ray, never a cluster a test (or anyone) started with `ray start`.
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     import ray.data
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
@@ -52,3 +53,24 @@ def demo_build(ray_local, demo_dir, tmp_path_factory):
     # encoder.num_cpus below 1: decode tasks must still fit if the Serve app's tests hold part of the 2 CPUs.
     manifest = Build(demo_build_config(demo_dir, [f"output={out}", "encoder.num_gpus=1", "encoder.num_cpus=0.25"])).run()
     return out, manifest
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Endpoint URL (http://127.0.0.1:PORT) of a moto S3 server, a process of its own that Ray
+    workers reach over HTTP; any key/secret (s3_server.FAKE_KEY / FAKE_SECRET) is accepted."""
+    import shutil
+
+    from tests.s3_server import MotoS3Server
+
+    with MotoS3Server() as server:
+        yield server.url
+    shutil.rmtree(TEST_MODEL_CACHE, ignore_errors=True)
+
+
+# Set before the session Ray starts, so its workers inherit them: botocore never probes the EC2
+# instance-metadata address for credentials, and remote models copied by storage.local_copy go to
+# a cache of this test run (removed by the s3_server fixture), not ~/.cache/sae-traits.
+TEST_MODEL_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sae-traits-test-cache-{os.getpid()}")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+os.environ.setdefault("SAE_TRAITS_CACHE", TEST_MODEL_CACHE)
