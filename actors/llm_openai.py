@@ -39,6 +39,17 @@ RETRY_STATUSES = {429} | set(range(500, 600))
 RESPONSE_FORMAT_WORDS = ("response_format", "json_schema", "guided_json", "structured output")
 
 
+
+def backoff_delay_s(failures: int, backoff_s: float, max_backoff_s: float = 60, retry_after_s: float | None = None) -> float:
+    """Exponential backoff with jitter (half fixed, half random, so retries of a burst spread out
+    but never come back at once); a server's Retry-After is a floor, capped at max_backoff_s."""
+    base = min(max_backoff_s, backoff_s * 2 ** (failures - 1))
+    delay = base * (0.5 + 0.5 * random.random())
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, max_backoff_s))
+    return delay
+
+
 class _Retryable(Exception):
     """One failed attempt that is worth another: ``reason`` as in LLMRequestFailed,
     ``retry_after_s`` from the server's Retry-After header if it sent one."""
@@ -188,13 +199,7 @@ class OpenAIBackend:
                           finish_reason=choice.get("finish_reason"))
 
     def _delay_s(self, failures: int, retry_after_s: float | None) -> float:
-        """Exponential backoff with jitter (half fixed, half random, so retries of a burst spread
-        out but never come back at once); a server's Retry-After is a floor, capped at max_backoff_s."""
-        base = min(self.max_backoff_s, self.backoff_s * 2 ** (failures - 1))
-        delay = base * (0.5 + 0.5 * random.random())
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.max_backoff_s))
-        return delay
+        return backoff_delay_s(failures, self.backoff_s, self.max_backoff_s, retry_after_s)
 
     # -- one session per event loop ---------------------------------------------------------
 

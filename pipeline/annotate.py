@@ -65,26 +65,58 @@ def annotation_units(candidates: list[dict], images_per_prompt: int) -> list[dic
     return [{"species": m[0]["species"], "genus": m[0]["genus"], "latent": m[0]["latent"], "members": m} for m in units]
 
 
+def prompt_version_for(cfg: AnnotateConfig, n_images: int) -> str:
+    """The version the describer will record for a unit of ``n_images``, known before asking it."""
+    from actors.prompts import prompt_version
+
+    if cfg.llm.kind == "none":
+        return TEMPLATE_VERSION
+    return prompt_version(prompt_render(cfg.render, cfg.mllm_only), n_images, include_taxon=cfg.include_taxon)
+
+
+def unit_annotation_id(cfg: AnnotateConfig, unit: dict) -> str:
+    """A unit's annotation_id: the build writes it next to the unit (Ray Data's checkpoint key for
+    resume), the stage recomputes it for its rows; both through here."""
+    members = unit["members"]
+    return annotation_id(prompt_version_for(cfg, len(members)), unit["species"], unit["latent"],
+                         [r["image_id"] for r in members])
+
+
 class ServeDescriber:
     """kind serve: the annotator Serve app's TraitDescriber, called through a DeploymentHandle,
-    with at most ``max_in_flight`` calls outstanding from this actor."""
+    with at most ``max_in_flight`` calls outstanding from this actor. A call that meets a replica
+    dying or restarting (or a deployment briefly unavailable) is retried with backoff, like an
+    HTTP 503, up to ``max_retries`` times."""
 
-    def __init__(self, app_name: str, max_in_flight: int):
+    def __init__(self, app_name: str, max_in_flight: int, max_retries: int = 5, backoff_s: float = 1.0):
         from ray import serve
 
         self.handle = serve.get_deployment_handle("TraitDescriber", app_name=app_name)
-        self.max_in_flight = max_in_flight
+        self.max_in_flight, self.max_retries, self.backoff_s = max_in_flight, max_retries, backoff_s
         self._slots: dict[int, asyncio.Semaphore] = {}  # one per event loop (asyncio.run per batch)
 
     async def describe(self, images, **kwargs) -> dict:
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        from actors.llm_openai import backoff_delay_s
+
         loop = id(asyncio.get_running_loop())
         slots = self._slots.setdefault(loop, asyncio.Semaphore(self.max_in_flight))
         async with slots:
-            try:
-                return await self.handle.describe.remote(images, **kwargs)
-            except Exception as exc:  # the deployment died or refused: a failed row, the batch goes on
-                return describe_failure("serve_call_failed", model=None, prompt_version=None,
-                                        detail=f"{type(exc).__name__}: {exc}")
+            for attempt in range(1, self.max_retries + 2):
+                try:
+                    return await self.handle.describe.remote(images, **kwargs)
+                except (RayActorError, BackPressureError, DeploymentUnavailableError) as exc:
+                    if attempt > self.max_retries:
+                        error = exc
+                        break
+                    await asyncio.sleep(backoff_delay_s(attempt, self.backoff_s))
+                except Exception as exc:  # the deployment refused: a failed row, the batch goes on
+                    error = exc
+                    break
+            return describe_failure("serve_call_failed", model=None, prompt_version=None, attempts=attempt,
+                                    detail=f"{type(error).__name__}: {error}")
 
 
 class AnnotateCandidates:
@@ -101,16 +133,8 @@ class AnnotateCandidates:
         self.annotator = TraitAnnotator(local_llm, render=cfg.render, mllm_only=cfg.mllm_only,
                                         include_taxon=cfg.include_taxon, max_in_flight=in_flight,
                                         crop_margin=cfg.crop_margin, image_format=cfg.image_format)
-        self.describer = ServeDescriber(cfg.llm.app_name, in_flight) if cfg.llm.kind == "serve" else self.annotator
-
-    def prompt_version(self, n_images: int) -> str:
-        """The version the describer will record, known before asking it (it is part of the annotation_id)."""
-        from actors.prompts import prompt_version
-
-        if self.cfg.llm.kind == "none":
-            return TEMPLATE_VERSION
-        return prompt_version(prompt_render(self.cfg.render, self.cfg.mllm_only), n_images,
-                              include_taxon=self.cfg.include_taxon)
+        self.describer = (ServeDescriber(cfg.llm.app_name, in_flight, cfg.llm.max_retries, cfg.llm.backoff_s)
+                          if cfg.llm.kind == "serve" else self.annotator)
 
     def load_rgb(self, row: dict) -> np.ndarray:
         try:
@@ -140,8 +164,8 @@ class AnnotateCandidates:
     async def annotate_unit(self, unit: dict) -> tuple[dict, list[bytes], Rejected | None]:
         members = unit["members"]
         image_ids = [r["image_id"] for r in members]
-        version = self.prompt_version(len(members))
-        aid = annotation_id(version, unit["species"], unit["latent"], image_ids)
+        version = prompt_version_for(self.cfg, len(members))
+        aid = unit_annotation_id(self.cfg, unit)
         row = {"annotation_id": aid, "image_ids": image_ids, "species": unit["species"], "genus": unit["genus"],
                "latent": unit["latent"], "boxes": [r["boxes"] for r in members], "measurements": [[] for _ in members]}
         try:  # in a thread: rendering is CPU work, and the event loop must keep the requests moving

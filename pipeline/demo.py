@@ -118,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  data:          {out / 'data'}  (ground truth: {out / 'data' / 'ground_truth.csv'})")
     print(f"  models:        {out / 'models'}")
     print(f"  build config:  {out / 'build.yaml'}  (rerun: python -m pipeline.build --config {out / 'build.yaml'} --overwrite)")
-    print(f"  build output:  {cfg.output}")
-    for name, stage in manifest["stages"].items():
-        print(f"    {name:<12} {stage}")
+    print(f"  build output:  {cfg.output}  (summary above; manifest.json)")
+    print(f"  report:        {Path(cfg.output) / 'report' / 'index.html'}")
     print("  planted parts found by each species' best latent (images whose box overlaps the part; "
           "mean share of the box on the part):")
     for species, st in sorted(planted_part_overlap(Path(cfg.output), out / "data" / "ground_truth.csv").items()):

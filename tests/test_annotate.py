@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.annotate import AnnotateCandidates, annotation_id, annotation_units
+from pipeline.annotate import AnnotateCandidates, annotation_id, annotation_units, prompt_version_for, unit_annotation_id
 from pipeline.config import AnnotateConfig, validate
 from pipeline.demo import demo_build_config
 from tests.fake_openai_server import FakeOpenAIServer
@@ -51,8 +51,9 @@ def test_openai_backend_retries_then_records_failures_and_loses_nothing(demo_dir
     annotate = {"llm": {"kind": "openai", "base_url": "http://x", "model": "fake-vlm", "max_retries": 2,
                         "backoff_s": 0.01, "timeout_s": 5}, "max_in_flight": 4, "save_renderings": True}
     probe = stage(demo_dir, **annotate)
-    ids = [annotation_id(probe.prompt_version(len(u["members"])), u["species"],
+    ids = [annotation_id(prompt_version_for(probe.cfg, len(u["members"])), u["species"],
                          u["latent"], [r["image_id"] for r in u["members"]]) for u in units]
+    assert ids == [unit_annotation_id(probe.cfg, u) for u in units]
     doomed, flaky, garbled = set(ids[:2]), ids[2], ids[3]
 
     def faults(index, marker, body):

@@ -1,0 +1,218 @@
+"""Resume: a build whose driver is killed (SIGKILL, mid-stage) and started again with the same
+config and output finishes with the same tables as an uninterrupted build; finished stages and
+written shards are not redone, and the annotate stage never asks twice for an answer it wrote.
+
+The killed drivers are real `python -m pipeline.build` processes joined to the session's local
+Ray (as `ray job submit` drivers join a cluster), so killing one leaves the cluster running."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.build import STATE, Build, compact_errors
+from pipeline.config import ConfigError
+from pipeline.demo import demo_build_config
+from pipeline.errors import ERRORS_SCHEMA
+from tests.fake_openai_server import FakeOpenAIServer
+from tests.tables import assert_same_build
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["encoder.num_gpus=1", "encoder.num_cpus=0.25", "report=false"]
+
+
+def write_config(demo_dir, path: Path, overrides: list[str]) -> Path:
+    cfg = demo_build_config(demo_dir, BASE + overrides)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+def driver(config: Path, address: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.build", "--config", str(config), "--set", f"ray.address={address}"],
+                            cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout_s: float = 300) -> None:
+    """SIGKILL the driver (and anything it started) as soon as ``ready()``; fails if it finished first."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        assert proc.poll() is None, "the build finished before the kill point"
+        assert time.monotonic() < deadline, "kill point not reached"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout_s: float = 400) -> str:
+    try:
+        proc.wait(timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def parquet_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.parquet")) if folder.exists() else []
+
+
+def ids_in(folder: Path, column: str) -> set[str]:
+    """Ids in the complete files of a folder (the kill may have cut one off mid-write)."""
+    ids = set()
+    for f in parquet_files(folder):
+        try:
+            ids.update(pq.read_table(f, columns=[column]).column(0).to_pylist())
+        except (pa.ArrowInvalid, OSError):
+            pass
+    return ids
+
+
+def done(out: Path, stage: str) -> bool:
+    return (out / STATE / "stages" / f"{stage}.json").exists()
+
+
+@pytest.fixture(scope="module")
+def address(ray_local):
+    return ray_local.get_runtime_context().gcs_address
+
+
+def from_finished_candidates(clean: Path, out: Path, config: Path) -> None:
+    """A copy of the clean build in the state a build is in when the annotate stage starts
+    (index..candidates finished), recorded with ``config`` — saves redoing the encoder stages."""
+    shutil.copytree(clean, out, ignore=shutil.ignore_patterns("traits", "report", "manifest.json", "annotate.json"))
+    (out / STATE / "config.json").write_text(json.dumps(yaml.safe_load(config.read_text())))
+
+
+def test_driver_killed_during_encode_resumes_without_loss(address, demo_dir, demo_build, tmp_path):
+    clean, _ = demo_build
+    out = tmp_path / "build"
+    # batch 4: shards of 16 images, so the encode stage writes 7 files and can be cut between them.
+    config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", "encoder.batch_size=4"])
+    kill_when(driver(config, address, tmp_path / "run1.log"),
+              lambda: len(parquet_files(out / "activations")) >= 2 and not done(out, "encode"))
+    assert not done(out, "encode")
+    written = ids_in(out / "activations", "image_id")
+    # A file cut off mid-write by the kill (no footer): the resumed build must drop it, not trust it.
+    cut = out / "activations" / "zz-cut-off.parquet"
+    whole = parquet_files(out / "activations")[0].read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+
+    text = finish(driver(config, address, tmp_path / "run2.log"), tmp_path / "run2.log")
+    assert "stage index: done in an earlier run" in text
+    assert f"stage encode: resuming, {len(written)} rows written earlier, {104 - len(written)} to do" in text
+    assert 0 < len(written) < 104 and not cut.exists()
+    assert_same_build(clean, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resumed"] and manifest["stages"]["index"]["resumed"] and not manifest["stages"]["encode"].get("resumed")
+    assert manifest["summary"]["images_encoded"] == 104 and manifest["summary"]["annotations"] == {"ok": 103}
+
+
+def test_driver_killed_during_annotate_never_pays_twice(address, demo_dir, demo_build, tmp_path):
+    clean, _ = demo_build
+    with FakeOpenAIServer(latency_s=0.3, capacity=4) as server:
+        llm = ["annotate.llm.kind=openai", f"annotate.llm.base_url={server.base_url}", "annotate.llm.model=fake-vlm",
+               "annotate.max_in_flight=2"]
+        # The uninterrupted reference, from the same finished candidates.
+        ref = tmp_path / "ref"
+        from_finished_candidates(clean, ref, write_config(demo_dir, tmp_path / "ref.yaml", [f"output={ref}", *llm]))
+        finish(driver(tmp_path / "ref.yaml", address, tmp_path / "ref.log"), tmp_path / "ref.log")
+        units = {r.marker for r in server.received}
+        assert len(units) == 103 == len(server.received)
+
+        out = tmp_path / "build"
+        config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", *llm])
+        from_finished_candidates(clean, out, config)
+        server.reset()
+        kill_when(driver(config, address, tmp_path / "run1.log"), lambda: len(parquet_files(out / "traits")) >= 2)
+        asked_first = {r.marker for r in server.received}
+        written = ids_in(out / "traits", "annotation_id")
+        assert 0 < len(written) < 103 and written <= asked_first
+
+        server.reset()
+        text = finish(driver(config, address, tmp_path / "run2.log"), tmp_path / "run2.log")
+        asked_again = [r.marker for r in server.received]
+        assert f"stage annotate: resuming, {len(written)} rows written earlier" in text
+        assert not written & set(asked_again), "paid twice for answers already written"
+        assert len(asked_again) == len(set(asked_again)) == 103 - len(written)
+        assert written | set(asked_again) == units
+    assert_same_build(ref, out)
+
+
+def test_rerun_of_a_finished_build_redoes_nothing(demo_dir, demo_build, tmp_path, capsys):
+    clean, manifest = demo_build
+    out = tmp_path / "copy"
+    shutil.copytree(clean, out)  # a moved build folder resumes: output is not part of what it computes
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = Build(demo_build_config(demo_dir, [f"output={out}", "encoder.num_gpus=1", "encoder.batch_size=16"])).run()
+    assert again == manifest
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    assert "finished earlier; nothing to redo" in capsys.readouterr().out
+
+
+def test_a_different_config_is_refused_naming_the_keys(demo_dir, demo_build, tmp_path):
+    clean, _ = demo_build
+    out = tmp_path / "copy"
+    shutil.copytree(clean, out)
+    cfg = demo_build_config(demo_dir, [f"output={out}", "contrast.t_freq=0.01", "candidates.top_images=6"])
+    with pytest.raises(ConfigError) as err:
+        Build(cfg).run()
+    message = str(err.value)
+    assert "contrast.t_freq: 0.003 → 0.01" in message and "candidates.top_images: 9 → 6" in message
+    assert "--overwrite" in message and "encoder" not in message
+    # --overwrite starts again: the old build is gone and the new config is the one recorded.
+    Build(cfg).open_output(overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [STATE]
+    assert json.loads((out / STATE / "config.json").read_text())["contrast"]["t_freq"] == 0.01
+
+
+def test_a_folder_of_another_kind_is_refused(demo_dir, tmp_path):
+    (tmp_path / "out" / "traits").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds files of another build"):
+        Build(demo_build_config(demo_dir, [f"output={tmp_path / 'out'}"])).run()
+
+
+def test_unfinished_cheap_stages_are_cleared_and_redone(ray_local, demo_dir, demo_build, tmp_path):
+    """Killed inside count / candidates: what they left (a cut-off file, stray rows) is cleared."""
+    clean, _ = demo_build
+    out = tmp_path / "build"
+    shutil.copytree(clean, out, ignore=shutil.ignore_patterns("selected", "traits", "report", "manifest.json",
+                                                               "select.json", "candidates.json", "annotate.json"))
+    (out / "counts" / "zz-cut-off.parquet").write_bytes(b"PAR1 truncated")
+    (out / STATE / "stages" / "count.json").unlink()
+    stray = pq.read_table(clean / "candidates").slice(0, 5)
+    pq.write_table(stray, out / "candidates" / "zz-stray.parquet")
+    Build(demo_build_config(demo_dir, [f"output={out}", *BASE])).run()
+    assert not (out / "counts" / "zz-cut-off.parquet").exists() and not (out / "candidates" / "zz-stray.parquet").exists()
+    assert_same_build(clean, out)
+
+
+def test_errors_are_compacted_once_per_rejected_row(tmp_path):
+    """A resumed encode stage retries an image it rejected before (it was never written): errors/
+    keeps one row per (stage, image, annotation)."""
+    rows = [{"image_id": "a", "annotation_id": None, "stage": "decode", "reason": "truncated", "detail": ""},
+            {"image_id": "b", "annotation_id": None, "stage": "decode", "reason": "missing_file", "detail": ""},
+            {"image_id": None, "annotation_id": "x", "stage": "annotate", "reason": "llm_http_500", "detail": ""}]
+    folder = tmp_path / "errors"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), folder / "decode-1.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[:1] + rows[2:], schema=ERRORS_SCHEMA), folder / "decode-2.parquet")
+    from pipeline import storage
+
+    fs, root = storage.filesystem(str(folder))
+    compacted = compact_errors(fs, root)
+    assert sorted(p.name for p in folder.iterdir()) == ["errors.parquet"]
+    assert pq.read_table(folder).to_pylist() == compacted.to_pylist()
+    assert sorted((r["stage"], r["image_id"] or r["annotation_id"]) for r in compacted.to_pylist()) == [
+        ("annotate", "x"), ("decode", "a"), ("decode", "b")]
+    assert compact_errors(fs, root).num_rows == 3  # idempotent
