@@ -3,6 +3,18 @@
 # and the package registry. Usage: `bash scripts/setup.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Headless Chromium (Debian's package) renders the build report in tests/test_report.py; those
+# tests fail without it, but the rest of the setup goes on.
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; fi
+    if command -v apt-get >/dev/null 2>&1 && $SUDO apt-get update -qq >/dev/null 2>&1 \
+        && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; then
+        echo "installed chromium: $(command -v chromium)"
+    else
+        echo "WARNING: could not install chromium (apt-get install chromium): tests/test_report.py will fail" >&2
+    fi
+fi
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv

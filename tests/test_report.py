@@ -1,0 +1,330 @@
+"""The build report, opened in headless Chromium through the DevTools protocol: every page of the
+demo build's report (copied elsewhere, so it must be self-contained) loads, every <img> loads,
+every local link and #fragment resolves; a species page's screenshot shows the planted part's
+zone outlined; builds without annotations, without selected latents, with failed requests, with
+moved source images, with small page caps and on S3 still give a complete report.
+
+Chromium is required (scripts/setup.sh installs Debian's package): without it these tests fail."""
+
+import csv
+import json
+import shutil
+import subprocess
+import time
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from websockets.sync.client import connect
+
+from pipeline.demo import planted_part_overlap
+from pipeline.errors import Rejected, write_errors
+from pipeline.report import OUTLINE_PX, OUTLINE_RGB, main, species_file, write_report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+PAGE_INFO = """(() => ({
+  images: Array.from(document.images, i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]),
+  links: Array.from(document.querySelectorAll('a[href], link[href]'), a => a.href),
+  ids: Array.from(document.querySelectorAll('[id]'), e => e.id),
+  styled: Array.from(document.querySelectorAll('link[rel=stylesheet]'), l => l.sheet !== null),
+  scripts: document.scripts.length,
+  text: document.body.innerText,
+}))()"""
+
+
+class Browser:
+    """Headless Chromium driven over the DevTools protocol (one tab)."""
+
+    def __init__(self, profile: Path):
+        assert CHROMIUM, "chromium is not installed: scripts/setup.sh installs it (apt-get install chromium)"
+        self.proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+             "--remote-debugging-port=0", "--allow-file-access-from-files", "--hide-scrollbars", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
+            while not (port_file.exists() and port_file.read_text().count("\n")):
+                assert time.monotonic() < deadline and self.proc.poll() is None, "chromium did not start"
+                time.sleep(0.1)
+            port = int(port_file.read_text().split()[0])
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+                tab = next(t for t in json.load(r) if t["type"] == "page")
+            self.ws = connect(tab["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
+        except BaseException:
+            self.proc.kill()
+            raise
+        self.next_id, self.events = 0, []
+        self.send("Page.enable")
+        self.send("Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False)
+
+    def send(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.next_id:
+                assert "error" not in msg, (method, msg["error"])
+                return msg["result"]
+            self.events.append(msg.get("method"))
+
+    def goto(self, url: str) -> str | None:
+        """Load ``url`` and wait for its load event (all images loaded or failed); the error, if any."""
+        self.events = []
+        error = self.send("Page.navigate", url=url).get("errorText")
+        while not error and "Page.loadEventFired" not in self.events:
+            self.events.append(json.loads(self.ws.recv(timeout=60)).get("method"))
+        return error or None
+
+    def eval(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"]["value"]
+
+    def screenshot(self, x: float, y: float, w: float, h: float) -> np.ndarray:
+        """uint8 [h, w, 3] of a region of the page, in page (document) CSS pixels."""
+        import base64
+        import io
+
+        shot = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
+                         clip={"x": x, "y": y, "width": w, "height": h, "scale": 1})
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB"))
+
+    def close(self) -> None:
+        self.ws.close()
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    b = Browser(tmp_path_factory.mktemp("chromium-profile"))
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def demo_report(demo_build):
+    out, _ = demo_build
+    return out, Path(write_report(str(out), log=lambda *_: None))
+
+
+class Attributes(HTMLParser):
+    """Every src / href attribute value of a page."""
+
+    def __init__(self):
+        super().__init__()
+        self.values = []
+
+    def handle_starttag(self, tag, attrs):
+        self.values += [v for k, v in attrs if k in ("src", "href")]
+
+
+def crawl(browser: Browser, report: Path) -> dict[str, dict]:
+    """Open index.html and every page linked from a page, in Chromium; check each page as it is
+    loaded (images, links, no script). Returns {page file name: PAGE_INFO + html}."""
+    pages, todo = {}, ["index.html"]
+    while todo:
+        name = todo.pop()
+        if name in pages:
+            continue
+        assert browser.goto((report / name).as_uri()) is None, name
+        info = pages[name] = browser.eval(PAGE_INFO)
+        assert info["scripts"] == 0, name                                     # plain HTML, no JavaScript
+        assert info["styled"] == [True], name                                 # the one CSS file loaded
+        assert all(ok for _, ok in info["images"]), (name, [s for s, ok in info["images"] if not ok])
+        parser = Attributes()
+        parser.feed((report / name).read_text())
+        # Relative references only: the folder can be copied, served, or opened from S3.
+        assert all("://" not in v and not v.startswith("/") for v in parser.values), (name, parser.values)
+        for href in info["links"]:
+            url = urlparse(href)
+            target = Path(unquote(url.path))
+            assert url.scheme == "file" and target.is_file() and report in target.parents, (name, href)
+            if target.suffix == ".html":
+                todo.append(target.name)
+    for name, info in pages.items():  # every #fragment names an element of its page
+        for href in info["links"]:
+            url = urlparse(href)
+            if url.fragment:
+                assert url.fragment in pages[Path(unquote(url.path)).name]["ids"], (name, href)
+    assert set(pages) == {p.name for p in report.glob("*.html")}              # no page unreachable
+    return pages
+
+
+def copy_build(out: Path, dest: Path) -> Path:
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns("report", "_build"))
+    return dest
+
+
+def rewrite(folder: Path, table: pa.Table) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    pq.write_table(table, folder / "part-0.parquet")
+
+
+# --------------------------------------------------------------------------- the demo build
+
+def test_demo_report_renders_in_chromium(demo_report, browser, tmp_path):
+    out, index = demo_report
+    assert index == out / "report" / "index.html"
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(index.parent, copy)  # the report alone, away from the build and its images
+    started = time.perf_counter()
+    pages = crawl(browser, copy)
+    print(f"\n{len(pages)} pages, {sum(len(p['images']) for p in pages.values())} images checked in Chromium "
+          f"in {time.perf_counter() - started:.1f} s")
+
+    selected = pq.read_table(out / "selected").to_pylist()
+    species = {r["species"] for r in pq.read_table(out / "activations", columns=["species"]).to_pylist() if r["species"]}
+    assert {species_file(s) for s in species} <= set(pages)
+    assert {f"latent-{r['latent']}.html" for r in selected} <= set(pages)
+    traits = pq.read_table(out / "traits", columns=["status", "image_ids"]).to_pylist()
+    index_text = pages["index.html"]["text"]
+    assert f"{len(species)} species" in index_text and f"{len(traits)} annotations: ok {len(traits)}" in index_text
+    for s in species:  # the species' row: genus, images, latents, annotations
+        assert s in index_text
+    assert "Consensus group of 3 images" in "".join(p["text"] for p in pages.values())
+    summary = (copy / "summary.html").read_text()
+    assert summary.count("<svg") == 4 and "Firings per image" in summary and "Stage wall time" in summary
+    for r in selected:  # each latent page says where it was selected and shows its strongest images
+        info = pages[f"latent-{r['latent']}.html"]
+        assert r["species"] in info["text"] and "Firings by genus" in info["text"] and info["images"]
+
+
+def test_species_page_outlines_the_planted_part(demo_report, demo_dir, browser, tmp_path):
+    """Screenshot of each species page's first image of its best latent: outline-coloured pixels
+    lie on the ground-truth box of the planted part (where that image's zone box crosses it), and
+    nowhere away from the drawn boxes."""
+    out, index = demo_report
+    with open(demo_dir / "data" / "ground_truth.csv", newline="") as f:
+        parts = {r["processid"]: [int(r[k]) for k in ("x0", "y0", "x1", "y1")] for r in csv.DictReader(f)}
+    candidates = {(r["image_id"], r["latent"]): r for r in pq.read_table(out / "candidates").to_pylist()}
+    best = planted_part_overlap(out, demo_dir / "data" / "ground_truth.csv")
+    checked = []
+    for species, st in sorted(best.items()):
+        assert browser.goto((index.parent / species_file(species)).as_uri()) is None
+        img = browser.eval(f"""(() => {{ const i = document.querySelector('#z{st["latent"]} img');
+            const r = i.getBoundingClientRect();
+            return {{alt: i.alt, x: r.x + scrollX, y: r.y + scrollY, w: r.width, h: r.height}}; }})()""")
+        image_id = img["alt"].split(",")[0]
+        c = candidates[image_id, st["latent"]]
+        shot = browser.screenshot(img["x"], img["y"], img["w"], img["h"]).astype(int)
+        Image.fromarray(shot.astype(np.uint8)).save(tmp_path / f"{image_id}.png")
+        scale = (shot.shape[1] / c["orig_w"], shot.shape[0] / c["orig_h"])
+
+        def rect(b, grow=0, shape=shot.shape[:2], scale=scale):  # bool [h, w]: a box of original pixels on the screenshot
+            (kx, ky), m = scale, np.zeros(shape, bool)
+            m[max(0, round(b[1] * ky) - grow):round(b[3] * ky) + grow, max(0, round(b[0] * kx) - grow):round(b[2] * kx) + grow] = True
+            return m
+        outline = (np.abs(shot - OUTLINE_RGB) <= 60).all(axis=-1)
+        bands = [rect([b["x0"], b["y0"], b["x1"], b["y1"]], 2) & ~rect([b["x0"], b["y0"], b["x1"], b["y1"]], -OUTLINE_PX - 2)
+                 for b in c["boxes"]]
+        # Nothing of the photo itself has the outline colour: every such pixel is on a drawn box.
+        assert outline.sum() > 0 and (outline & ~np.any(bands, axis=0)).sum() <= 10, (species, image_id)
+        part = rect(parts[image_id], 1)
+        expected = max((band & part).sum() for band in bands)
+        if expected >= 3 * OUTLINE_PX:  # some box's outline crosses the part (not one box around it all)
+            assert (outline & part).sum() >= 0.3 * expected, (species, image_id, (outline & part).sum(), expected)
+            checked.append(species)
+    print(f"\nplanted part outlined on the species page of {len(checked)} of {len(best)} species: {checked}")
+    assert len(checked) >= len(best) - 1 and len(checked) >= 3, checked
+
+
+# --------------------------------------------------------------------------- other builds
+
+def test_report_without_annotations(demo_build, browser, tmp_path):
+    from pipeline.annotate import TRAITS_SCHEMA
+
+    out = copy_build(demo_build[0], tmp_path / "build")
+    rewrite(out / "traits", TRAITS_SCHEMA.empty_table())
+    pages = crawl(browser, Path(write_report(str(out), log=lambda *_: None)).parent)
+    assert "0 annotations: none" in pages["index.html"]["text"]
+    texts = "".join(p["text"] for p in pages.values())
+    assert "Candidate (not annotated)" in texts and "Consensus group" not in texts
+    assert sum(len(p["images"]) for p in pages.values()) > 0
+
+
+def test_report_when_nothing_was_selected(demo_build, browser, tmp_path):
+    from pipeline.annotate import TRAITS_SCHEMA
+
+    out = copy_build(demo_build[0], tmp_path / "build")
+    rewrite(out / "selected", pq.read_table(out / "selected").schema.empty_table())
+    shutil.rmtree(out / "candidates")
+    rewrite(out / "traits", TRAITS_SCHEMA.empty_table())
+    pages = crawl(browser, Path(write_report(str(out), log=lambda *_: None)).parent)
+    assert not [p for p in pages if p.startswith("latent-")]
+    species_pages = [p for name, p in pages.items() if name.startswith("species-")]
+    assert species_pages and all("No latent was selected" in p["text"] for p in species_pages)
+
+
+def test_report_with_failed_requests(demo_build, browser, tmp_path):
+    out = copy_build(demo_build[0], tmp_path / "build")
+    traits = pq.read_table(out / "traits")
+    rows = traits.to_pylist()
+    for r in rows:
+        r.update(status="failed", description=None, traits=[], common_traits=[], body_part=None,
+                 error="timeout: no answer after 6 attempts")
+    rewrite(out / "traits", pa.Table.from_pylist(rows, schema=traits.schema))
+    write_errors(str(out), {}, [Rejected(stage="annotate", reason="llm_timeout", detail=r["error"],
+                                         image_id=r["image_ids"][0], annotation_id=r["annotation_id"]) for r in rows])
+    pages = crawl(browser, Path(write_report(str(out), log=lambda *_: None)).parent)
+    assert f"{len(rows)} annotations: failed {len(rows)} · {len(rows)} errors" in pages["index.html"]["text"]
+    assert "llm_timeout" in pages["summary.html"]["text"]
+    species = next(n for n in pages if n.startswith("species-") and "Latent" in pages[n]["text"])
+    assert "Error: timeout: no answer after 6 attempts" in pages[species]["text"]
+
+
+def test_report_when_the_source_images_moved(demo_build, browser, tmp_path):
+    out = copy_build(demo_build[0], tmp_path / "build")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"]["source"]["root"] = str(tmp_path / "gone")
+    for folder in ("activations", "candidates"):  # the images' paths, as a moved source would leave them
+        t = pq.read_table(out / folder)
+        rewrite(out / folder, t.set_column(t.schema.get_field_index("path"), "path",
+                                           pa.array([str(tmp_path / "gone" / "x.jpg")] * t.num_rows)))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    pages = crawl(browser, Path(write_report(str(out), log=lambda *_: None)).parent)
+    assert not any(p["images"] for p in pages.values())
+    assert "image unavailable" in "".join(p["text"] for p in pages.values())
+
+
+def test_cli_caps_pages(demo_build, browser, tmp_path, capsys):
+    out = copy_build(demo_build[0], tmp_path / "build")
+    assert main(["--build", str(out), "--max-species-per-page", "3", "--max-images", "2", "--max-gallery", "2"]) == 0
+    index = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    pages = crawl(browser, index.parent)
+    n_species = len([p for p in pages if p.startswith("species-")])
+    assert {"index.html", "index-2.html", "index-3.html"} <= set(pages)
+    assert f"Species 4–6 of {n_species}" in pages["index-2.html"]["text"]
+    for name, p in pages.items():
+        if name.startswith("latent-"):
+            assert len(p["images"]) <= 2
+        if name.startswith("species-") and "Latent" in p["text"]:
+            assert "showing 2 of 9 images" in p["text"]
+
+
+def test_report_on_s3(demo_build, s3_server, browser, tmp_path):
+    """OUT on S3 (moto): tables and manifest read from there, pages and thumbnails written there."""
+    import s3fs
+
+    from tests.s3_server import FAKE_KEY, FAKE_SECRET
+
+    options = {"endpoint_url": s3_server, "key": FAKE_KEY, "secret": FAKE_SECRET}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("reports")
+    local = copy_build(demo_build[0], tmp_path / "build")
+    traits = pq.read_table(local / "traits")
+    rewrite(local / "traits", traits.select([c for c in traits.column_names if c != "renderings"]))  # 20 MB less to upload
+    for p in sorted(q for q in local.rglob("*") if q.is_file()):
+        fs.put_file(str(p), f"reports/run1/{p.relative_to(local).as_posix()}")
+    index = write_report("s3://reports/run1", options, log=lambda *_: None)
+    assert index == "s3://reports/run1/report/index.html"
+    fs.get("reports/run1/report", str(tmp_path / "fetched"), recursive=True)
+    pages = crawl(browser, tmp_path / "fetched")
+    assert sum(len(p["images"]) for p in pages.values()) > 0
