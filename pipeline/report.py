@@ -47,6 +47,7 @@ OUTLINE_RGB = (128, 255, 0)
 OUTLINE_HEX = "#{:02x}{:02x}{:02x}".format(*OUTLINE_RGB)
 OUTLINE_PX = 3
 THUMB_PX = 256        # longest side of an example image on a species page
+MAX_SCAN_IMAGES = 200_000  # latent galleries scan all of activations/ only up to this many images
 CROP_PX = 160         # longest side of a gallery crop on a latent page
 STATUSES = ("ok", "background", "unparsed", "failed")
 IMAGE_COLUMNS = ("image_id", "species", "genus", "path", "source_file", "source_row") + GEOMETRY_COLUMNS
@@ -226,7 +227,7 @@ def strongest_zones(batch: pa.Table, latents: pa.Array, k: int) -> pa.Table:
 class BuildData:
     """What the pages need from a build, read once: small tables as rows, activations/ streamed."""
 
-    def __init__(self, fs, root: str, max_gallery: int):
+    def __init__(self, fs, root: str, max_gallery: int, max_scan_images: int = MAX_SCAN_IMAGES):
         def path(name):
             return storage.join(root, name)
         with fs.open(path("manifest.json")) as f:
@@ -242,22 +243,29 @@ class BuildData:
         self.genus_counts = read_rows(fs, path("counts"), ["rank", "taxon", "latent", "count"], lambda t: pc.and_(
             pc.equal(t["rank"], "genus"), pc.is_in(t["latent"], wanted.cast(t["latent"].type))))
 
-        # activations/, file by file: images per species, firings per image, each latent's strongest images.
+        # activations/, file by file: images per species and firings per image from two small columns;
+        # each latent's strongest images from the firings themselves only while that scan stays
+        # cheap (a BIOSCAN-size build holds ~10^10 firings): beyond max_scan_images, from candidates/.
         self.images, self.taxon = Counter(), {}
+        self.gallery_scanned = bool(self.latents) and storage.count_rows(fs, path("activations")) <= max_scan_images
         firings, top = [], None
-        for batch in read_tables(fs, path("activations"), [*IMAGE_COLUMNS, "family", "latent", "patch", "value"]):
+        columns = [*IMAGE_COLUMNS, "family", "n_firings"] + (["latent", "patch", "value"] if self.gallery_scanned else [])
+        for batch in read_tables(fs, path("activations"), columns):
             if not batch.num_rows:
                 continue
-            firings.append(pc.list_value_length(batch["latent"]).to_numpy(zero_copy_only=False))
+            firings.append(batch["n_firings"].to_numpy(zero_copy_only=False))
             for r in batch.group_by(["species", "genus"] + (["family"] if "family" in batch.column_names else []),
                                     use_threads=False).aggregate([("image_id", "count")]).to_pylist():
                 self.images[r["species"]] += r["image_id_count"]
                 if r["species"] is not None:
                     self.taxon[r["species"]] = (r["genus"], r.get("family"))
-            if self.latents:
+            if self.gallery_scanned:
                 found = strongest_zones(batch, wanted, max_gallery)
                 top = found if top is None else top_per_latent(
                     pa.concat_tables([top, found], promote_options="default"), max_gallery)
+        if self.latents and not self.gallery_scanned and self.candidates:
+            top = top_per_latent(pa.Table.from_pylist([{**r, "value_sum": r["activation_sum"]} for r in self.candidates]),
+                                 max_gallery)
         self.firings = np.concatenate(firings) if firings else np.zeros(0, int)
         self.gallery = defaultdict(list)
         for r in top.to_pylist() if top is not None else []:
@@ -500,8 +508,10 @@ class Report:
                        else "<span class=muted>unlabelled</span>")
             figures.append(f"<figure>{img}<figcaption>{species}<br>{esc(r['image_id'])} · sum {num(r['value_sum'])} · "
                            f"{len(r['patches'])} patches</figcaption></figure>")
+        among = "" if d.gallery_scanned else (" among the candidate images of the species it was selected for (this "
+                                              "build is too large to scan every image's firings for a report)")
         body += (f"<h2>Strongest-firing images</h2><p class=small>The {len(gallery)} images with the highest summed "
-                 f"activation of this latent, cropped around its firing patches (outlined).</p>"
+                 f"activation of this latent{among}, cropped around its firing patches (outlined).</p>"
                  f'<div class="images gallery">{"".join(figures) or "<p class=muted>none</p>"}</div>')
         counts = sorted((r for r in d.genus_counts if r["latent"] == z), key=lambda r: (-r["count"], r["taxon"] or ""))
         top = counts[0]["count"] if counts else 1

@@ -328,3 +328,22 @@ def test_report_on_s3(demo_build, s3_server, browser, tmp_path):
     fs.get("reports/run1/report", str(tmp_path / "fetched"), recursive=True)
     pages = crawl(browser, tmp_path / "fetched")
     assert sum(len(p["images"]) for p in pages.values()) > 0
+
+
+def test_latent_galleries_of_a_large_build_come_from_candidates(demo_build):
+    """Beyond max_scan_images the report does not read every firing (10^10 for BIOSCAN-5M): a
+    latent's gallery is then its strongest candidates; below it, the scan sees every image."""
+    from pipeline import storage
+    from pipeline.report import BuildData
+
+    out, _ = demo_build
+    fs, root = storage.filesystem(str(out))
+    scanned, bounded = BuildData(fs, root, 4), BuildData(fs, root, 4, max_scan_images=0)
+    assert scanned.gallery_scanned and not bounded.gallery_scanned
+    candidates = {(r["image_id"], r["latent"]): r["activation_sum"] for r in pq.read_table(out / "candidates").to_pylist()}
+    assert set(bounded.gallery) == set(scanned.gallery) == set(bounded.latents)
+    for z, rows in bounded.gallery.items():
+        sums = [r["value_sum"] for r in rows]
+        assert sums == sorted(sums, reverse=True) and all(candidates[r["image_id"], z] == r["value_sum"] for r in rows)
+        best = max(v for (_, latent), v in candidates.items() if latent == z)
+        assert sums[0] == best and scanned.gallery[z][0]["value_sum"] >= best * (1 - 1e-5)
