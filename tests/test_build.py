@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.build import Build
+from pipeline.build import Build, format_summary
 from pipeline.demo import demo_build_config, planted_part_overlap
 from pipeline.synthetic import METADATA_RELPATH, image_relpath
 
@@ -64,6 +64,23 @@ def test_every_table_has_the_contract_columns(clean_build, demo_dir):
     assert t["measurements"][0] and t["description"].startswith("Region 1")
     rendering = Image.open(io.BytesIO(t["renderings"][0]))
     assert rendering.format == "JPEG" and rendering.width % 2 == 0  # annotate.image_format; upscaled 2x
+
+
+def test_summary_counts_what_the_tables_hold(clean_build, capsys):
+    out, manifest = clean_build
+    summary = manifest["summary"]
+    traits = table(out, "traits").column("status").to_pylist()
+    assert summary["images_read"] == summary["images_indexed"] == summary["images_encoded"] == table(out, "activations").num_rows
+    assert summary["latents_selected"] == table(out, "selected").num_rows > 0
+    assert summary["species_with_latents"] == len(set(table(out, "selected").column("species").to_pylist()))
+    assert summary["candidates"] == table(out, "candidates").num_rows
+    assert summary["annotations"] == {s: traits.count(s) for s in set(traits)} and summary["errors"] == 0
+    assert list(summary["stages"]) == ["index", "encode", "count", "select", "candidates", "annotate"]
+    assert all(s["wall_s"] >= 0 and not s["resumed"] for s in summary["stages"].values())
+    text = format_summary(summary)
+    n = summary["images_read"]
+    assert f"images: {n} read, {n} encoded, 0 rejected" in text and f"annotations: ok {len(traits)}" in text
+    assert f"  encode      {n:>10}" in text
 
 
 def test_planted_parts_are_found(clean_build, demo_dir):
@@ -157,3 +174,9 @@ def test_bad_inputs_are_recorded_and_good_images_processed_as_in_a_clean_run(cle
     assert sorted_rows(out, "counts", key) == sorted_rows(clean_out, "counts", key)
     key = lambda r: (r["species"], r["latent"])
     assert sorted_rows(out, "selected", key) == sorted_rows(clean_out, "selected", key)
+
+    # The end-of-build summary counts the rejections by stage (one duplicate row at the index, six images at decode).
+    summary = manifest["summary"]
+    assert summary["images_rejected"] == {"decode": 6, "source": 1}
+    assert summary["images_read"] == summary["images_indexed"] + 1 == summary["images_encoded"] + 7
+    assert "rejected (decode 6, source 1)" in format_summary(summary)
