@@ -118,9 +118,9 @@ def test_setup_installs_this_repo_with_the_gpu_extra(cluster):
     install = [c for c in cluster["setup_commands"] if "install" in c and "-e" in c]
     assert len(install) == 1 and '-e "$HOME/sae-traits[gpu]"' in install[0]
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r"^gpu = \[", pyproject, re.M)  # the extra exists
-    ray_pin = re.search(r'"ray\[[^]]*\]==([\d.]+)"', pyproject).group(1)
-    assert f'"ray[llm]=={ray_pin}"' in install[0]  # the same Ray version as the project pins
+    ray_pin = re.search(r'"ray\[data,serve\]==([\d.]+)"', pyproject).group(1)
+    # the GPU extra brings Ray Serve LLM (and its vLLM) at the same Ray version as the project pins
+    assert re.search(rf'^gpu = \["ray\[llm\]=={re.escape(ray_pin)}"\]', pyproject, re.M)
     # The head's autoscaler needs boto3 in the same venv as `ray start`.
     assert any("boto3" in c and "~/venv/bin/python" in c for c in cluster["head_setup_commands"])
     # Every node and the local client share a token (RAY_AUTH_MODE=token on the nodes).
