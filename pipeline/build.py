@@ -91,11 +91,17 @@ def claim_fault(cfg: BuildConfig, name: str) -> bool:
     """True the first time per build (a marker in _build/faults/), so an injected fault fires once."""
     fs, root = storage.filesystem(cfg.output, cfg.storage_options)
     marker = storage.join(root, STATE, "faults", name)
-    if fs.exists(marker):
-        return False
     fs.makedirs(storage.join(root, STATE, "faults"), exist_ok=True)
-    fs.touch(marker)
-    return True
+    try:
+        with fs.open(marker, "xb"):  # exclusive create: two actors reaching the switch together fire it once
+            return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError):  # a store without exclusive create
+        if fs.exists(marker):
+            return False
+        fs.touch(marker)
+        return True
 
 
 class AnnotateActor:

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "build.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     from pipeline.build import Build
 
-    manifest = Build(cfg).run(overwrite=True)
+    Build(cfg).run(overwrite=True)
     print(f"\n[demo] done in {time.perf_counter() - start:.0f} s")
     print(f"  data:          {out / 'data'}  (ground truth: {out / 'data' / 'ground_truth.csv'})")
     print(f"  models:        {out / 'models'}")

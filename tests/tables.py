@@ -10,6 +10,7 @@ compared (they depend on how Ray split the work); duplicate rows are (a row writ
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -52,6 +53,17 @@ def _order(value):
     return (1, type(value).__name__, value)
 
 
+def _normal(value):
+    """NaN → a marker, at any depth (NaN != NaN would make equal rows differ)."""
+    if isinstance(value, float) and math.isnan(value):
+        return "<NaN>"
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    return value
+
+
 def sorted_rows(build: str | Path, name: str, ignore: Iterable[str] = (), key: Iterable[str] | None = None) -> list[dict]:
     """The rows of build/name as dicts without the ``ignore`` columns, sorted by ``key`` (default:
     SORT_KEYS[name]) and then by the whole row, so equal tables give equal lists."""
@@ -59,7 +71,7 @@ def sorted_rows(build: str | Path, name: str, ignore: Iterable[str] = (), key: I
     if table is None:
         return []
     ignore = set(ignore)
-    rows = [{k: v for k, v in r.items() if k not in ignore} for r in table.to_pylist()]
+    rows = [{k: _normal(v) for k, v in r.items() if k not in ignore} for r in table.to_pylist()]
     key = tuple(key or SORT_KEYS.get(name, ()))
     return sorted(rows, key=lambda r: (tuple(_order(r.get(k)) for k in key), _order(sorted(r.items()))))
 

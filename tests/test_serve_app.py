@@ -321,20 +321,27 @@ def test_auth_refused(app, headers):
 
 
 
-def test_demo_build_annotates_through_the_serve_app(app, demo_dir, demo_build, tmp_path):
-    """annotate.llm.kind serve: the build's annotate actors call TraitDescriber through a
-    DeploymentHandle (the tiny random Qwen answers gibberish: unparsed is its honest status)."""
-    import pyarrow.parquet as pq
+SERVE_BUILD = ["encoder.num_gpus=1", "encoder.num_cpus=0.25", "annotate.num_cpus=0.25", "annotate.llm.kind=serve",
+               "annotate.max_in_flight=4", "annotate.save_renderings=false"]
 
+
+@pytest.fixture(scope="module")
+def serve_build(app, demo_dir, tmp_path_factory):
+    """(output, manifest) of the demo build with annotate.llm.kind serve: the build's annotate actors
+    call TraitDescriber through a DeploymentHandle."""
     from pipeline.build import Build
     from pipeline.demo import demo_build_config
 
-    out = tmp_path / "build"
+    out = tmp_path_factory.mktemp("serve_build") / "build"
     # The app holds 0.6 of the session Ray's 2 CPUs: the build's actors take fractions so its tasks still fit.
-    cfg = demo_build_config(demo_dir, [f"output={out}", "encoder.num_gpus=1", "encoder.num_cpus=0.25",
-                                       "annotate.num_cpus=0.25", "annotate.llm.kind=serve",
-                                       "annotate.max_in_flight=4", "annotate.save_renderings=false"])
-    manifest = Build(cfg).run()
+    return out, Build(demo_build_config(demo_dir, [f"output={out}", *SERVE_BUILD])).run()
+
+
+def test_demo_build_annotates_through_the_serve_app(serve_build, demo_build):
+    """The tiny random Qwen answers gibberish: unparsed is its honest status."""
+    import pyarrow.parquet as pq
+
+    out, manifest = serve_build
     traits = pq.read_table(out / "traits").to_pylist()
     clean = pq.read_table(demo_build[0] / "traits").to_pylist()
     assert sorted(len(t["image_ids"]) for t in traits) == sorted(len(t["image_ids"]) for t in clean)
@@ -343,3 +350,85 @@ def test_demo_build_annotates_through_the_serve_app(app, demo_dir, demo_build, t
     for t in traits:
         assert t["model"].endswith("qwen") and t["completion_tokens"] > 0 and t["raw_answer"] is not None
         assert t["prompt_version"].startswith("consensus-v1." if len(t["image_ids"]) == 3 else "single-v1.")
+
+
+def test_describer_replicas_killed_mid_build(app, serve_build, demo_dir, tmp_path):
+    """The TraitDescriber replica is killed twice while the build's annotate stage calls it (after
+    its first traits/ file, then after the replacement replica's first one). Serve's controller
+    starts a new replica; the calls that met the dead one (RayActorError) are retried by
+    ServeDescriber with backoff; requests sent meanwhile wait in the handle's router. The build
+    finishes with no failed row and the traits of the clean serve build (greedy decoding of the same
+    tiny model: the same answers)."""
+    import threading
+    import time
+
+    import ray
+    from ray import serve
+
+    from pipeline.build import Build
+    from pipeline.demo import demo_build_config
+    from tests.fault_cluster_build import gcs_actors
+    from tests.tables import assert_same_build
+
+    def describers() -> list[dict]:
+        return [a for a in gcs_actors() if "TraitDescriber" in a["class_name"] and a["state"] == "ALIVE"]
+
+    def traits_files() -> int:
+        return sum(1 for _ in (out / "traits").rglob("*.parquet")) if (out / "traits").exists() else 0
+
+    out = tmp_path / "build"
+    total = sum(1 for _ in (serve_build[0] / "traits").rglob("*.parquet"))  # one per annotate shard
+    # Backoff 0.2 s doubling over 10 retries (~1.5-2.5 min in all), far more than a replica restart takes
+    # (~10-20 s here); a retried call then mostly waits in the handle's router for the new replica.
+    cfg = demo_build_config(demo_dir, [f"output={out}", *SERVE_BUILD, "annotate.llm.backoff_s=0.2",
+                                       "annotate.llm.max_retries=10"])
+    outcome = {}
+
+    def build():
+        try:
+            outcome["manifest"] = Build(cfg).run()
+        except BaseException as exc:  # re-raised below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=build, daemon=True)
+    thread.start()
+    kills, deadline = [], time.monotonic() + 600
+    while thread.is_alive() and len(kills) < 2 and time.monotonic() < deadline:
+        files = traits_files()
+        replicas = describers()
+        # After a first traits/ file (of the new replica, for the second kill), while some are left to write.
+        if (kills[-1]["traits_files"] if kills else 0) < files < total and replicas \
+                and not {r["actor_id"] for r in replicas} & {k["actor_id"] for k in kills}:
+            (replica,) = replicas  # describer_min/max_replicas 1
+            ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=False)
+            killed_at = time.monotonic()
+            kill = {"actor_id": replica["actor_id"], "traits_files": files}
+            while time.monotonic() < deadline:  # Serve's controller replaces the dead replica ...
+                if [r for r in describers() if r["actor_id"] != replica["actor_id"]]:
+                    kill["restart_s"] = round(time.monotonic() - killed_at, 2)
+                    break
+                time.sleep(0.1)
+            while time.monotonic() < deadline:  # ... which then loads the model and takes requests
+                describer = serve.status().applications["annotator"].deployments["TraitDescriber"]
+                if describer.status == "HEALTHY" and describer.replica_states == {"RUNNING": 1}:
+                    kill["ready_s"] = round(time.monotonic() - killed_at, 2)
+                    break
+                time.sleep(0.2)
+            kills.append(kill)
+        time.sleep(0.1)
+    thread.join(timeout=max(1, deadline - time.monotonic()))
+    assert not thread.is_alive(), f"the build did not finish; kills {kills}"
+    if "error" in outcome:
+        raise outcome["error"]
+    manifest = outcome["manifest"]
+    print(f"\n[faults] TraitDescriber replica killed {len(kills)}x: "
+          + ", ".join(f"after {k['traits_files']} traits/ files, new replica alive in {k.get('restart_s')} s, "
+                    f"serving in {k.get('ready_s')} s" for k in kills)
+          + f"; annotate stage {manifest['stages']['annotate']['wall_s']:.1f} s "
+          f"(clean {serve_build[1]['stages']['annotate']['wall_s']:.1f} s)")
+
+    assert len(kills) == 2 and all("ready_s" in k for k in kills), kills  # each kill took, a new replica came
+    assert {r["actor_id"] for r in describers()}.isdisjoint(k["actor_id"] for k in kills)
+    assert traits_files() > kills[-1]["traits_files"]  # the last new replica answered too
+    assert manifest["stages"]["errors"]["rows"] == 0 and "failed" not in manifest["summary"]["annotations"]
+    assert_same_build(serve_build[0], out)
