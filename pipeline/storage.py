@@ -140,16 +140,27 @@ def stable_digest(values: list[str], n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
-def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``path`` so that it appears whole or not at all, even if the process is killed
+    mid-write (what resume relies on): a local file is written beside and renamed; an object
+    store's upload is all-or-nothing already."""
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    target = f"{path}.partial" if local else path
+    with fs.open(target, "wb") as f:
+        f.write(data)
+    if local:
+        fs.mv(target, path)
+
+
+def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    publish(fs, path, sink.getvalue().to_pybytes())
 
 
 def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    publish(fs, path, json.dumps(obj, indent=2).encode())
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:

@@ -97,10 +97,12 @@ def from_finished_candidates(clean: Path, out: Path, config: Path) -> None:
 def test_driver_killed_during_encode_resumes_without_loss(address, demo_dir, demo_build, tmp_path):
     clean, _ = demo_build
     out = tmp_path / "build"
-    # batch 4: shards of 16 images, so the encode stage writes 7 files and can be cut between them.
-    config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", "encoder.batch_size=4"])
+    # Encoder batches of 4: shards of 16 images, so the encode stage writes 7 files and can be cut
+    # between them (decode batches of 4 too, or one decode task would feed 4 shards at once).
+    config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", "encoder.batch_size=4",
+                                                              "preprocess.batch_size=4"])
     kill_when(driver(config, address, tmp_path / "run1.log"),
-              lambda: len(parquet_files(out / "activations")) >= 2 and not done(out, "encode"))
+              lambda: len(parquet_files(out / "activations")) >= 1 and not done(out, "encode"))
     assert not done(out, "encode")
     written = ids_in(out / "activations", "image_id")
     # A file cut off mid-write by the kill (no footer): the resumed build must drop it, not trust it.
@@ -216,3 +218,19 @@ def test_errors_are_compacted_once_per_rejected_row(tmp_path):
     assert sorted((r["stage"], r["image_id"] or r["annotation_id"]) for r in compacted.to_pylist()) == [
         ("annotate", "x"), ("decode", "a"), ("decode", "b")]
     assert compact_errors(fs, root).num_rows == 3  # idempotent
+
+
+def test_killed_while_finishing_redoes_only_the_finish(demo_dir, demo_build, tmp_path, capsys):
+    """Killed while writing the manifest: files are published whole (written beside, then renamed),
+    so what is left is a stray .partial file; the rerun redoes only the summary and manifest."""
+    clean, manifest = demo_build
+    out = tmp_path / "copy"
+    shutil.copytree(clean, out, ignore=shutil.ignore_patterns("manifest.json", "report"))
+    (out / "manifest.json.partial").write_text('{"status": "succ')
+    again = Build(demo_build_config(demo_dir, [f"output={out}", *BASE])).run()
+    assert all(again["stages"][name]["resumed"] for name in again["summary"]["stages"])
+    assert again["summary"] == {**manifest["summary"], "stages": {
+        name: {**s, "resumed": True} for name, s in manifest["summary"]["stages"].items()}}
+    assert json.loads((out / "manifest.json").read_text())["status"] == "succeeded"
+    assert "done in an earlier run" in capsys.readouterr().out
+    assert_same_build(clean, out)

@@ -353,9 +353,9 @@ def test_demo_build_annotates_through_the_serve_app(serve_build, demo_build):
 
 
 def test_describer_replicas_killed_mid_build(app, serve_build, demo_dir, tmp_path):
-    """The TraitDescriber replica is killed twice while the build's annotate stage calls it (after
-    its first traits/ file, then after the replacement replica's first one). Serve's controller
-    starts a new replica; the calls that met the dead one (RayActorError) are retried by
+    """The TraitDescriber replica is killed while the build's annotate stage calls it (after its
+    first traits/ file, and again after the replacement's first one when shards are left). Serve's
+    controller starts a new replica; the calls that met the dead one (RayActorError) are retried by
     ServeDescriber with backoff; requests sent meanwhile wait in the handle's router. The build
     finishes with no failed row and the traits of the clean serve build (greedy decoding of the same
     tiny model: the same answers)."""
@@ -427,7 +427,9 @@ def test_describer_replicas_killed_mid_build(app, serve_build, demo_dir, tmp_pat
           + f"; annotate stage {manifest['stages']['annotate']['wall_s']:.1f} s "
           f"(clean {serve_build[1]['stages']['annotate']['wall_s']:.1f} s)")
 
-    assert len(kills) == 2 and all("ready_s" in k for k in kills), kills  # each kill took, a new replica came
+    # Each kill took and a new replica came (a second kill happens only if shards were still left
+    # once the first replacement had answered: on a fast run it can finish first).
+    assert 1 <= len(kills) <= 2 and all("ready_s" in k for k in kills), kills
     assert {r["actor_id"] for r in describers()}.isdisjoint(k["actor_id"] for k in kills)
     assert traits_files() > kills[-1]["traits_files"]  # the last new replica answered too
     assert manifest["stages"]["errors"]["rows"] == 0 and "failed" not in manifest["summary"]["annotations"]
