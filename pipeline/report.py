@@ -4,6 +4,8 @@
 
 - ``index.html`` (+ ``index-2.html``, ...): the species, paginated, with images, selected latents
   and annotations by status, totals on every page;
+- ``latents.html`` (+ ``latents-2.html``, ...): the selected latents, paginated, where each was
+  selected, its firings and annotations;
 - a page per species: its selected latents (f_species, f_genus), example images with the
   activation zones outlined in :data:`OUTLINE_RGB`, each region's measurements, the trait text and
   the consensus groups;
@@ -108,7 +110,8 @@ def page(title: str, body: str) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
             f'<title>{esc(title)} · sae-traits report</title><link rel="stylesheet" href="style.css"></head>\n'
-            f'<body><nav><a href="index.html">Species</a><a href="summary.html">Build summary</a></nav>\n'
+            f'<body><nav><a href="index.html">Species</a><a href="latents.html">Latents</a>'
+            f'<a href="summary.html">Build summary</a></nav>\n'
             f"<h1>{esc(title)}</h1>\n{body}\n</body></html>\n")
 
 
@@ -174,8 +177,13 @@ def latent_file(latent: int) -> str:
     return f"latent-{int(latent)}.html"
 
 
-def index_file(i: int) -> str:
-    return "index.html" if i == 0 else f"index-{i + 1}.html"
+def index_file(i: int, stem: str = "index") -> str:
+    """Page i (from 0) of a paginated list: index.html, index-2.html, ... (latents.html, ...)."""
+    return f"{stem}.html" if i == 0 else f"{stem}-{i + 1}.html"
+
+
+def pager(stem: str, i: int, n_pages: int) -> str:
+    return " ".join(f"<b>{j + 1}</b>" if j == i else f'<a href="{index_file(j, stem)}">{j + 1}</a>' for j in range(n_pages))
 
 
 # --------------------------------------------------------------------------- reading the build
@@ -371,6 +379,8 @@ class Report:
             self.write(index_file(i), self.index_page(i))
         for s in self.data.species:
             self.write(species_file(s), self.species_page(s))
+        for i in range(max(1, -(-len(self.data.latents) // self.max_species_per_page))):
+            self.write(index_file(i, "latents"), self.latents_page(i))
         for z in self.data.latents:
             self.write(latent_file(z), self.latent_page(z))
         self.write("summary.html", self.summary_page())
@@ -397,13 +407,35 @@ class Report:
         rows = [[f'<a href="{species_file(s)}"><i>{esc(s)}</i></a>', esc(self.data.taxon[s][0]),
                  num(self.data.images.get(s, 0)), num(len(self.selected_of[s])), num(sum(self.statuses[s].values())),
                  *(num(self.statuses[s][st]) for st in statuses)] for s in shown]
-        pager = " ".join(f"<b>{j + 1}</b>" if j == i else f'<a href="{index_file(j)}">{j + 1}</a>' for j in range(n_pages))
         first = i * per + 1 if shown else 0
         body = (self.totals() + f'<p class="pager">Species {first:,}–{i * per + len(shown):,} of {len(species):,} · '
-                f"page {i + 1} of {n_pages}: {pager}</p>"
+                f"page {i + 1} of {n_pages}: {pager('index', i, n_pages)}</p>"
                 + table(["Species", "Genus", "Images", "Selected latents", "Annotations", *map(esc, statuses)], rows,
                         numeric=set(range(2, 5 + len(statuses)))))
         return page("Species" + (f" (page {i + 1})" if i else ""), body)
+
+    def latents_page(self, i: int) -> str:
+        """The selected latents, paginated: where each was selected, its firings, its annotations."""
+        d, per = self.data, self.max_species_per_page
+        latents, n_pages = d.latents, max(1, -(-len(d.latents) // per))
+        shown = latents[i * per:(i + 1) * per]
+        where, firings, annotated = defaultdict(list), Counter(), Counter()
+        for r in d.selected:
+            where[r["latent"]].append(r["species"])
+        for r in d.genus_counts:
+            firings[r["latent"]] += r["count"]
+        for t in d.traits:
+            annotated[t["latent"]] += 1
+        rows = [[f'<a href="{latent_file(z)}">{z}</a>', num(len(where[z])),
+                 ", ".join(f'<a href="{species_file(s)}"><i>{esc(s)}</i></a>' for s in sorted(where[z])[:5])
+                 + (f" and {len(where[z]) - 5} more" if len(where[z]) > 5 else ""),
+                 num(firings[z]), num(annotated[z])] for z in shown]
+        first = i * per + 1 if shown else 0
+        body = (self.totals() + f'<p class="pager">Latents {first:,}–{i * per + len(shown):,} of {len(latents):,} · '
+                f"page {i + 1} of {n_pages}: {pager('latents', i, n_pages)}</p>"
+                + table(["Latent", "Selected for", "Species", "Firings (all genera)", "Annotations"], rows,
+                        numeric={0, 1, 3, 4}))
+        return page("Selected latents" + (f" (page {i + 1})" if i else ""), body)
 
     # ----------------------------------------------------------------- species
 

@@ -302,10 +302,20 @@ def test_cli_caps_pages(demo_build, browser, tmp_path, capsys):
     n_species = len([p for p in pages if p.startswith("species-")])
     assert {"index.html", "index-2.html", "index-3.html"} <= set(pages)
     assert f"Species 4–6 of {n_species}" in pages["index-2.html"]["text"]
+    # The latents list is paginated the same way, and between its pages links every latent page once.
+    latent_pages = {p for p in pages if p.startswith("latent-")}
+    listed = [n for n in pages if n.startswith("latents")]
+    assert len(listed) == -(-len(latent_pages) // 3) and f"of {len(latent_pages)}" in pages["latents-2.html"]["text"]
+    linked = []
+    for n in listed:
+        links = Attributes()
+        links.feed((index.parent / n).read_text())
+        linked += [h for h in links.values if h.startswith("latent-")]
+    assert sorted(linked) == sorted(latent_pages)
     for name, p in pages.items():
         if name.startswith("latent-"):
             assert len(p["images"]) <= 2
-        if name.startswith("species-") and "Latent" in p["text"]:
+        if name.startswith("species-") and " 0 selected latents" not in p["text"]:
             assert "showing 2 of 9 images" in p["text"]
 
 
