@@ -71,6 +71,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from bench_build import cpu_busy_fraction, header, machine_info, print_table, process_tree  # noqa: E402
+from tests.fault_cluster_build import gcs_actors  # noqa: E402  (the GCS actor table, no dashboard needed)
 
 OBJECT_STORE = 256 * 2**20  # per node; the demo's blocks are a few MB
 TASK_EVENTS_FLUSH_S = 3.0  # workers report task events to the GCS every second
@@ -174,21 +175,6 @@ def wrapped_stages(rows_log: Path):
 
 
 # --------------------------------------------------------------------------- where the work ran
-
-def gcs_actors(job_id: str) -> list[dict]:
-    """The job's actors from the GCS actor table (dead ones too), with the node each ran on."""
-    from ray._private.state import state
-    from ray._raylet import JobID
-    from ray.core.generated import gcs_pb2
-
-    out = []
-    for raw in state._connect_and_get_accessor().get_actor_table(JobID(bytes.fromhex(job_id)), None):
-        a = gcs_pb2.ActorTableData.FromString(raw)
-        out.append({"actor_id": a.actor_id.hex(), "class_name": a.class_name, "repr_name": a.repr_name,
-                    "state": gcs_pb2.ActorTableData.ActorState.Name(a.state), "node_id": a.address.node_id.hex(),
-                    "num_restarts": a.num_restarts, "required_resources": dict(a.required_resources)})
-    return out
-
 
 def gcs_task_events(job_id: str) -> list[dict]:
     """The job's task attempts from the GCS task events: name, type, actor, node, whether it

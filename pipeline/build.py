@@ -10,14 +10,14 @@
 
 Resume: the same command over the same output picks up where a killed run stopped. A finished
 stage leaves a marker (_build/stages/NAME.json) and is never redone. An unfinished count, select
-or candidates stage is cleared and redone (they are cheap). Encode and annotate work in shards,
-one task and one Parquet file each; a file whose footer reads is complete (Parquet writes it
-last; an S3 object appears whole or not at all), so a restart keeps the rows of complete files,
-deletes cut-off ones, and sends only the remaining rows: no image is encoded and no LLM answer
-paid for twice once written. (Ray Data's own row-level checkpointing would restore the same way,
-but its restore step adds an actor pool that reserves a CPU per actor, which deadlocks a resumed
-build on a small cluster.) A different config pointed at an existing output is refused, naming
-the keys that differ.
+or candidates stage is cleared and redone (they are cheap). Encode and annotate take their input
+in shards (one Ray Data block each; no output file holds more than a shard). A file whose footer
+reads is complete (Parquet writes it last; an S3 object appears whole or not at all), so a
+restart keeps the rows of complete files, deletes cut-off ones, and sends only the remaining
+rows: no image is encoded and no LLM answer paid for twice once written. (Ray Data's own
+row-level checkpointing would restore the same way, but its restore step adds an actor pool that
+reserves a CPU per actor, which deadlocks a resumed build on a small cluster.) A different config
+pointed at an existing output is refused, naming the keys that differ.
 
     python -m pipeline.build --config FILE.yaml [--set key=value ...] [--overwrite]
 """
@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -54,7 +55,7 @@ RESUMABLE_KEYS = ("output", "ray.", "storage.", "source.storage_options", "prepr
                   "annotate.num_gpus", "annotate.num_cpus", "annotate.batch_size", "annotate.llm.base_url",
                   "annotate.llm.api_key_env", "annotate.llm.timeout_s", "annotate.llm.max_retries",
                   "annotate.llm.backoff_s", "annotate.llm.app_name", "report")
-SHARD_BATCHES = 4  # encoder batches per index shard (= per encode task, output file and row checkpoint)
+SHARD_BATCHES = 4  # encoder batches per encode shard (one input block; at most one output file's rows)
 
 
 # --------------------------------------------------------------------------- task adapters
@@ -139,7 +140,7 @@ class Build:
 
     def write(self, ds, name: str, rows_per_file: int | None = None) -> None:
         """rows_per_file: write each task's rows as they come (Ray Data otherwise combines small blocks
-        into fewer files, and a file is the unit a row checkpoint commits)."""
+        into fewer files, and a complete file is the unit a resume keeps)."""
         ds.write_parquet(self.arrow_path(name), filesystem=self.arrow_fs, max_rows_per_file=rows_per_file)
 
     def remove(self, name: str) -> None:
@@ -191,8 +192,8 @@ class Build:
         """Row ids already in stage ``name``'s output from a killed run. Parquet writes its footer last and an S3
         object appears only once complete, so a file whose footer reads is whole: its rows count
         as done. A file cut off mid-write is deleted (its rows are redone)."""
-        done, out = set(), self.path(STAGE_OUTPUT[name])
-        for path in (p for p in self.fs.find(out) if p.endswith(".parquet")) if self.fs.exists(out) else ():
+        done = set()
+        for path in storage.parquet_files(self.fs, self.path(STAGE_OUTPUT[name])):
             try:
                 with self.fs.open(path, "rb") as f:
                     done.update(pq.read_table(f, columns=[RESUMABLE[name]]).column(0).to_pylist())
@@ -202,13 +203,12 @@ class Build:
 
     def pending(self, name: str, rows: pa.Table, shard_rows: int):
         """The stage's input rows not yet written (all of them on a first run), as a Ray Dataset of
-        one block per shard of ``shard_rows`` — each shard is one task and one output file; None
-        when nothing is left."""
+        one block per shard of ``shard_rows``; None when nothing is left."""
         import ray.data
 
         done = self.written_ids(name)
         if done:
-            rows = rows.filter(pa.array([i not in done for i in rows.column(RESUMABLE[name]).to_pylist()], pa.bool_()))
+            rows = rows.filter(pc.invert(pc.is_in(rows[RESUMABLE[name]], value_set=pa.array(list(done), pa.string()))))
             print(f"[sae-traits] stage {name}: resuming, {len(done)} rows written earlier, {rows.num_rows} to do", flush=True)
         if not rows.num_rows:
             return None
@@ -233,7 +233,7 @@ class Build:
         from ray.data import ActorPoolStrategy
 
         cfg = self.cfg
-        # A shard is one encode task and one output file: a killed build redoes only the shards in flight.
+        # Output files of at most a shard: a killed build redoes only what was in flight.
         shard_rows = SHARD_BATCHES * cfg.encoder.batch_size
         if (todo := self.pending("encode", self.index(), shard_rows)) is None:
             return
@@ -388,7 +388,7 @@ def compact_errors(fs, path: str) -> pa.Table:
             seen.add(key)
             keep.append(i)
     errors = errors.take(keep).sort_by([("stage", "ascending"), ("image_id", "ascending"), ("annotation_id", "ascending")])
-    old = [p for p in fs.find(path) if p.endswith(".parquet")]
+    old = storage.parquet_files(fs, path)
     storage.write_table(fs, storage.join(path, "errors.parquet"), errors)
     for p in old:
         if not p.endswith("/errors.parquet"):

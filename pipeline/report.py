@@ -191,9 +191,7 @@ def pager(stem: str, i: int, n_pages: int) -> str:
 def read_tables(fs, path: str, columns: list[str] | None = None):
     """Each Parquet file of a folder (or the one file) as a table with those of ``columns`` it has;
     nothing when the path is absent."""
-    if not fs.exists(path):
-        return
-    for p in sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.isdir(path) else [path]:
+    for p in storage.parquet_files(fs, path):
         with fs.open(p, "rb") as f:
             pf = pq.ParquetFile(f)
             yield pf.read(columns=[c for c in columns if c in pf.schema_arrow.names] if columns else None)

@@ -140,12 +140,23 @@ def stable_digest(values: list[str], n: int = 16) -> str:
     return h.hexdigest()[:n]
 
 
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def parquet_files(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The Parquet files of a folder (sorted, at any depth), or the file itself; none when absent."""
+    if not fs.exists(path):
+        return []
+    return sorted(p for p in fs.find(path) if p.endswith(".parquet")) if fs.isdir(path) else [path]
+
+
 def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``path`` so that it appears whole or not at all, even if the process is killed
     mid-write (what resume relies on): a local file is written beside and renamed; an object
     store's upload is all-or-nothing already."""
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    local = is_local(fs)
     target = f"{path}.partial" if local else path
     with fs.open(target, "wb") as f:
         f.write(data)
@@ -171,8 +182,7 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
 def read_table(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | None = None) -> pa.Table:
     """Read a Parquet file or a folder of Parquet files (an empty folder gives no rows)."""
     if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-        tables = [pq.read_table(fs.open(p, "rb"), columns=columns) for p in files]
+        tables = [pq.read_table(fs.open(p, "rb"), columns=columns) for p in parquet_files(fs, path)]
         tables = [t for t in tables if t.num_columns]
         return pa.concat_tables(tables, promote_options="default") if tables else pa.table({})
     return pq.read_table(fs.open(path, "rb"), columns=columns)
@@ -183,14 +193,11 @@ def arrow_filesystem(url: str, storage_options: dict[str, Any] | None = None):
     from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
     fs, path = filesystem(url, storage_options)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if is_local(fs):
         return LocalFileSystem(), path
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
 def count_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
     """Rows of a Parquet folder, from the footers only."""
-    if not fs.exists(path):
-        return 0
-    files = [p for p in fs.find(path) if p.endswith(".parquet")]
-    return sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in files)
+    return sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in parquet_files(fs, path))
