@@ -248,7 +248,7 @@ def encode_blocks(pixels: np.ndarray, batch: int):
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
-    from actors.encoder import PASSTHROUGH
+    from pipeline.encoding import PASSTHROUGH
 
     blocks = []
     for s in range(0, len(pixels), batch):
@@ -268,7 +268,7 @@ def run_ray_encode(blocks, n_cpus: int, kwargs: dict, batch: int) -> tuple[float
     import ray.data
     from ray.data import ActorPoolStrategy
 
-    from actors.encoder import FiringEncoder
+    from pipeline.encoding import FiringEncoder
 
     start = time.perf_counter()
     ds = ray.data.from_arrow(blocks).map_batches(
@@ -289,7 +289,7 @@ def run_ray_encode(blocks, n_cpus: int, kwargs: dict, batch: int) -> tuple[float
 def bench_encode(args, scratch: Path) -> None:
     import torch
 
-    from actors.sae import SAESpec, SparseAutoencoder, load_sae, save_sae
+    from pipeline.sae import SAESpec, SparseAutoencoder, load_sae, save_sae
     from pipeline.tiny_models import make_tiny_dinov2
 
     header("encode: Ray Data FiringEncoder pool vs a plain PyTorch loop")
@@ -338,7 +338,7 @@ def bench_encode(args, scratch: Path) -> None:
 
     # Diagnostic (not the baseline): FiringEncoder itself called in this process, no Ray. The gap
     # plain -> in-process is the actor's own output building; in-process -> Ray is Ray's share.
-    from actors.encoder import FiringEncoder
+    from pipeline.encoding import FiringEncoder
 
     encoder = FiringEncoder(model_dir, ENC_LAYER, sae_dir, threshold, dtype="float32")
     batches = [{"pixels": pixels[s:s + ENC_BATCH], **passthrough_columns(len(pixels[s:s + ENC_BATCH]), s)}
@@ -846,7 +846,7 @@ def bench_counting(args, scratch: Path) -> None:
     assert ours_capped == ref_capped == fast_capped, "capped selections differ"
 
     if not args.quick:
-        from actors.reducer import reduce_counts
+        from pipeline.counting import reduce_counts
 
         ray = start_ray(2)
         t = time.perf_counter()
@@ -884,8 +884,8 @@ def bench_gpu_encoder(args, scratch: Path, smoke_cpu: bool = False) -> None:
     import torch
     from transformers import Dinov2Config, Dinov2Model
 
-    from actors.encoder import FiringEncoder, PatchFeatures
-    from actors.sae import SAESpec, SparseAutoencoder, save_sae
+    from pipeline.encoding import FiringEncoder, PatchFeatures
+    from pipeline.sae import SAESpec, SparseAutoencoder, save_sae
 
     header("gpu_encoder: the encoder actor alone at full size (bf16)")
     if not torch.cuda.is_available() and not smoke_cpu:

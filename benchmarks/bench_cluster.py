@@ -136,12 +136,16 @@ def _record(stage: str, batch, path: str) -> None:
 
 
 def make_wrappers(rows_log: str):
-    """decode_task, EncodeActor and AnnotateActor of pipeline.build, each appending (node, rows)
-    to ``rows_log`` after each call; same names, so Ray's task and actor names stay the build's."""
+    """decode_task (pipeline.execution), EncodeActor and AnnotateActor (as pipeline.build names
+    them), each appending (node, rows) to ``rows_log`` after each call; same names, so Ray's task
+    and actor names stay the build's."""
     from pipeline import build as b
+    from pipeline import execution
 
-    def decode_task(batch, *, cfg):
-        good = b.decode_task(batch, cfg=cfg)
+    decode = execution.decode_task
+
+    def decode_task(batch, **kwargs):
+        good = decode(batch, **kwargs)
         _record("decode", good, rows_log)
         return good
 
@@ -163,15 +167,17 @@ def make_wrappers(rows_log: str):
 @contextlib.contextmanager
 def wrapped_stages(rows_log: Path):
     from pipeline import build as b
+    from pipeline import execution
 
-    originals = {k: getattr(b, k) for k in ("decode_task", "EncodeActor", "AnnotateActor")}
+    homes = {"decode_task": execution, "EncodeActor": b, "AnnotateActor": b}
+    originals = {k: getattr(module, k) for k, module in homes.items()}
     for k, v in make_wrappers(str(rows_log)).items():
-        setattr(b, k, v)
+        setattr(homes[k], k, v)
     try:
         yield
     finally:
         for k, v in originals.items():
-            setattr(b, k, v)
+            setattr(homes[k], k, v)
 
 
 # --------------------------------------------------------------------------- where the work ran

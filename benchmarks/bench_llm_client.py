@@ -15,7 +15,7 @@ Rows:
 Target: OpenAIBackend with max_in_flight >= C reaches >= 0.8 of capacity / latency. The last line is
 ``RESULT llm_client: ratio=X (target >= 0.8) PASS|MISS``.
 
-Then (alone with --stage) the annotate stage, pipeline.annotate.AnnotateCandidates with
+Then (alone with --stage) the annotate stage, pipeline.annotation.stage.AnnotateUnits with
 annotate.llm.kind=openai at the same fake server, on the demo dataset (written once to a temp
 folder; candidate rows built without Ray or a model: squash geometry, a 3x3 patch zone near the
 centre, consensus groups of 3 per species). Each row times the whole stage call -- image loading,
@@ -47,8 +47,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from actors.llm_openai import OpenAIBackend  # noqa: E402
-from actors.llm_types import ChatRequest, ChatResult  # noqa: E402
+from pipeline.annotation.llm_openai import OpenAIBackend  # noqa: E402
+from pipeline.annotation.llm import ChatRequest, ChatResult  # noqa: E402
 from pipeline.preprocessing import GEOMETRY_COLUMNS  # noqa: E402
 from tests.fake_openai_server import FakeOpenAIServer  # noqa: E402
 
@@ -122,19 +122,19 @@ def stage_candidates(folder: Path, images_per_species: int, seed: int = 0) -> li
 
 def stage_units(candidates: list[dict], images_per_prompt: int, n: int) -> list[dict]:
     """n annotation units: the demo's units repeated, each copy under a new latent (a new annotation id)."""
-    from pipeline.annotate import annotation_units
+    from pipeline.annotation.stage import annotation_units
 
     base = annotation_units(candidates, images_per_prompt)
     return [{**u, "latent": k // len(base)} for k, u in ((k, base[k % len(base)]) for k in range(n))]
 
 
 def make_stage(server: FakeOpenAIServer, root: Path, images_per_prompt: int, in_flight: int):
-    from pipeline.annotate import AnnotateCandidates
+    from pipeline.annotation.stage import AnnotateUnits
     from pipeline.config import AnnotateConfig, LLMConfig, PreprocessConfig, SourceConfig
 
     llm = LLMConfig(kind="openai", base_url=server.base_url, model="fake-vlm", backoff_s=0.1)
     cfg = AnnotateConfig(llm=llm, images_per_prompt=images_per_prompt, max_in_flight=in_flight)
-    return AnnotateCandidates(cfg, SourceConfig(format="bioscan", root=str(root)), PreprocessConfig(),
+    return AnnotateUnits(cfg, SourceConfig(format="bioscan", root=str(root)), PreprocessConfig(),
                               max_in_flight=in_flight)
 
 
@@ -156,8 +156,8 @@ def prepare_profile(server: FakeOpenAIServer, root: Path, units: list[dict], ima
     """Where a unit's CPU time goes outside the wire: seconds per unit for load, measure, render and
     request building (one thread), and units/s of the stage's prepare over a pool of the size
     asyncio.to_thread uses (min(32, cpus + 4))."""
-    from actors.annotator import regions_and_measurements
-    from actors.prompts import build_request
+    from pipeline.annotation.measurements import regions_and_measurements
+    from pipeline.annotation.prompts import build_request
     from pipeline.preprocessing import Geometry
 
     stage = make_stage(server, root, images_per_prompt, in_flight)
@@ -216,7 +216,7 @@ def stage_benchmark(L: float, C: int, n: int, serial_n: int, images_per_species:
                         profiles[ipp] = prepare_profile(server, root, units[ipp][:min(n, 40)], ipp, C)
 
     n_species = len({c["species"] for c in candidates})
-    print(f"\nannotate stage (AnnotateCandidates, llm.kind=openai, render=overlay) on the demo dataset: "
+    print(f"\nannotate stage (AnnotateUnits, llm.kind=openai, render=overlay) on the demo dataset: "
           f"{len(candidates)} images, {n_species} species, written and indexed in {setup_s:.1f} s; {os.cpu_count()} CPUs")
     print(f"fake server: latency {L} s, capacity {C} -> ideal {ideal:.1f} req/s")
     print(f"{'ipp':>3} {'stage':<22} {'requests':>8} {'images':>6} {'failed':>6} {'seconds':>8} {'req/s':>7} "

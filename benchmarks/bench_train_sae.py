@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 def plain_loop(x: torch.Tensor, d: int, m: int, batch: int, steps: int, alpha: float = 4e-4) -> float:
     """patches/s of the plain loop over ``steps`` steps after one warm-up step."""
-    from actors.sae import SAESpec, SparseAutoencoder
+    from pipeline.sae import SAESpec, SparseAutoencoder
 
     torch.manual_seed(0)
     sae = SparseAutoencoder(SAESpec(d=d, m=m))
@@ -107,7 +107,8 @@ def bench_cpu(args) -> None:
 
 
 def bench_gpu(args) -> None:
-    from pipeline.train_sae import SAETraining, SAETrainSpec, TrainLoop
+    from pipeline.config import SAETrainSpec, TrainLoop
+    from pipeline.train_sae import SAETraining
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

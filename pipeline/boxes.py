@@ -1,7 +1,8 @@
-"""Activation zones → regions → boxes in original-image pixels.
+"""Activation zones → regions → boxes in original-image pixels, and the connected-components
+labelling that both the regions here and the specimen masks of the measurements use.
 
-A zone is the union of the 14-px squares of the patches where a latent fires. Its 8-connected
-components (on the patch grid) are the regions; each region's box is the union of its squares
+A zone is the union of the patch squares (``Geometry.patch_px``, 14 px for DINOv2) where a latent
+fires. Its 8-connected components (on the patch grid) are the regions; each region's box is the union of its squares
 mapped back through the image's :class:`~pipeline.preprocessing.Geometry`, so it is exact in
 original pixels for every geometry. Squares that fall entirely in letterbox padding (``pad``)
 map to nothing and are dropped."""
@@ -10,42 +11,90 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.preprocessing import PATCH_PX, Geometry
+from pipeline.preprocessing import Geometry
 
-NEIGHBOURS_8 = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if (dr, dc) != (0, 0)]
+# --------------------------------------------------------------------------
+# connected components (run-length + vectorised union of runs)
+# --------------------------------------------------------------------------
+
+def label_components(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
+    """Label connected components of a bool mask.
+
+    Returns ``(labels, n)``: ``labels`` is ``int32 [H, W]`` with 0 for
+    background and 1..n for components (numbered in raster order of their
+    first pixel).  ``connectivity`` is 8 or 4.  Works on horizontal runs, so
+    cost scales with the number of runs, not pixels (~1 ms for 400x256).
+    """
+    if connectivity not in (4, 8):
+        raise ValueError("connectivity must be 4 or 8")
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
+    H, W = m.shape
+    labels = np.zeros((H, W), dtype=np.int32)
+    padded = np.zeros((H, W + 2), dtype=np.int8)
+    padded[:, 1:-1] = m
+    d = np.diff(padded, axis=1)
+    rows, starts = np.nonzero(d == 1)   # run start columns (inclusive)
+    _, ends = np.nonzero(d == -1)       # run end columns (exclusive)
+    n_runs = rows.size
+    if n_runs == 0:
+        return labels, 0
+
+    # Runs in row r+1 that touch run a in row r form a contiguous index range.
+    stride = W + 2
+    ext = 1 if connectivity == 8 else 0
+    start_key = rows * stride + starts
+    end_key = rows * stride + ends
+    nxt = (rows + 1) * stride
+    lo = np.searchsorted(end_key, nxt + starts - ext, side="right")
+    hi = np.searchsorted(start_key, nxt + ends + ext, side="left")
+    counts = np.maximum(hi - lo, 0)
+    a = np.repeat(np.arange(n_runs), counts)
+    first = np.repeat(lo, counts)
+    offs = np.arange(a.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    b = first + offs
+
+    root = _union_edges(n_runs, a, b)
+    _, comp = np.unique(root, return_inverse=True)
+    labels.ravel()[m.ravel()] = np.repeat(comp.astype(np.int32) + 1, ends - starts)
+    return labels, int(comp.max()) + 1
 
 
-def grid_side(geom: Geometry) -> int:
-    return geom.input_size // PATCH_PX
+def _union_edges(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Root (smallest node id) of each node's component, by vectorised hooking + pointer jumping."""
+    parent = np.arange(n)
+    if a.size == 0:
+        return parent
+    while True:
+        ra, rb = parent[a], parent[b]
+        if np.array_equal(ra, rb):
+            return parent
+        lo_r = np.minimum(ra, rb)
+        np.minimum.at(parent, ra, lo_r)
+        np.minimum.at(parent, rb, lo_r)
+        while True:  # pointer jumping until every node points at a root
+            pp = parent[parent]
+            if np.array_equal(pp, parent):
+                break
+            parent = pp
 
 
 def connected_regions(patches, side: int) -> list[list[int]]:
     """Patch indices (row-major on a side×side grid) grouped into 8-connected components, each
     sorted, components ordered by their first patch."""
-    todo = set(int(p) for p in patches)
-    regions = []
-    for start in sorted(todo):
-        if start not in todo:
-            continue
-        todo.discard(start)
-        stack, region = [start], []
-        while stack:
-            p = stack.pop()
-            region.append(p)
-            r, c = divmod(p, side)
-            for dr, dc in NEIGHBOURS_8:
-                rr, cc = r + dr, c + dc
-                q = rr * side + cc
-                if 0 <= rr < side and 0 <= cc < side and q in todo:
-                    todo.discard(q)
-                    stack.append(q)
-        regions.append(sorted(region))
-    return regions
+    grid = np.zeros(side * side, bool)
+    grid[np.asarray(list(patches), np.int64)] = True
+    labels, n = label_components(grid.reshape(side, side), 8)
+    flat = labels.ravel()
+    order = np.argsort(flat, kind="stable")  # patches by label, row-major within a label
+    bounds = np.searchsorted(flat[order], np.arange(1, n + 2))
+    return [order[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def patch_boxes(patches, geom: Geometry) -> list[tuple[int, int, int, int]]:
     """Original-pixel box of each patch square (x0, y0, x1, y1; exclusive ends)."""
-    side = grid_side(geom)
+    side = geom.grid_side
     return [geom.patch_box(*divmod(int(p), side)) for p in patches]
 
 
@@ -60,7 +109,7 @@ def region_box(patches, geom: Geometry) -> dict | None:
 
 def zones_to_boxes(patches, geom: Geometry) -> list[dict]:
     """One box per 8-connected region of the zone, in original pixels."""
-    boxes = (region_box(region, geom) for region in connected_regions(patches, grid_side(geom)))
+    boxes = (region_box(region, geom) for region in connected_regions(patches, geom.grid_side))
     return [b for b in boxes if b is not None]
 
 
@@ -75,7 +124,7 @@ def zone_mask(patches, geom: Geometry) -> np.ndarray:
 def region_masks(patches, geom: Geometry) -> list[tuple[dict, np.ndarray]]:
     """(box, mask) of every region that maps to original pixels, in the order of zones_to_boxes."""
     out = []
-    for region in connected_regions(patches, grid_side(geom)):
+    for region in connected_regions(patches, geom.grid_side):
         box = region_box(region, geom)
         if box is not None:
             out.append((box, zone_mask(region, geom)))

@@ -1,8 +1,9 @@
-"""Candidates: for every selected (species, latent), the images of that species where it fires.
+"""Candidates: for every selected (species, latent) that goes forward, the images of that species where it fires.
 
 Two plain batch functions, strung together by the build graph:
 - ``find_candidates`` (per activations/ batch): joins each image's firings with its species'
-  selected latents → one row per (image, latent) with the zone's patches and summed activation;
+  selected latents — the best ``contrast.max_latents_per_species`` of each species — → one row
+  per (image, latent) with the zone's patches and summed activation;
 - ``keep_top_images`` (per (species, latent) group): keeps the strongest ``top_images``, groups
   them in consensus groups of ``group_size`` where enough exist, and maps zones to boxes."""
 
@@ -13,14 +14,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.boxes import zones_to_boxes
+from pipeline.contract import BOX_TYPE, IMAGE_COLUMNS
 from pipeline.preprocessing import GEOMETRY_COLUMNS, Geometry
-
-BOX_TYPE = pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32())])
-CARRIED = ("image_id", "species", "genus", "path", "source_file", "source_row") + GEOMETRY_COLUMNS
+from pipeline.selection import going_forward
 
 
-def find_candidates(batch: pa.Table, selected: pa.Table) -> pa.Table:
-    """An activations/ batch → one row per (image, selected latent of its species that fires)."""
+def find_candidates(batch: pa.Table, selected: pa.Table, max_latents_per_species: int | None = None) -> pa.Table:
+    """An activations/ batch → one row per (image, selected latent of its species that fires),
+    over the ``max_latents_per_species`` best-ranked latents of each species (all when None)."""
+    selected = going_forward(selected, max_latents_per_species)
     latent = batch["latent"].combine_chunks()
     rows = pc.list_parent_indices(latent)
     flat = pa.table({
@@ -33,7 +35,7 @@ def find_candidates(batch: pa.Table, selected: pa.Table) -> pa.Table:
     hits = flat.join(selected.select(["species", "latent", "score", "rank_in_species"]), ["species", "latent"], join_type="inner", use_threads=False)
     per_zone = hits.group_by(["row", "latent"], use_threads=False).aggregate([
         ("patch", "list"), ("value", "sum"), ("score", "min"), ("rank_in_species", "min")])
-    carried = batch.select(list(CARRIED)).take(per_zone["row"])
+    carried = batch.select([c for c in IMAGE_COLUMNS if c in batch.column_names]).take(per_zone["row"])
     patches = pa.array([sorted(p) for p in per_zone["patch_list"].to_pylist()], pa.list_(pa.int16()))
     return carried.append_column("latent", per_zone["latent"].cast(pa.int32())) \
         .append_column("patches", patches) \
@@ -51,7 +53,7 @@ def keep_top_images(group: pa.Table, top_images: int, group_size: int) -> pa.Tab
     n_full = (n // group_size) * group_size
     consensus = [int(i // group_size) if i < n_full else None for i in image_rank]
     boxes = []
-    for row in group.select(["patches", *GEOMETRY_COLUMNS]).to_pylist():
+    for row in group.select(["patches", *(c for c in GEOMETRY_COLUMNS if c in group.column_names)]).to_pylist():
         boxes.append(zones_to_boxes(row["patches"], Geometry.from_row(row)))
     return group.append_column("image_rank", pa.array(image_rank)) \
         .append_column("consensus_group", pa.array(consensus, pa.int32())) \

@@ -18,13 +18,12 @@ import sys
 from pathlib import Path
 
 import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
 
 
 def validate_cluster(config: dict) -> dict:
     """Ray's launcher schema check, as `ray up` does it before touching the cloud: fill Ray's defaults
     (prepare_config), then validate (jsonschema, raises on error). Returns the filled-in config."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
     prepared = prepare_config(copy.deepcopy(config))
     validate_config(prepared)
     return prepared

@@ -1,17 +1,30 @@
-"""Typed, validated configuration for the build (and the helpers the other entry points share).
+"""Typed, validated configuration: one config per entry point, built from shared sections.
+
+    BuildConfig          python -m pipeline.build      source, preprocess, backbone, sae, encoder,
+                                                       counting, contrast, candidates, annotate, ray, storage
+    TrainSAEConfig       python -m pipeline.train_sae  source, preprocess, backbone, encoder, sae (the
+                                                       trainer's SAETrainSpec), train, ray, storage
+    AnnotatorAppConfig   actors.serve_app              annotate, backbone, sae, preprocess, storage
+                                                       + the deployments' resources and the endpoint's limits
 
 Shaped like Ray Serve LLM's ``LLMConfig``: pydantic models with ``extra="forbid"``, one docstring
 per field, nested sections. Load with :func:`load_config` from a YAML file plus ``--set a.b=c``
 overrides; every validation error is re-raised as :class:`ConfigError` naming the dotted key.
+Whether a key may change between a run and its resume is said on the field (:func:`runtime`).
 """
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticUndefined
+
+from pipeline import storage
 
 
 class ConfigError(ValueError):
@@ -20,6 +33,31 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+def runtime(default: Any = PydanticUndefined, **kwargs) -> Any:
+    """A field that says where or how fast a run goes, never what it computes: it may change
+    between an interrupted run and its resume (a whole section when the field is one)."""
+    return Field(default, json_schema_extra={"runtime": True}, **kwargs)
+
+
+def fixed(default: Any = PydanticUndefined, **kwargs) -> Any:
+    """A section whose every key is fixed for a resume in this entry point, even those its own
+    fields call :func:`runtime` (e.g. the trainer's encoder pool: batch sizes shape its data order)."""
+    return Field(default, json_schema_extra={"runtime": False}, **kwargs)
+
+
+def runtime_keys(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys (a section's as a ``prefix.``) that a resume may change, from the fields' markers."""
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        marker = (field.json_schema_extra or {}).get("runtime") if isinstance(field.json_schema_extra, dict) else None
+        section = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, Section) else None
+        if marker is True:
+            keys.append(f"{prefix}{name}." if section else f"{prefix}{name}")
+        elif marker is None and section:
+            keys += runtime_keys(section, f"{prefix}{name}.")
+    return tuple(keys)
 
 
 class StorageConfig(Section):
@@ -65,6 +103,36 @@ class StorageConfig(Section):
         return self
 
 
+def fsspec_options(storage_section: Any, url: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """fsspec keyword arguments for opening ``url``: the storage section (a StorageConfig, its
+    dict, or None) turned into s3fs arguments for an s3:// URL — nothing for any other URL — then
+    ``overrides`` (e.g. ``source.storage_options``) over them. Credentials named by
+    ``key_env`` / ``secret_env`` / ``token_env`` are read from this process's environment now."""
+    out: dict[str, Any] = {}
+    if storage.protocol(url) in storage.S3_PROTOCOLS:
+        # Many processes write a build: a directory listing cached in one of them goes stale.
+        out["use_listings_cache"] = False
+        if storage_section is not None:
+            cfg = storage_section if isinstance(storage_section, StorageConfig) else \
+                validate(StorageConfig, dict(storage_section), prefix="storage.")
+            if cfg.endpoint_url:
+                out["endpoint_url"] = cfg.endpoint_url
+            if cfg.region:
+                out["client_kwargs"] = {"region_name": cfg.region}
+            if cfg.anon:
+                out["anon"] = True
+            for field, kwarg in (("key_env", "key"), ("secret_env", "secret"), ("token_env", "token")):
+                name = getattr(cfg, field)
+                if name:
+                    value = os.environ.get(name)
+                    if not value:
+                        raise ConfigError(f"storage.{field}: environment variable {name} is not set in this process "
+                                          f"(needed to open {url}; set it on every node)")
+                    out[kwarg] = value
+            out = merge(out, cfg.options)
+    return merge(out, overrides) if overrides else out
+
+
 class SourceConfig(Section):
     format: Literal["bioscan", "imagefolder", "parquet"] = "bioscan"
     """bioscan: the BIOSCAN-5M layout of the bioscan-dataset package; imagefolder:
@@ -85,7 +153,7 @@ class SourceConfig(Section):
     species_column: str = "species"
     genus_column: str = "genus"
     family_column: str = "family"
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = runtime(default_factory=dict)
     """Passed to fsspec when opening root, over the storage section's options for it (keys given
     here win): e.g. a source in another store than the outputs."""
 
@@ -96,9 +164,7 @@ class SourceConfig(Section):
     @property
     def fsspec_options(self) -> dict[str, Any]:
         """fsspec options for root: the storage section's (s3 URLs only) with storage_options over them."""
-        from pipeline import storage
-
-        return storage.fsspec_options(self._storage, self.root, self.storage_options)
+        return fsspec_options(self._storage, self.root, self.storage_options)
 
 
 class PreprocessConfig(Section):
@@ -116,7 +182,7 @@ class PreprocessConfig(Section):
     """Images with more pixels are refused from their header, before decoding (decompression bombs)."""
     max_bytes: int = Field(default=64 * 2**20, ge=1)
     """Files larger than this are refused without decoding."""
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = runtime(default=64, ge=1)
     """Rows per decode task batch."""
 
 
@@ -138,16 +204,16 @@ class SAEConfig(Section):
 
 
 class EncoderConfig(Section):
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = runtime(default=64, ge=1)
     """Images per encoder call."""
-    num_gpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = runtime(default=1.0, ge=0)
     """GPUs per encoder actor (0 runs on the CPU)."""
-    num_cpus: float = Field(default=1.0, ge=0)
+    num_cpus: float = runtime(default=1.0, ge=0)
     """CPUs reserved per encoder actor."""
-    min_actors: int = Field(default=1, ge=1)
-    max_actors: int = Field(default=1, ge=1)
+    min_actors: int = runtime(default=1, ge=1)
+    max_actors: int = runtime(default=1, ge=1)
     """Actor pool bounds; Ray Data scales between them."""
-    fail_once_after_batches: int | None = Field(default=None, ge=1)
+    fail_once_after_batches: int | None = runtime(default=None, ge=1)
     """Fault injection for tests: the first encoder actor to finish this many batches exits
     mid-batch (before returning it), once per build. Ray Data restarts it and retries the batch."""
 
@@ -171,7 +237,8 @@ class ContrastConfig(Section):
     """Orders a species' selected latents: f_s / f_g (default: favours latents specific to the
     species over ones that are merely common everywhere), f_s - f_g, or f_s · log(f_s / f_g)."""
     max_latents_per_species: int = Field(default=10, ge=1)
-    """At most this many selected latents per species go forward (best score first)."""
+    """At most this many selected latents per species go forward to candidates (best score first);
+    selected/ keeps every pair the rule selects, with its rank."""
     lone_species: Literal["none", "family"] = "none"
     """A species that is the only one of its genus in the build has f_s = f_g, so the paper's
     strict rule selects nothing for it (none). family: contrast it against its family instead."""
@@ -190,18 +257,18 @@ class LLMConfig(Section):
     chat-completions server (the Ray Serve LLM app, `vllm serve`, SGLang) at base_url; transformers:
     a local Hugging Face VLM (model) in each annotate actor; serve: the annotator Serve app's
     TraitDescriber deployment, through a DeploymentHandle."""
-    base_url: str | None = None
+    base_url: str | None = runtime(default=None)
     """openai: the server's API root, e.g. http://127.0.0.1:8000/llm/v1."""
     model: str | None = None
     """openai: the served model name; transformers: a hub id or local folder."""
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str = runtime(default="OPENAI_API_KEY")
     """openai: environment variable holding the API key (the key itself never enters a config or manifest)."""
-    timeout_s: float = Field(default=120.0, gt=0)
+    timeout_s: float = runtime(default=120.0, gt=0)
     """openai: per-attempt timeout."""
-    max_retries: int = Field(default=5, ge=0)
+    max_retries: int = runtime(default=5, ge=0)
     """openai: retries on 429 / 5xx / timeouts / connection errors / malformed answers; serve: on a
     replica dying or restarting."""
-    backoff_s: float = Field(default=1.0, ge=0)
+    backoff_s: float = runtime(default=1.0, ge=0)
     """openai and serve: first retry delay; doubles per retry (with jitter), at least the server's Retry-After."""
     json_schema: bool = True
     """Send the answer's JSON schema as response_format (vLLM constrains decoding to it)."""
@@ -213,7 +280,7 @@ class LLMConfig(Section):
     """transformers: auto = bfloat16 on CUDA, float32 on CPU."""
     max_pixels: int | None = Field(default=None, ge=3136)
     """transformers: cap on pixels per image given to the vision tower (null: the processor's own)."""
-    app_name: str = "annotator"
+    app_name: str = runtime(default="annotator")
     """serve: the Serve application that holds the TraitDescriber deployment."""
 
     @model_validator(mode="after")
@@ -236,14 +303,14 @@ class AnnotateConfig(Section):
     """The paper's MLLM-only baseline: whole images, no boxes drawn (same candidates and grouping)."""
     include_taxon: bool = False
     """Name the species in the prompt (after the images). Off, as in the paper: observed, not recalled, traits."""
-    max_in_flight: int = Field(default=32, ge=1)
-    """LLM requests outstanding at once over the whole annotate stage."""
-    num_actors: int = Field(default=1, ge=1)
+    max_in_flight: int = runtime(default=32, ge=1)
+    """LLM requests outstanding at once over the whole annotate stage (the Serve app: per describer replica)."""
+    num_actors: int = runtime(default=1, ge=1)
     """Annotate actors for the LLM kinds (each holds max_in_flight / num_actors requests; with
     transformers each loads the model). kind none uses one actor per CPU."""
-    num_gpus: float = Field(default=0, ge=0)
+    num_gpus: float = runtime(default=0, ge=0)
     """GPUs per annotate actor (transformers on a GPU)."""
-    num_cpus: float = Field(default=1, gt=0)
+    num_cpus: float = runtime(default=1, gt=0)
     """CPUs reserved per annotate actor (rendering is CPU work; an openai/serve actor mostly waits)."""
     crop_margin: float = Field(default=0.15, ge=0)
     image_format: Literal["jpeg", "png"] = "jpeg"
@@ -251,7 +318,7 @@ class AnnotateConfig(Section):
     than PNG and ~6x smaller, which otherwise bounds the stage) or png (lossless)."""
     save_renderings: bool = False
     """Also write the renderings in a renderings column of traits/ (one list per annotation)."""
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = runtime(default=16, ge=1)
     """Candidates per annotate batch (LLM kinds take at least 4 × the actor's in-flight share)."""
 
 
@@ -275,12 +342,12 @@ class BuildConfig(Section):
     contrast: ContrastConfig = Field(default_factory=ContrastConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    report: bool = True
+    ray: RayConfig = runtime(default_factory=RayConfig)
+    storage: StorageConfig = runtime(default_factory=StorageConfig)
+    report: bool = runtime(default=True)
     """Write the browsable HTML report (OUT/report/, see pipeline.report) at the end of the build."""
-    output: str
-    """Output root of the build (local path or fsspec URL)."""
+    output: str = runtime()
+    """Output root of the build (local path or fsspec URL); may change on resume (a moved folder)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> BuildConfig:
@@ -298,9 +365,188 @@ class BuildConfig(Section):
 
     def options_for(self, url: str) -> dict[str, Any]:
         """fsspec options for any other path of the build (sae.checkpoint, backbone.model, ...)."""
-        from pipeline import storage
+        return fsspec_options(self.storage, url)
 
-        return storage.fsspec_options(self.storage, url)
+
+# --------------------------------------------------------------------------- the SAE trainer
+
+class SAETrainSpec(Section):
+    kind: Literal["relu", "topk", "batchtopk"] = "relu"
+    """relu: the paper's ReLU + L1; topk / batchtopk: k active latents per patch (per patch on
+    average across a batch), no L1 — not in the paper, a fixed L0 instead of a tuned α."""
+    k: int | None = Field(default=None, ge=1)
+    """Active latents per patch for topk / batchtopk."""
+    expansion: int = Field(default=32, ge=1)
+    """m = expansion · d latents (the paper: 32 → 24,576 for DINOv2-base)."""
+    alpha: float = Field(default=4e-4, ge=0)
+    """L1 coefficient α (the paper's default 4e-4); relu only."""
+    scale: Literal["none", "unit_mean_norm"] = "none"
+    """none: raw activations (the paper); unit_mean_norm: scale so the mean patch norm is 1.
+    The scale is stored in the checkpoint and the build's encoder applies it identically."""
+
+    @model_validator(mode="after")
+    def _k_for_topk(self) -> SAETrainSpec:
+        if self.kind != "relu" and self.k is None:
+            raise ValueError(f"k is required for a {self.kind} SAE")
+        return self
+
+
+class TrainLoop(Section):
+    batch_size: int = Field(default=16384, ge=1)
+    """Patches per step over all workers (the paper: 16,384); each worker takes batch_size / num_workers."""
+    steps: int = runtime(default=1000, ge=1)
+    """Optimizer steps (ignored when total_patches is set)."""
+    total_patches: int | None = runtime(default=None, ge=1)
+    """Train on this many patches instead: steps = ceil(total_patches / batch_size) (the paper: ~100M)."""
+    lr: float = Field(default=1e-3, gt=0)
+    warmup_steps: int = Field(default=500, ge=0)
+    """Linear learning-rate warm-up."""
+    l1_warmup_steps: int = Field(default=0, ge=0)
+    """α rises linearly from 0 to sae.alpha over this many steps (0: no warm-up)."""
+    seed: int = 0
+    """Seeds the SAE's initial weights and the shuffle order."""
+    max_images: int | None = Field(default=None, ge=1)
+    """Image sources: read at most this many images."""
+    init_patches: int = Field(default=65536, ge=1)
+    """Patches (the first batches) whose mean initialises b_dec, and whose spread gives the
+    activation scale and the data variance behind the normalised MSE."""
+    shuffle_buffer: int = Field(default=131072, ge=0)
+    """Patches in each worker's local shuffle buffer, so a batch mixes many images' patches
+    (0: no shuffling). At d = 768 in fp32, 131,072 patches take 400 MB."""
+    cache: bool = False
+    """Keep the activations in Ray's object store after the first pass. For small sources trained
+    for many epochs (the demo); off, every epoch streams them from the source again."""
+    log_every: int = runtime(default=50, ge=1)
+    checkpoint_every: int = runtime(default=500, ge=1)
+    keep_checkpoints: int = runtime(default=2, ge=1)
+    """Periodic checkpoints kept under output/ray_train (the newest ones)."""
+    dead_after_patches: int = Field(default=1_000_000, ge=1)
+    """A latent that has not fired for this many patches counts as dead (metrics; AuxK loss)."""
+    aux_k: int = Field(default=256, ge=1)
+    """topk / batchtopk: dead latents used by the AuxK loss per patch."""
+    aux_alpha: float = Field(default=1 / 32, ge=0)
+    """topk / batchtopk: weight of the AuxK loss."""
+    dense_fraction: float = Field(default=0.1, gt=0, le=1)
+    """A latent firing on more than this fraction of a batch's patches counts as dense (metrics)."""
+    num_workers: int = Field(default=1, ge=1)
+    """Ray Train data-parallel workers; gradients are averaged over them every step."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); off: CPU workers (gloo)."""
+    cpus_per_worker: float = Field(default=1, gt=0)
+    threads: int | None = Field(default=None, ge=1)
+    """torch threads per worker (null: what Ray gives the worker, i.e. its CPUs)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU. Weights and optimizer state stay fp32."""
+    max_failures: int = runtime(default=0, ge=-1)
+    """Ray Train restarts the workers from the last checkpoint this many times after a failure (-1: always)."""
+    fail_at_step: int | None = runtime(default=None, ge=1)
+    """Fault injection for tests: a worker raises right after the checkpoint of this step
+    (once: not again after resuming from that checkpoint)."""
+
+    @property
+    def n_steps(self) -> int:
+        return math.ceil(self.total_patches / self.batch_size) if self.total_patches else self.steps
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> TrainLoop:
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
+        return self
+
+
+class TrainSourceConfig(SourceConfig):
+    format: Literal["bioscan", "imagefolder", "parquet", "activations"] = "bioscan"
+    """Image sources as in the build (features come from the backbone, streamed, never dumped),
+    or activations: a folder (or file) of precomputed patch activations — .npy arrays [n, d]
+    (float32 or float16) or Parquet files whose first fixed-size-list column holds one
+    activation per row."""
+
+
+class TrainSAEConfig(Section):
+    source: TrainSourceConfig
+    # Fixed on resume, batch sizes included: the blocks they make shape the shuffled batches.
+    preprocess: PreprocessConfig = fixed(default_factory=PreprocessConfig)
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    encoder: EncoderConfig = fixed(default_factory=EncoderConfig)
+    """The backbone actor pool for image sources (batch_size, num_gpus, min/max_actors); its SAE is not used."""
+    sae: SAETrainSpec = Field(default_factory=SAETrainSpec)
+    train: TrainLoop = Field(default_factory=TrainLoop)
+    ray: RayConfig = runtime(default_factory=RayConfig)
+    storage: StorageConfig = runtime(default_factory=StorageConfig)
+    """How s3:// sources and backbones are reached (the output stays a local folder)."""
+    output: str
+    """Checkpoint folder (local path)."""
+
+    @model_validator(mode="after")
+    def _share_storage(self) -> TrainSAEConfig:
+        self.source._storage = self.storage
+        return self
+
+
+# --------------------------------------------------------------------------- the annotator Serve app
+
+class AnnotatorAppConfig(Section):
+    """The args of ``actors.serve_app:build_annotator_app`` in a Serve config file: the build's own
+    sections (an SAE, backbone or preprocessing set here means what it means in a build) plus the
+    deployments' resources and the endpoint's limits."""
+    annotate: AnnotateConfig
+    """How regions are rendered and described: llm (kind openai, an OpenAI-compatible server such
+    as the llm application of serve_configs/qwen2_5_vl_72b.yaml, or transformers, loaded in each
+    describer replica), render, include_taxon, crop_margin, image_format, and max_in_flight (LLM
+    requests outstanding per describer replica). The batch-only keys (images_per_prompt,
+    num_actors, batch_size, save_renderings, ...) are not used here."""
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    """The DINOv2 the SAE was trained on (model, layer, dtype)."""
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    """The SAE (checkpoint, required) and τ (threshold: the same τ as the builds named)."""
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    """How a photo becomes the model's square input (geometry, image_size) and the pixel limit
+    checked from its header (max_pixels); boxes are exact either way."""
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """How an s3:// SAE checkpoint or backbone is reached."""
+    encoder_num_gpus: float = Field(default=0, ge=0)
+    """GPUs per PatchEncoder replica (0: encode on the CPU)."""
+    encoder_num_cpus: float = Field(default=1, ge=0)
+    encoder_max_batch_size: int = Field(default=16, ge=1)
+    """Concurrent requests the encoder runs as one batch."""
+    describer_num_gpus: float = Field(default=0, ge=0)
+    """GPUs per TraitDescriber replica (kind transformers on a GPU; 0 for kind openai)."""
+    describer_num_cpus: float = Field(default=1, ge=0)
+    describer_min_replicas: int = Field(default=1, ge=0)
+    describer_max_replicas: int = Field(default=1, ge=1)
+    describer_target_ongoing_requests: float = Field(default=16, gt=0)
+    """Autoscaling target per describer replica; set explicitly (Ray's default never scales up)."""
+    describer_max_ongoing_requests: int = Field(default=64, ge=1)
+    endpoint_num_cpus: float = Field(default=1, ge=0)
+    builds_root: str | None = None
+    """Requests may only name builds under this local folder; null: any local folder the server can read."""
+    max_upload_bytes: int = Field(default=16 * 2**20, ge=1)
+    """Larger uploads are refused (413) before they are read in full (and decoding refuses larger photos)."""
+    max_latents: int = Field(default=3, ge=1)
+    """Latents described per request (each is one LLM call)."""
+    auth_token_env: str | None = "SAE_TRAITS_TOKEN"
+    """When this environment variable is set on the server, /annotate needs ``Authorization: Bearer <its value>``."""
+
+    @field_validator("annotate")
+    @classmethod
+    def _llm_kind(cls, annotate: AnnotateConfig) -> AnnotateConfig:
+        if annotate.llm.kind not in ("openai", "transformers"):
+            raise ValueError(f"llm.kind {annotate.llm.kind!r} cannot serve: use openai (an LLM server) or "
+                             "transformers (a local model); none has no model and serve would call this app itself")
+        return annotate
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> AnnotatorAppConfig:
+        if self.sae.checkpoint is None:
+            raise ValueError("sae.checkpoint is required")
+        if self.describer_max_replicas < self.describer_min_replicas:
+            raise ValueError("describer_max_replicas must be >= describer_min_replicas")
+        return self
+
+    @property
+    def decode(self) -> PreprocessConfig:
+        """The preprocessing of an uploaded photo: the preprocess section, files capped at max_upload_bytes."""
+        return self.preprocess.model_copy(update={"max_bytes": min(self.preprocess.max_bytes, self.max_upload_bytes)})
 
 
 # --------------------------------------------------------------------------- loading

@@ -5,23 +5,24 @@ The build knows every labelled taxonomy before it counts (the index), so each di
 
 1. ``count_firings`` (per activations/ batch): partial counts per (code, latent), counted with
    ``np.bincount`` — no Python loop over firings and no string hashing per firing;
-2. partials with the same (code, latent) are summed (:func:`sum_counts` here, a Ray groupby in
-   :mod:`actors.reducer`);
+2. partials with the same (code, latent) are summed (:func:`sum_counts` on one table; in a build,
+   :func:`reduce_counts`: a hash-partitioned Ray Data groupby whose ``Sum`` is an ``AggregateFnV2``);
 3. ``counts_by_rank`` rolls the summed rows up to (rank, taxon, latent) — the counts/ contract.
    Because the whole taxonomy is the key, genus and family counts are exact even if a species
    name were filed under two genera.
 
 Only rows with both species and genus take part (the paper's labelled set); only nonzero cells
-ever exist."""
+ever exist, and nothing is gathered on the driver."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray.data
 
-COUNTS_SCHEMA = pa.schema([("rank", pa.string()), ("taxon", pa.string()), ("latent", pa.int32()),
-                           ("count", pa.int64())])
+from pipeline.contract import COUNTS_SCHEMA
+
 CODE_COUNTS_SCHEMA = pa.schema([("code", pa.int32()), ("latent", pa.int32()), ("count", pa.int64())])
 TAXON_KEY = ["species", "genus", "family"]
 RANKS = ("species", "genus", "family")
@@ -125,3 +126,25 @@ def counts_by_rank(code_counts: pa.Table, taxonomy: pa.Table, ranks: tuple[str, 
                                "latent": pa.array(lat, pa.int32()), "count": pa.array(cnt, pa.int64())},
                               schema=COUNTS_SCHEMA))
     return pa.concat_tables(parts)
+
+
+# --------------------------------------------------------------------------- the distributed reduce
+
+def _named_sum(schema: pa.Schema):
+    def rename(batch: pa.Table) -> pa.Table:
+        batch = batch.rename_columns(["count" if c == "sum(count)" else c for c in batch.column_names])
+        return batch.select(schema.names).cast(schema)
+    return rename
+
+
+def reduce_counts(activations: ray.data.Dataset, taxonomy: pa.Table, unit: str = "patches",
+                  ranks: tuple[str, ...] = RANKS, num_partitions: int | None = None) -> ray.data.Dataset:
+    """activations (image rows with taxon columns and a ``latent`` list) → counts/ rows;
+    ``taxonomy`` is :func:`pipeline.counting.taxonomy_codes` of the build's index."""
+    by_code = (activations.map_batches(count_firings, batch_format="pyarrow",
+                                       fn_kwargs={"taxonomy": taxonomy, "unit": unit})
+               .groupby(["code", "latent"], num_partitions=num_partitions).sum("count")
+               .map_batches(_named_sum(CODE_COUNTS_SCHEMA), batch_format="pyarrow"))
+    return (by_code.map_batches(counts_by_rank, batch_format="pyarrow", fn_kwargs={"taxonomy": taxonomy, "ranks": ranks})
+            .groupby(["rank", "taxon", "latent"], num_partitions=num_partitions).sum("count")
+            .map_batches(_named_sum(COUNTS_SCHEMA), batch_format="pyarrow"))

@@ -9,15 +9,20 @@ runs the whole build on the local CPU, and prints where everything is."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import yaml
 
-from pipeline.config import BuildConfig, ConfigError, merge, parse_overrides, validate
-from pipeline.train_sae import TrainSAEConfig
+from pipeline.build import Build
+from pipeline.config import BuildConfig, ConfigError, TrainSAEConfig, merge, parse_overrides, validate
+from pipeline.synthetic import generate_demo_dataset
+from pipeline.tiny_models import make_tiny_dinov2
+from pipeline.train_sae import fit
 
 # The tiny backbone: 4 blocks of width 64; we read block 2 (its second-to-last, as the paper
 # reads block 10 of 12). Threshold and t_freq are set for this SAE's units and size.
@@ -53,10 +58,6 @@ def demo_build_config(out: Path, overrides: list[str] | None = None) -> BuildCon
 
 def prepare_demo(out: Path, images_per_species: int = 16, log=print) -> dict:
     """Data, tiny backbone and trained SAE under ``out`` (skips what is already there)."""
-    from pipeline.synthetic import generate_demo_dataset
-    from pipeline.tiny_models import make_tiny_dinov2
-    from pipeline.train_sae import fit
-
     out.mkdir(parents=True, exist_ok=True)
     summary = generate_demo_dataset(out / "data", images_per_species=images_per_species, seed=0)
     log(f"[demo] {summary['n_images']} synthetic specimen photos in {out / 'data'}")
@@ -72,10 +73,6 @@ def planted_part_overlap(build: Path, ground_truth: Path) -> dict[str, dict]:
     """For each species with selected latents: over the candidate images of its best-scored
     latent that have a planted part, how many have a box overlapping the part (``hits`` of
     ``images``), and the mean fraction of the overlapping box's area inside the part."""
-    import csv
-
-    import pyarrow.parquet as pq
-
     with open(ground_truth, newline="") as f:
         parts = {r["processid"]: tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")) for r in csv.DictReader(f)}
     best = {r["species"]: r["latent"] for r in pq.read_table(build / "selected").to_pylist() if r["rank_in_species"] == 0}
@@ -111,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prepare_demo(out, args.images_per_species)
     (out / "build.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    from pipeline.build import Build
-
     Build(cfg).run(overwrite=True)
     print(f"\n[demo] done in {time.perf_counter() - start:.0f} s")
     print(f"  data:          {out / 'data'}  (ground truth: {out / 'data' / 'ground_truth.csv'})")

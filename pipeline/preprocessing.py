@@ -18,23 +18,23 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from pipeline.config import PreprocessConfig
-from pipeline.errors import ImageRejected, Rejected
-from pipeline.sources import INDEX_SCHEMA
+from pipeline.contract import GEOMETRY_SCHEMA, INDEX_SCHEMA
+from pipeline.errors import ImageRejected, Rejected, error_detail
 
 # We check the pixel count ourselves from the header (max_pixels), before decoding; PIL's own
 # bomb check would raise inside open() with a less useful message.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, not a grey band
 
-PATCH_PX = 14
-GEOMETRY_TYPES = {"orig_w": "int32", "orig_h": "int32", "scale_x": "float64", "scale_y": "float64",
-                  "offset_x": "float64", "offset_y": "float64", "input_size": "int32"}
-GEOMETRY_COLUMNS = tuple(GEOMETRY_TYPES)
+PATCH_PX = 14  # DINOv2's; a build passes its backbone's own (pipeline.encoding.backbone_patch_px)
+GEOMETRY_TYPES = {f.name: f.type.to_pandas_dtype().__name__ for f in GEOMETRY_SCHEMA}  # numpy dtype names
+GEOMETRY_COLUMNS = tuple(GEOMETRY_SCHEMA.names)
 
 
 @dataclass(frozen=True)
 class Geometry:
-    """input = original · scale + offset, per axis; ``input_size`` is the square model input side."""
+    """input = original · scale + offset, per axis; ``input_size`` is the square model input side,
+    tiled by ``patch_px`` squares (the backbone's patch size)."""
     orig_w: int
     orig_h: int
     scale_x: float
@@ -42,6 +42,12 @@ class Geometry:
     offset_x: float
     offset_y: float
     input_size: int
+    patch_px: int = PATCH_PX
+
+    @property
+    def grid_side(self) -> int:
+        """Patches per side of the model input."""
+        return self.input_size // self.patch_px
 
     def to_original_px(self, x_in: float, y_in: float) -> tuple[int, int]:
         """The first original pixel whose centre lies at or after input coordinate (x_in, y_in),
@@ -50,18 +56,21 @@ class Geometry:
         y = math.ceil((y_in - self.offset_y) / self.scale_y - 0.5)
         return min(max(x, 0), self.orig_w), min(max(y, 0), self.orig_h)
 
-    def patch_box(self, row: int, col: int, patch_px: int = PATCH_PX) -> tuple[int, int, int, int]:
+    def patch_box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """Original-pixel box (x0, y0, x1, y1; x1, y1 exclusive) of one patch square."""
-        x0, y0 = self.to_original_px(col * patch_px, row * patch_px)
-        x1, y1 = self.to_original_px((col + 1) * patch_px, (row + 1) * patch_px)
+        p = self.patch_px
+        x0, y0 = self.to_original_px(col * p, row * p)
+        x1, y1 = self.to_original_px((col + 1) * p, (row + 1) * p)
         return x0, y0, x1, y1
 
     @classmethod
     def from_row(cls, row: dict) -> Geometry:
-        return cls(**{k: row[k] for k in GEOMETRY_COLUMNS})
+        """From a table row; a row written before the patch size was recorded was DINOv2's 14 px."""
+        return cls(**{k: row[k] for k in GEOMETRY_COLUMNS if row.get(k) is not None})
 
 
-def plan_geometry(kind: str, w: int, h: int, cfg: PreprocessConfig) -> tuple[Geometry, tuple[int, int]]:
+def plan_geometry(kind: str, w: int, h: int, cfg: PreprocessConfig,
+                  patch_px: int = PATCH_PX) -> tuple[Geometry, tuple[int, int]]:
     """The geometry of an image of w×h, and the size it is first resized to."""
     s = cfg.image_size
     if kind == "squash":
@@ -78,7 +87,7 @@ def plan_geometry(kind: str, w: int, h: int, cfg: PreprocessConfig) -> tuple[Geo
         off = (-int(round((size[0] - s) / 2.0)), -int(round((size[1] - s) / 2.0)))
     else:
         raise ValueError(f"preprocess.geometry: unknown geometry {kind!r}")
-    geom = Geometry(w, h, size[0] / w, size[1] / h, float(off[0]), float(off[1]), s)
+    geom = Geometry(w, h, size[0] / w, size[1] / h, float(off[0]), float(off[1]), s, patch_px)
     return geom, size
 
 
@@ -106,8 +115,9 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
         raise ImageRejected("too_large", f"{len(data)} bytes > preprocess.max_bytes={cfg.max_bytes}")
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
-    except Exception as exc:  # UnidentifiedImageError and friends
-        raise ImageRejected("not_an_image", f"{type(exc).__name__}: {exc}") from None
+    except Exception:  # UnidentifiedImageError and friends; their message names a BytesIO's address
+        raise ImageRejected("not_an_image", f"{len(data)} bytes in no image format Pillow reads "
+                                            f"(they start {bytes(data[:16])!r})") from None
     w, h = img.size
     if w * h > cfg.max_pixels:
         raise ImageRejected("too_many_pixels", f"{w}x{h} = {w * h} > preprocess.max_pixels={cfg.max_pixels}")
@@ -119,13 +129,13 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
             img.load()
     except Exception as exc:  # OSError("image file is truncated"), SyntaxError, ...
         reason = "truncated" if "truncated" in str(exc).lower() else "decode_failed"
-        raise ImageRejected(reason, f"{type(exc).__name__}: {exc}") from None
+        raise ImageRejected(reason, error_detail(exc)) from None
     return to_rgb(img)
 
 
-def prepare_pixels(img: Image.Image, cfg: PreprocessConfig) -> tuple[np.ndarray, Geometry]:
+def prepare_pixels(img: Image.Image, cfg: PreprocessConfig, patch_px: int = PATCH_PX) -> tuple[np.ndarray, Geometry]:
     """RGB image → uint8 [S, S, 3] model input and its geometry (bicubic, like DINOv2's processor)."""
-    geom, size = plan_geometry(cfg.geometry, img.width, img.height, cfg)
+    geom, size = plan_geometry(cfg.geometry, img.width, img.height, cfg, patch_px)
     resized = img.resize(size, Image.BICUBIC)
     s = cfg.image_size
     if cfg.geometry == "squash":
@@ -139,7 +149,8 @@ def prepare_pixels(img: Image.Image, cfg: PreprocessConfig) -> tuple[np.ndarray,
 INDEX_PASSTHROUGH = tuple(INDEX_SCHEMA.names)
 
 
-def decode_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, reader) -> tuple[dict[str, np.ndarray], list[Rejected]]:
+def decode_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, reader,
+                 patch_px: int = PATCH_PX) -> tuple[dict[str, np.ndarray], list[Rejected]]:
     """Index rows → model-ready pixels + geometry columns; bad images become :class:`Rejected`.
 
     ``reader`` is a :class:`pipeline.sources.ImageReader` (anything with ``read(path, file, row)``)."""
@@ -153,13 +164,13 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, reader) ->
                 data = reader.read(row["path"], row["source_file"], row["source_row"])
             except FileNotFoundError as exc:
                 raise ImageRejected("missing_file", str(exc)) from None
-            pixels, geom = prepare_pixels(decode_image(data, cfg), cfg)
+            pixels, geom = prepare_pixels(decode_image(data, cfg), cfg, patch_px)
         except ImageRejected as exc:
             rejected.append(Rejected(stage="decode", reason=exc.reason, detail=exc.detail, image_id=row["image_id"]))
             continue
         except Exception as exc:  # anything else about this one image must not kill the batch
             rejected.append(Rejected(stage="decode", reason="decode_failed",
-                                     detail=f"{type(exc).__name__}: {exc}", image_id=row["image_id"]))
+                                     detail=error_detail(exc), image_id=row["image_id"]))
             continue
         for k, v in {**row, **asdict(geom), "pixels": pixels}.items():
             out[k].append(v)

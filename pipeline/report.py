@@ -37,10 +37,12 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from pipeline import storage
+from pipeline.annotation.renderings import crop_box
 from pipeline.boxes import zones_to_boxes
 from pipeline.config import BuildConfig, validate
-from pipeline.preprocessing import GEOMETRY_COLUMNS, Geometry, decode_image
-from pipeline.renderings import crop_box
+from pipeline.contract import CANDIDATES_SCHEMA, ERRORS, IMAGE_COLUMNS, TRAITS_SCHEMA
+from pipeline.preprocessing import Geometry, decode_image
+from pipeline.selection import going_forward
 from pipeline.sources import ImageReader
 
 # Chartreuse: far from every colour a specimen photo (and the demo's planted parts: red, orange,
@@ -52,9 +54,11 @@ THUMB_PX = 256        # longest side of an example image on a species page
 MAX_SCAN_IMAGES = 200_000  # latent galleries scan all of activations/ only up to this many images
 CROP_PX = 160         # longest side of a gallery crop on a latent page
 STATUSES = ("ok", "background", "unparsed", "failed")
-IMAGE_COLUMNS = ("image_id", "species", "genus", "path", "source_file", "source_row") + GEOMETRY_COLUMNS
-TRAITS_COLUMNS = ["annotation_id", "image_ids", "species", "genus", "latent", "boxes", "measurements", "description",
-                  "model", "prompt_version", "status", "body_part", "body_part_known", "traits", "common_traits", "error"]
+# What the pages show of traits/: every column but the bulky raw text and per-request figures.
+TRAITS_COLUMNS = [c for c in TRAITS_SCHEMA.names if c not in (
+    "latency_s", "body_part_raw", "is_background", "parsed_as", "raw_answer", "prompt_tokens", "completion_tokens",
+    "attempts")]
+CANDIDATE_COLUMNS = [c for c in CANDIDATES_SCHEMA.names if c not in ("latent_score", "latent_rank")]
 
 CSS = f"""body {{ font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 0 16px 40px; color: #222; }}
 nav {{ padding: 10px 0; border-bottom: 1px solid #ddd; margin-bottom: 8px; }}
@@ -239,13 +243,15 @@ class BuildData:
         with fs.open(path("manifest.json")) as f:
             self.manifest = json.load(f)
         self.cfg: BuildConfig = validate(BuildConfig, self.manifest["config"])
-        self.selected = read_rows(fs, path("selected"))
+        # The selected latents that went forward to candidates (selected/ holds every selected pair).
+        cap = self.cfg.contrast.max_latents_per_species
+        self.selected = [r for t in read_tables(fs, path("selected")) for r in going_forward(t, cap).to_pylist()]
+        self.n_selected = storage.count_rows(fs, path("selected"))
         self.latents = sorted({r["latent"] for r in self.selected})
         wanted = pa.array(self.latents, pa.int32())
-        self.candidates = read_rows(fs, path("candidates"), list(IMAGE_COLUMNS) + [
-            "latent", "patches", "boxes", "activation_sum", "image_rank", "consensus_group"])
+        self.candidates = read_rows(fs, path("candidates"), CANDIDATE_COLUMNS)
         self.traits = read_rows(fs, path("traits"), TRAITS_COLUMNS)
-        self.errors = read_rows(fs, path("errors"))
+        self.errors = read_rows(fs, path(ERRORS))
         self.genus_counts = read_rows(fs, path("counts"), ["rank", "taxon", "latent", "count"], lambda t: pc.and_(
             pc.equal(t["rank"], "genus"), pc.is_in(t["latent"], wanted.cast(t["latent"].type))))
 
@@ -394,7 +400,10 @@ class Report:
         unlabelled = d.images.get(None, 0)
         return (f"<p>{len(d.species):,} species · {sum(d.images.values()):,} images"
                 f"{f' ({unlabelled:,} unlabelled)' if unlabelled else ''} · {len(d.selected):,} selected "
-                f"(species, latent) pairs over {len(d.latents):,} latents · {len(d.traits):,} annotations: "
+                f"(species, latent) pairs over {len(d.latents):,} latents"
+                + (f" (the best {d.cfg.contrast.max_latents_per_species} per species of {d.n_selected:,} selected)"
+                   if d.n_selected > len(d.selected) else "")
+                + f" · {len(d.traits):,} annotations: "
                 f"{by_status(self.all_statuses)} · {len(d.errors):,} errors</p>")
 
     def index_page(self, i: int) -> str:

@@ -6,7 +6,9 @@
 A species that is the only species of its genus has f_s = f_g, so the strict rule selects
 nothing for it (the paper's behaviour, ``lone_species: none``); ``lone_species: family``
 contrasts such a species against its family instead. Selected latents are ordered per species by
-a score and capped (``max_latents_per_species``)."""
+a score and ranked (``rank_in_species``, 0 = best); every selected pair is kept, exactly the
+paper's selection — the per-species cap (``max_latents_per_species``) only limits what goes
+forward to candidates (:func:`pipeline.candidates.find_candidates`)."""
 
 from __future__ import annotations
 
@@ -15,15 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import ContrastConfig
+from pipeline.contract import SELECTED_SCHEMA
 from pipeline.counting import labelled_rows
-
-SELECTED_SCHEMA = pa.schema([
-    ("species", pa.string()), ("genus", pa.string()), ("latent", pa.int32()),
-    ("f_species", pa.float64()), ("f_genus", pa.float64()),
-    ("contrast_rank", pa.string()), ("contrast_taxon", pa.string()),
-    ("score", pa.float64()), ("rank_in_species", pa.int32()),
-])
-
 
 def rank_frequencies(counts: pa.Table, rank: str) -> tuple[pa.Array, np.ndarray, np.ndarray, np.ndarray]:
     """One rank's counts as (taxon names, taxon code per row, latent per row, f per row), where
@@ -48,6 +43,14 @@ def taxonomy_of_species(index: pa.Table) -> pa.Table:
     per_genus = species.group_by(["genus"], use_threads=False).aggregate([([], "count_all")])
     species = species.join(per_genus, "genus", use_threads=False)
     return species.append_column("lone", pc.equal(species["count_all"], 1)).drop_columns(["count_all"])
+
+
+def going_forward(selected: pa.Table, max_latents_per_species: int | None) -> pa.Table:
+    """The selected/ rows that go forward to candidates: each species' best ``max_latents_per_species``
+    (``contrast.max_latents_per_species``; all when None)."""
+    if max_latents_per_species is None:
+        return selected
+    return selected.filter(pc.less(selected["rank_in_species"], max_latents_per_species))
 
 
 def _score(f_s: np.ndarray, f_p: np.ndarray, kind: str) -> np.ndarray:
@@ -87,18 +90,17 @@ def select_latents(counts: pa.Table, taxonomy: pa.Table, cfg: ContrastConfig) ->
     keep = (f_s > t) & (f_parent > t) & (f_s > f_parent)
     s_code, latent, f_s, f_parent = s_code[keep], latent[keep], f_s[keep], f_parent[keep]
     score = _score(f_s, f_parent, cfg.score)
-    # Best first within each species, then cap; rank = position minus the species' first position.
+    # Best first within each species; rank = position minus the species' first position.
     order = np.lexsort((latent, -score, s_code))
     s_code, latent, f_s, f_parent, score = s_code[order], latent[order], f_s[order], f_parent[order], score[order]
     starts = np.r_[0, np.flatnonzero(s_code[1:] != s_code[:-1]) + 1] if len(s_code) else np.zeros(0, int)
     rank_in_species = np.arange(len(s_code)) - np.repeat(starts, np.diff(np.r_[starts, len(s_code)]))
-    capped = rank_in_species < cfg.max_latents_per_species
-    sp = pa.array(s_code[capped])
-    family_row = pa.array(use_family[s_code[capped]])
+    sp = pa.array(s_code)
+    family_row = pa.array(use_family[s_code])
     return pa.table({
-        "species": species_names.take(sp), "genus": tax["genus"].take(sp), "latent": pa.array(latent[capped], pa.int32()),
-        "f_species": f_s[capped], "f_genus": f_parent[capped],
+        "species": species_names.take(sp), "genus": tax["genus"].take(sp), "latent": pa.array(latent, pa.int32()),
+        "f_species": f_s, "f_genus": f_parent,
         "contrast_rank": pc.if_else(family_row, "family", "genus"),
         "contrast_taxon": pc.if_else(family_row, tax["family"].take(sp), tax["genus"].take(sp)),
-        "score": score[capped], "rank_in_species": pa.array(rank_in_species[capped], pa.int32()),
+        "score": score, "rank_in_species": pa.array(rank_in_species, pa.int32()),
     }, schema=SELECTED_SCHEMA)

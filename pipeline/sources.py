@@ -17,18 +17,9 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.config import ConfigError, SourceConfig
+from pipeline.contract import INDEX_SCHEMA
 from pipeline.errors import Rejected
 
-INDEX_SCHEMA = pa.schema([
-    ("image_id", pa.string()),
-    ("species", pa.string()),
-    ("genus", pa.string()),
-    ("family", pa.string()),
-    ("split", pa.string()),
-    ("path", pa.string()),
-    ("source_file", pa.string()),
-    ("source_row", pa.int64()),
-])
 TAXA = ("species", "genus", "family")
 
 BIOSCAN_METADATA = "bioscan5m/metadata/csv/BIOSCAN_5M_Insect_Dataset_metadata.csv"

@@ -1,7 +1,8 @@
 """Pluggable storage: every input and output path goes through fsspec, so a local folder and an
-``s3://`` bucket are the same code path. The config's ``storage`` section becomes fsspec
-keyword arguments in one place (:func:`fsspec_options`); models and SAE checkpoints that loaders
-need as local files are copied once per node (:func:`local_copy`)."""
+``s3://`` bucket are the same code path. Functions here take fsspec options as a dict (the
+config's ``storage`` section becomes one in :func:`pipeline.config.fsspec_options`); models and
+SAE checkpoints that loaders need as local files are copied once per node (:func:`local_copy`).
+No project imports: every other module may use this one."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
 S3_PROTOCOLS = ("s3", "s3a")
 LOCAL_PROTOCOLS = (None, "file", "local")
@@ -30,37 +32,6 @@ def protocol(url: str) -> str | None:
 
 def is_remote(url: str) -> bool:
     return protocol(url) not in LOCAL_PROTOCOLS
-
-
-def fsspec_options(storage: Any, url: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """fsspec keyword arguments for opening ``url``: the ``storage`` section (a StorageConfig, its
-    dict, or None) turned into s3fs arguments for an s3:// URL — nothing for any other URL — then
-    ``overrides`` (e.g. ``source.storage_options``) over them. Credentials named by
-    ``key_env`` / ``secret_env`` / ``token_env`` are read from this process's environment now."""
-    from pipeline.config import ConfigError, StorageConfig, merge, validate
-
-    out: dict[str, Any] = {}
-    if protocol(url) in S3_PROTOCOLS:
-        # Many processes write a build: a directory listing cached in one of them goes stale.
-        out["use_listings_cache"] = False
-        if storage is not None:
-            cfg = storage if isinstance(storage, StorageConfig) else validate(StorageConfig, dict(storage), prefix="storage.")
-            if cfg.endpoint_url:
-                out["endpoint_url"] = cfg.endpoint_url
-            if cfg.region:
-                out["client_kwargs"] = {"region_name": cfg.region}
-            if cfg.anon:
-                out["anon"] = True
-            for field, kwarg in (("key_env", "key"), ("secret_env", "secret"), ("token_env", "token")):
-                name = getattr(cfg, field)
-                if name:
-                    value = os.environ.get(name)
-                    if not value:
-                        raise ConfigError(f"storage.{field}: environment variable {name} is not set in this process "
-                                          f"(needed to open {url}; set it on every node)")
-                    out[kwarg] = value
-            out = merge(out, cfg.options)
-    return merge(out, overrides) if overrides else out
 
 
 def cache_dir() -> Path:
@@ -190,8 +161,6 @@ def read_table(fs: fsspec.AbstractFileSystem, path: str, columns: list[str] | No
 
 def arrow_filesystem(url: str, storage_options: dict[str, Any] | None = None):
     """A pyarrow filesystem + path for Ray Data's read/write_parquet (local paths stay native)."""
-    from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
-
     fs, path = filesystem(url, storage_options)
     if is_local(fs):
         return LocalFileSystem(), path
@@ -201,3 +170,19 @@ def arrow_filesystem(url: str, storage_options: dict[str, Any] | None = None):
 def count_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
     """Rows of a Parquet folder, from the footers only."""
     return sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in parquet_files(fs, path))
+
+
+def claim_once(fs: fsspec.AbstractFileSystem, marker: str) -> bool:
+    """True the first time any process asks for ``marker`` (a file created then), False after:
+    an exclusive create, so two processes reaching it together claim it once."""
+    fs.makedirs(posixpath.dirname(marker), exist_ok=True)
+    try:
+        with fs.open(marker, "xb"):
+            return True
+    except FileExistsError:
+        return False
+    except (ValueError, NotImplementedError):  # a store without exclusive create
+        if fs.exists(marker):
+            return False
+        fs.touch(marker)
+        return True

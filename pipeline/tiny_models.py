@@ -5,10 +5,17 @@ They are saved with ``save_pretrained`` and loaded back through the very same
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import Dinov2Config, Dinov2Model
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (Dinov2Config, Dinov2Model, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2Tokenizer)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from pipeline.annotation.llm_transformers import QWEN_CHAT_TEMPLATE
 
 
 def make_tiny_dinov2(folder: str | Path, *, hidden_size: int = 64, layers: int = 4, heads: int = 4,
@@ -42,13 +49,6 @@ def make_qwen_bpe_tokenizer(*, vocab_size: int = 512):
     """A small byte-level BPE trained on a few built-in lines, laid out like Qwen's (NFC, Qwen's split
     regex, byte-level), with Qwen's special tokens first (ids 0–13). Returns a ``Qwen2Tokenizer``
     whose eos is ``<|im_end|>`` and pad ``<|endoftext|>`` as in the Instruct models."""
-    import json
-
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    from actors.llm_transformers import QWEN_CHAT_TEMPLATE
 
     bpe = Tokenizer(models.BPE())
     bpe.normalizer = normalizers.NFC()
@@ -77,9 +77,6 @@ def make_tiny_qwen2_5_vl(folder: str | Path, *, seed: int = 0) -> Path:
     patch 14 / merge 2 / temporal patch 2, its BPE tokenizer, chat template and a PIL
     ``Qwen2VLImageProcessor`` capped at 112×112 px (≤ 16 image tokens). Loads offline with
     ``AutoTokenizer`` / ``AutoImageProcessor`` / ``AutoModelForImageTextToText.from_pretrained(folder)``."""
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
     folder = Path(folder)
     torch.manual_seed(seed)
     tokenizer = make_qwen_bpe_tokenizer()

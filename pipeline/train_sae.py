@@ -30,133 +30,30 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+import ray.train
+import ray.train.torch
 import torch
-from pydantic import Field, model_validator
+from ray.train.torch import TorchTrainer
+from tqdm import tqdm
 
-from actors.sae import SAESpec, SparseAutoencoder, save_sae, save_saev
-from pipeline.config import (BackboneConfig, ConfigError, EncoderConfig, PreprocessConfig, RayConfig, Section,
-                             SourceConfig, StorageConfig, add_config_arguments, config_changes, load_config)
-
-
-class SAETrainSpec(Section):
-    kind: Literal["relu", "topk", "batchtopk"] = "relu"
-    """relu: the paper's ReLU + L1; topk / batchtopk: k active latents per patch (per patch on
-    average across a batch), no L1 — not in the paper, a fixed L0 instead of a tuned α."""
-    k: int | None = Field(default=None, ge=1)
-    """Active latents per patch for topk / batchtopk."""
-    expansion: int = Field(default=32, ge=1)
-    """m = expansion · d latents (the paper: 32 → 24,576 for DINOv2-base)."""
-    alpha: float = Field(default=4e-4, ge=0)
-    """L1 coefficient α (the paper's default 4e-4); relu only."""
-    scale: Literal["none", "unit_mean_norm"] = "none"
-    """none: raw activations (the paper); unit_mean_norm: scale so the mean patch norm is 1.
-    The scale is stored in the checkpoint and the build's encoder applies it identically."""
-
-    @model_validator(mode="after")
-    def _k_for_topk(self) -> SAETrainSpec:
-        if self.kind != "relu" and self.k is None:
-            raise ValueError(f"k is required for a {self.kind} SAE")
-        return self
-
-
-class TrainLoop(Section):
-    batch_size: int = Field(default=16384, ge=1)
-    """Patches per step over all workers (the paper: 16,384); each worker takes batch_size / num_workers."""
-    steps: int = Field(default=1000, ge=1)
-    """Optimizer steps (ignored when total_patches is set)."""
-    total_patches: int | None = Field(default=None, ge=1)
-    """Train on this many patches instead: steps = ceil(total_patches / batch_size) (the paper: ~100M)."""
-    lr: float = Field(default=1e-3, gt=0)
-    warmup_steps: int = Field(default=500, ge=0)
-    """Linear learning-rate warm-up."""
-    l1_warmup_steps: int = Field(default=0, ge=0)
-    """α rises linearly from 0 to sae.alpha over this many steps (0: no warm-up)."""
-    seed: int = 0
-    """Seeds the SAE's initial weights and the shuffle order."""
-    max_images: int | None = Field(default=None, ge=1)
-    """Image sources: read at most this many images."""
-    init_patches: int = Field(default=65536, ge=1)
-    """Patches (the first batches) whose mean initialises b_dec, and whose spread gives the
-    activation scale and the data variance behind the normalised MSE."""
-    shuffle_buffer: int = Field(default=131072, ge=0)
-    """Patches in each worker's local shuffle buffer, so a batch mixes many images' patches
-    (0: no shuffling). At d = 768 in fp32, 131,072 patches take 400 MB."""
-    cache: bool = False
-    """Keep the activations in Ray's object store after the first pass. For small sources trained
-    for many epochs (the demo); off, every epoch streams them from the source again."""
-    log_every: int = Field(default=50, ge=1)
-    checkpoint_every: int = Field(default=500, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    """Periodic checkpoints kept under output/ray_train (the newest ones)."""
-    dead_after_patches: int = Field(default=1_000_000, ge=1)
-    """A latent that has not fired for this many patches counts as dead (metrics; AuxK loss)."""
-    aux_k: int = Field(default=256, ge=1)
-    """topk / batchtopk: dead latents used by the AuxK loss per patch."""
-    aux_alpha: float = Field(default=1 / 32, ge=0)
-    """topk / batchtopk: weight of the AuxK loss."""
-    dense_fraction: float = Field(default=0.1, gt=0, le=1)
-    """A latent firing on more than this fraction of a batch's patches counts as dense (metrics)."""
-    num_workers: int = Field(default=1, ge=1)
-    """Ray Train data-parallel workers; gradients are averaged over them every step."""
-    use_gpu: bool = False
-    """One GPU per worker (NCCL); off: CPU workers (gloo)."""
-    cpus_per_worker: float = Field(default=1, gt=0)
-    threads: int | None = Field(default=None, ge=1)
-    """torch threads per worker (null: what Ray gives the worker, i.e. its CPUs)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: bf16 autocast on CUDA, fp32 on CPU. Weights and optimizer state stay fp32."""
-    max_failures: int = Field(default=0, ge=-1)
-    """Ray Train restarts the workers from the last checkpoint this many times after a failure (-1: always)."""
-    fail_at_step: int | None = Field(default=None, ge=1)
-    """Fault injection for tests: a worker raises right after the checkpoint of this step
-    (once: not again after resuming from that checkpoint)."""
-
-    @property
-    def n_steps(self) -> int:
-        return math.ceil(self.total_patches / self.batch_size) if self.total_patches else self.steps
-
-    @model_validator(mode="after")
-    def _batch_splits(self) -> TrainLoop:
-        if self.batch_size % self.num_workers:
-            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by num_workers ({self.num_workers})")
-        return self
-
-
-class TrainSourceConfig(SourceConfig):
-    format: Literal["bioscan", "imagefolder", "parquet", "activations"] = "bioscan"
-    """Image sources as in the build (features come from the backbone, streamed, never dumped),
-    or activations: a folder (or file) of precomputed patch activations — .npy arrays [n, d]
-    (float32 or float16) or Parquet files whose first fixed-size-list column holds one
-    activation per row."""
-
-
-class TrainSAEConfig(Section):
-    source: TrainSourceConfig
-    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
-    """The backbone actor pool for image sources (batch_size, num_gpus, min/max_actors); its SAE is not used."""
-    sae: SAETrainSpec = Field(default_factory=SAETrainSpec)
-    train: TrainLoop = Field(default_factory=TrainLoop)
-    ray: RayConfig = Field(default_factory=RayConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-    """How s3:// sources and backbones are reached (the output stays a local folder)."""
-    output: str
-    """Checkpoint folder (local path)."""
-
-    @model_validator(mode="after")
-    def _share_storage(self) -> TrainSAEConfig:
-        self.source._storage = self.storage
-        return self
-
+from actors.encoder import PatchActivations
+from pipeline import storage
+from pipeline.config import (ConfigError, SAETrainSpec, SourceConfig, TrainLoop, TrainSAEConfig, add_config_arguments,
+                             config_changes, fsspec_options, load_config, runtime_keys)
+from pipeline.encoding import backbone_config, backbone_patch_px
+from pipeline.execution import SHARD_BATCHES, encode_images, in_shards, init_ray
+from pipeline.sae import SAESpec, SparseAutoencoder, save_sae, save_saev
+from pipeline.sources import build_index
 
 # Keys that may change between an interrupted run and its resume: they change how long or how
 # visibly it runs, not the trajectory it follows.
-RESUMABLE_KEYS = ("train.steps", "train.total_patches", "train.log_every", "train.checkpoint_every",
-                  "train.keep_checkpoints", "train.max_failures", "train.fail_at_step", "ray.", "storage.")
+RESUMABLE_KEYS = runtime_keys(TrainSAEConfig)
 
 
 # --------------------------------------------------------------------------- activation sources
@@ -164,11 +61,6 @@ RESUMABLE_KEYS = ("train.steps", "train.total_patches", "train.log_every", "trai
 def activation_files(cfg: SourceConfig) -> list[tuple[str, tuple[int, int]]]:
     """Every .npy / Parquet file under ``cfg.root`` with its shape [n, d], read from the headers
     only; files that disagree on d are refused naming both shapes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline import storage
-
     fs, root = storage.filesystem(cfg.root, cfg.fsspec_options)
     paths = sorted(p for p in fs.find(root) if p.endswith((".npy", ".parquet"))) if fs.isdir(root) else [root]
     files = []
@@ -199,11 +91,6 @@ def read_activation_chunks(batch: dict[str, np.ndarray], *, cfg: SourceConfig,
                            chunk_rows: int = 65536) -> Iterator[dict[str, np.ndarray]]:
     """Ray Data map over file paths → ``{"x": float32 [≤chunk_rows, d]}`` chunks (a large file
     never sits whole in one block)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline import storage
-
     fs, _ = storage.filesystem(cfg.root, cfg.fsspec_options)
     for path in batch["path"]:
         with fs.open(path, "rb") as f:
@@ -220,9 +107,6 @@ def read_activation_chunks(batch: dict[str, np.ndarray], *, cfg: SourceConfig,
 
 def activation_dataset(cfg: TrainSAEConfig):
     """(Ray Dataset with one ``x`` [d] float32 row per patch, d)."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
     if cfg.source.format == "activations":
         files = activation_files(cfg.source)
         ds = ray.data.from_items([{"path": p} for p, _ in files]).map_batches(
@@ -230,35 +114,19 @@ def activation_dataset(cfg: TrainSAEConfig):
         ds.context.execution_options.preserve_order = True  # same order every epoch and every run
         return ds, files[0][1][1]
 
-    from transformers import AutoConfig
-
-    from actors.encoder import PatchActivations
-    from pipeline import storage
-    from pipeline.build import SHARD_BATCHES
-    from pipeline.preprocessing import decode_batch
-    from pipeline.sources import ImageReader, build_index
-
+    patch_px = backbone_patch_px(cfg.backbone, cfg.preprocess, cfg.storage)  # before any image is read
     index, _ = build_index(cfg.source)
     if cfg.train.max_images:
         index = index.slice(0, cfg.train.max_images)
     if not index.num_rows:
         raise ConfigError(f"source.root: no images in {cfg.source.root}")
-
-    def decode(batch):  # rejected images are simply not trained on
-        return decode_batch(batch, cfg.preprocess, ImageReader(cfg.source))[0]
-
-    shard = SHARD_BATCHES * cfg.encoder.batch_size
-    blocks = [index.slice(i, shard) for i in range(0, index.num_rows, shard)]
-    ds = ray.data.from_arrow(blocks).map_batches(decode, batch_size=cfg.preprocess.batch_size, batch_format="numpy")
-    ds = ds.map_batches(
-        PatchActivations, batch_size=cfg.encoder.batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=cfg.encoder.min_actors, max_size=cfg.encoder.max_actors),
-        num_gpus=cfg.encoder.num_gpus, num_cpus=cfg.encoder.num_cpus,
-        fn_constructor_kwargs={"model": cfg.backbone.model, "layer": cfg.backbone.layer, "dtype": cfg.backbone.dtype,
-                               "storage": cfg.storage})
+    # Rejected images are simply not trained on (errors_to=None).
+    ds = encode_images(in_shards(index, SHARD_BATCHES * cfg.encoder.batch_size), PatchActivations,
+                       {"model": cfg.backbone.model, "layer": cfg.backbone.layer, "dtype": cfg.backbone.dtype,
+                        "storage": cfg.storage},
+                       source=cfg.source, preprocess=cfg.preprocess, encoder=cfg.encoder, patch_px=patch_px)
     ds.context.execution_options.preserve_order = True
-    model = storage.local_copy(cfg.backbone.model, storage.fsspec_options(cfg.storage, cfg.backbone.model))
-    return ds, AutoConfig.from_pretrained(model).hidden_size
+    return ds, backbone_config(cfg.backbone.model, fsspec_options(cfg.storage, cfg.backbone.model))["hidden_size"]
 
 
 # --------------------------------------------------------------------------- the recipe
@@ -449,10 +317,6 @@ def stream_batches(shard, batch_size: int, loop: TrainLoop, epoch: int, skip: in
 
 def train_worker(config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``."""
-    import ray.train
-    import ray.train.torch
-    from tqdm import tqdm
-
     cfg = TrainSAEConfig.model_validate(config["cfg"])
     loop = cfg.train
     ctx = ray.train.get_context()
@@ -504,8 +368,6 @@ def train_worker(config: dict) -> None:
 
 def report_checkpoint(run: SAETraining, position: dict, metrics: dict, rank: int) -> None:
     """Rank 0 saves the whole training state; every rank reports (report is a barrier)."""
-    import ray.train
-
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
@@ -538,11 +400,6 @@ def check_resume(cfg: TrainSAEConfig, out: Path, overwrite: bool) -> int | None:
 
 def fit(cfg: TrainSAEConfig, overwrite: bool = False, log=print) -> Path:
     """Train (or resume) on Ray Train; writes the final SAE into ``cfg.output`` and returns it."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from pipeline.build import init_ray
-
     out = Path(cfg.output).resolve()
     resumed_d = check_resume(cfg, out, overwrite)
     start = time.perf_counter()

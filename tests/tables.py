@@ -31,8 +31,8 @@ ALWAYS_VARY: dict[str, tuple[str, ...]] = {"traits": ("latency_s",)}
 
 
 def read_table(build: str | Path, name: str) -> pa.Table | None:
-    """All Parquet files of build/name as one table; None when the folder is missing (a build with
-    no errors leaves no errors/)."""
+    """All Parquet files of build/name as one table; None when the folder is missing or holds no
+    file (every build leaves an errors/, empty when nothing was rejected)."""
     path = Path(build) / name
     if not path.exists():
         return None

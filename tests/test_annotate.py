@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.annotate import AnnotateCandidates, annotation_id, annotation_units, prompt_version_for, unit_annotation_id
+from pipeline.annotation.stage import AnnotateUnits, annotation_id, annotation_units, prompt_version_for, unit_annotation_id
 from pipeline.config import AnnotateConfig, validate
 from pipeline.demo import demo_build_config
 from tests.fake_openai_server import FakeOpenAIServer
@@ -35,7 +35,7 @@ def units(demo_build):
 
 def stage(demo_dir, **annotate):
     cfg = demo_build_config(demo_dir)
-    return AnnotateCandidates(validate(AnnotateConfig, annotate), cfg.source, cfg.preprocess)
+    return AnnotateUnits(validate(AnnotateConfig, annotate), cfg.source, cfg.preprocess)
 
 
 def test_units_are_complete_consensus_groups_then_single_images():

@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from actors.answers import BODY_PARTS, normalize_attribute, normalize_body_part, parse_answer, split_items
+from pipeline.annotation.answers import parse_answer, split_items
+from pipeline.annotation.vocabulary import BODY_PARTS, normalize_attribute, normalize_body_part
 
 KEYS = {"is_background", "body_part", "body_part_raw", "body_part_known", "traits", "common_traits", "regions",
         "parsed_as"}

@@ -53,3 +53,11 @@ def test_zone_mask_equals_the_union_of_region_masks_and_boxes_bound_them():
         ys, xs = np.nonzero(m)
         assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (box["x0"], box["y0"], box["x1"], box["y1"])
     assert mask[-1, -1]  # patch 255 reaches the last original pixel
+
+
+def test_boxes_follow_the_geometrys_patch_size():
+    """A 16-px-patch backbone: a 224 input is a 14×14 grid of 16-px squares."""
+    geom = plan_geometry("squash", 224, 224, PreprocessConfig(), patch_px=16)[0]
+    assert geom.grid_side == 14
+    assert zones_to_boxes([0, 1, 15], geom) == [{"x0": 0, "y0": 0, "x1": 32, "y1": 32}]
+    assert zones_to_boxes([13], geom) == [{"x0": 208, "y0": 0, "x1": 224, "y1": 16}]

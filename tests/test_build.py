@@ -15,16 +15,7 @@ from PIL import Image
 from pipeline.build import Build, format_summary
 from pipeline.demo import demo_build_config, planted_part_overlap
 from pipeline.synthetic import METADATA_RELPATH, image_relpath
-
-CONTRACT = {
-    "activations": {"image_id", "species", "genus", "latent", "patch", "value"},
-    "counts": {"rank", "taxon", "latent", "count"},
-    "selected": {"species", "genus", "latent", "f_species", "f_genus"},
-    "candidates": {"image_id", "species", "genus", "latent", "patches", "boxes"},
-    "traits": {"annotation_id", "image_ids", "species", "genus", "latent", "boxes", "measurements",
-               "description", "model", "prompt_version", "status"},
-    "errors": {"image_id", "annotation_id", "stage", "reason"},
-}
+from tests.test_contract import REQUIRED as CONTRACT  # DESIGN §5's required columns
 
 
 def run_build(demo_dir, data_root, output, *overrides):
@@ -180,3 +171,13 @@ def test_bad_inputs_are_recorded_and_good_images_processed_as_in_a_clean_run(cle
     assert summary["images_rejected"] == {"decode": 6, "source": 1}
     assert summary["images_read"] == summary["images_indexed"] + 1 == summary["images_encoded"] + 7
     assert "rejected (decode 6, source 1)" in format_summary(summary)
+
+
+def test_an_image_size_off_the_patch_grid_is_refused_before_anything_is_written(demo_dir, tmp_path):
+    from pipeline.config import ConfigError
+
+    out = tmp_path / "off-grid"
+    cfg = demo_build_config(demo_dir, [f"output={out}", "preprocess.image_size=230"])
+    with pytest.raises(ConfigError, match=r"preprocess.image_size: 230 is not a multiple of the patch size 14"):
+        Build(cfg).run()
+    assert not out.exists()

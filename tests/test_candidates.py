@@ -3,7 +3,7 @@ import pyarrow as pa
 from pipeline.candidates import find_candidates, keep_top_images
 from pipeline.config import PreprocessConfig
 from pipeline.preprocessing import plan_geometry
-from pipeline.selection import SELECTED_SCHEMA
+from pipeline.contract import SELECTED_SCHEMA
 
 
 def activations(rows):
@@ -28,6 +28,13 @@ def test_find_candidates_keeps_selected_latents_of_the_images_own_species():
     out = find_candidates(batch, selected([("G a", 5), ("G a", 9), ("G b", 7)])).sort_by("latent").to_pylist()
     assert [(r["image_id"], r["latent"], r["patches"], r["activation_sum"]) for r in out] == [
         ("a", 5, [0, 1], 4.0), ("a", 9, [3], 4.0)]
+
+
+def test_find_candidates_takes_only_the_best_ranked_latents_of_each_species():
+    batch = activations([{"image_id": "a", "latent": [5, 7, 9], "patch": [0, 1, 2], "value": [1.0, 1.0, 1.0]}])
+    chosen = selected([("G a", 9), ("G a", 5), ("G a", 7)])  # ranks 0, 1, 2
+    assert sorted(r["latent"] for r in find_candidates(batch, chosen).to_pylist()) == [5, 7, 9]
+    assert sorted(r["latent"] for r in find_candidates(batch, chosen, max_latents_per_species=2).to_pylist()) == [5, 9]
 
 
 def test_keep_top_images_ranks_groups_and_boxes():

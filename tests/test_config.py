@@ -61,3 +61,20 @@ def test_cli_refuses_a_malformed_config_before_ray_starts(tmp_path):
     assert proc.returncode == 2
     assert "contrast.t_freq" in proc.stderr
     assert "ray" not in proc.stderr.lower()  # failed before any Ray start-up logging
+
+
+def test_resume_may_change_only_the_keys_marked_runtime():
+    """Said on the fields (pipeline.config.runtime / fixed); these are the keys that say where or how
+    fast a run goes, never what it computes."""
+    from pipeline.config import TrainSAEConfig, runtime_keys
+
+    assert set(runtime_keys(BuildConfig)) == {
+        "output", "ray.", "storage.", "report", "source.storage_options", "preprocess.batch_size",
+        "encoder.batch_size", "encoder.num_gpus", "encoder.num_cpus", "encoder.min_actors", "encoder.max_actors",
+        "encoder.fail_once_after_batches", "annotate.max_in_flight", "annotate.num_actors", "annotate.num_gpus",
+        "annotate.num_cpus", "annotate.batch_size", "annotate.llm.base_url", "annotate.llm.api_key_env",
+        "annotate.llm.timeout_s", "annotate.llm.max_retries", "annotate.llm.backoff_s", "annotate.llm.app_name"}
+    # The trainer's encoder pool and preprocessing are fixed: their batch sizes shape the shuffled batches.
+    assert set(runtime_keys(TrainSAEConfig)) == {
+        "ray.", "storage.", "source.storage_options", "train.steps", "train.total_patches", "train.log_every",
+        "train.checkpoint_every", "train.keep_checkpoints", "train.max_failures", "train.fail_at_step"}

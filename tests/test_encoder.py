@@ -1,10 +1,12 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 from transformers import Dinov2Model
 
-from actors.encoder import FiringEncoder
-from actors.sae import SAESpec, SparseAutoencoder, save_sae
+from pipeline.encoding import FiringEncoder
+from pipeline.sae import SAESpec, SparseAutoencoder, save_sae
 
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -59,3 +61,18 @@ def test_shape_mismatch_between_backbone_and_sae_is_refused(tiny_dinov2, tmp_pat
 def test_layer_out_of_range_names_the_key(tiny_dinov2, sae_dir):
     with pytest.raises(ValueError, match="backbone.layer"):
         FiringEncoder(str(tiny_dinov2), 7, str(sae_dir), 0.9)
+
+
+def test_patch_size_is_read_from_the_backbone_and_checked_against_image_size(tiny_dinov2, tmp_path):
+    from pipeline.config import BackboneConfig, ConfigError, PreprocessConfig
+    from pipeline.encoding import backbone_patch_px
+    from pipeline.tiny_models import make_tiny_dinov2
+
+    assert backbone_patch_px(BackboneConfig(model=str(tiny_dinov2)), PreprocessConfig(image_size=224)) == 14
+    with pytest.raises(ConfigError, match=r"preprocess.image_size: 230 .* patch size 14 of backbone.model .* 224 or 238"):
+        backbone_patch_px(BackboneConfig(model=str(tiny_dinov2)), PreprocessConfig(image_size=230))
+    # A backbone of 16-px patches: its own size, not DINOv2's 14.
+    config = json.loads((tiny_dinov2 / "config.json").read_text())
+    other = make_tiny_dinov2(tmp_path / "p16")
+    (other / "config.json").write_text(json.dumps({**config, "patch_size": 16}))
+    assert backbone_patch_px(BackboneConfig(model=str(other)), PreprocessConfig(image_size=224)) == 16

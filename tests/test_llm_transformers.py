@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from actors import llm_transformers
-from actors.llm_transformers import TransformersBackend
-from actors.llm_types import ChatRequest, LLMRequestFailed
+from pipeline.annotation import llm_transformers
+from pipeline.annotation.llm_transformers import TransformersBackend
+from pipeline.annotation.llm import ChatRequest, LLMRequestFailed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +189,8 @@ def top_level_imports(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", ["actors/llm_transformers.py", "actors/llm_types.py", "pipeline/tiny_models.py",
+@pytest.mark.parametrize("path", ["pipeline/annotation/llm_transformers.py", "pipeline/annotation/llm.py",
+                                  "pipeline/tiny_models.py",
                                   "benchmarks/bench_llm_transformers.py"])
 def test_gpu_benchmark_modules_need_neither_pydantic_nor_ray(path):
     allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "tokenizers", "PIL", "actors", "pipeline"}

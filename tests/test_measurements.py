@@ -3,14 +3,14 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.measurements import (
+from pipeline.annotation.measurements import (
     PALETTE,
     describe_measurements,
-    label_components,
     measure_region,
     nearest_colour_name,
     segment_specimen,
 )
+from pipeline.boxes import label_components
 
 H, W = 256, 400
 

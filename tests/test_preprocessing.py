@@ -140,3 +140,21 @@ def test_decode_batch_keeps_good_rows_and_rejects_bad_ones_individually():
     assert good["orig_w"].tolist() == [60, 80]
     assert {(r.image_id, r.reason) for r in rejected} == {("b", "empty_file"), ("d", "missing_file")}
     assert all(r.stage == "decode" for r in rejected)
+
+
+def test_rejection_details_are_stable_and_say_what_the_bytes_were():
+    data = b"this is a text file, not a jpeg" * 10
+    details = []
+    for _ in range(2):
+        with pytest.raises(ImageRejected) as err:
+            decode_image(data, PreprocessConfig())
+        details.append(err.value.detail)
+    assert details[0] == details[1] and "0x" not in details[0] and "BytesIO" not in details[0]
+    assert details[0] == f"{len(data)} bytes in no image format Pillow reads (they start {data[:16]!r})"
+
+
+def test_error_detail_drops_object_addresses():
+    from pipeline.errors import error_detail
+
+    detail = error_detail(ValueError("cannot read <_io.BytesIO object at 0x7f6cf5e35620>"))
+    assert detail == "ValueError: cannot read <_io.BytesIO object>"

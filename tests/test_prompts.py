@@ -6,8 +6,8 @@ import re
 import pytest
 from PIL import Image
 
-from actors import prompts
-from actors.prompts import (PROMPT_FOR, PROMPTS, answer_schema, build_request, prompt_version, response_format,
+from pipeline.annotation import prompts
+from pipeline.annotation.prompts import (PROMPT_FOR, PROMPTS, answer_schema, build_request, prompt_version, response_format,
                             select_prompt, sniff_image_mime)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.renderings import crop_box, png_bytes, render_crop, render_overlay, zone_outline
+from pipeline.annotation.renderings import crop_box, png_bytes, render_crop, render_overlay, zone_outline
 
 H, W = 256, 400
 
@@ -145,8 +145,8 @@ def test_png_bytes_roundtrip():
 
 
 def test_jpeg_encoding_for_the_llm_is_close_and_labelled_jpeg():
-    from actors.prompts import sniff_image_mime
-    from pipeline.renderings import encode_image
+    from pipeline.annotation.prompts import sniff_image_mime
+    from pipeline.annotation.renderings import encode_image
 
     img = np.zeros((40, 60, 3), np.uint8)
     img[10:30, 20:40] = (200, 30, 30)

@@ -26,6 +26,7 @@ from websockets.sync.client import connect
 from pipeline.demo import planted_part_overlap
 from pipeline.errors import Rejected, write_errors
 from pipeline.report import OUTLINE_PX, OUTLINE_RGB, main, species_file, write_report
+from pipeline.selection import going_forward
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PAGE_INFO = """(() => ({
@@ -180,7 +181,9 @@ def test_demo_report_renders_in_chromium(demo_report, browser, tmp_path):
     print(f"\n{len(pages)} pages, {sum(len(p['images']) for p in pages.values())} images checked in Chromium "
           f"in {time.perf_counter() - started:.1f} s")
 
-    selected = pq.read_table(out / "selected").to_pylist()
+    # The report shows the selected latents that went forward (selected/ holds every selected pair).
+    cap = json.loads((out / "manifest.json").read_text())["config"]["contrast"]["max_latents_per_species"]
+    selected = going_forward(pq.read_table(out / "selected"), cap).to_pylist()
     species = {r["species"] for r in pq.read_table(out / "activations", columns=["species"]).to_pylist() if r["species"]}
     assert {species_file(s) for s in species} <= set(pages)
     assert {f"latent-{r['latent']}.html" for r in selected} <= set(pages)
@@ -239,7 +242,7 @@ def test_species_page_outlines_the_planted_part(demo_report, demo_dir, browser, 
 # --------------------------------------------------------------------------- other builds
 
 def test_report_without_annotations(demo_build, browser, tmp_path):
-    from pipeline.annotate import TRAITS_SCHEMA
+    from pipeline.contract import TRAITS_SCHEMA
 
     out = copy_build(demo_build[0], tmp_path / "build")
     rewrite(out / "traits", TRAITS_SCHEMA.empty_table())
@@ -251,7 +254,7 @@ def test_report_without_annotations(demo_build, browser, tmp_path):
 
 
 def test_report_when_nothing_was_selected(demo_build, browser, tmp_path):
-    from pipeline.annotate import TRAITS_SCHEMA
+    from pipeline.contract import TRAITS_SCHEMA
 
     out = copy_build(demo_build[0], tmp_path / "build")
     rewrite(out / "selected", pq.read_table(out / "selected").schema.empty_table())

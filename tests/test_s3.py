@@ -18,7 +18,7 @@ import pytest
 import s3fs
 
 from pipeline import storage
-from pipeline.config import BuildConfig, ConfigError, load_config, validate
+from pipeline.config import BuildConfig, ConfigError, fsspec_options, load_config, validate
 from tests.s3_server import FAKE_KEY, FAKE_SECRET
 
 MINIMAL = {"source": {"format": "bioscan", "root": "s3://data/bioscan"}, "sae": {"checkpoint": "s3://models/sae"},
@@ -58,17 +58,17 @@ def test_storage_section_becomes_s3fs_arguments(monkeypatch):
     cfg = {"endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1", "key_env": "MY_S3_KEY",
            "secret_env": "MY_S3_SECRET", "token_env": "MY_S3_TOKEN",
            "options": {"client_kwargs": {"verify": False}, "config_kwargs": {"connect_timeout": 5}}}
-    assert storage.fsspec_options(cfg, "s3://bucket/key") == {
+    assert fsspec_options(cfg, "s3://bucket/key") == {
         "use_listings_cache": False, "endpoint_url": "http://127.0.0.1:9000",
         "client_kwargs": {"region_name": "eu-west-1", "verify": False}, "config_kwargs": {"connect_timeout": 5},
         "key": "AKIA-from-env", "secret": "secret-from-env", "token": "token-from-env"}
-    assert storage.fsspec_options({"anon": True}, "s3://public/x") == {"use_listings_cache": False, "anon": True}
+    assert fsspec_options({"anon": True}, "s3://public/x") == {"use_listings_cache": False, "anon": True}
     # Only s3:// URLs get s3 options: local paths, hub ids and other stores get none.
     for url in ("/data/x", "file:///data/x", "facebook/dinov2-base", "gs://bucket/x", "memory://x"):
-        assert storage.fsspec_options(cfg, url) == {}, url
+        assert fsspec_options(cfg, url) == {}, url
     # Per-path overrides (source.storage_options) win over the section.
-    assert storage.fsspec_options(cfg, "s3://b/x", {"endpoint_url": "http://other:1"})["endpoint_url"] == "http://other:1"
-    assert storage.fsspec_options(None, "/local", {"auto_mkdir": True}) == {"auto_mkdir": True}
+    assert fsspec_options(cfg, "s3://b/x", {"endpoint_url": "http://other:1"})["endpoint_url"] == "http://other:1"
+    assert fsspec_options(None, "/local", {"auto_mkdir": True}) == {"auto_mkdir": True}
 
 
 def test_credentials_are_read_when_a_path_is_opened_and_never_dumped(monkeypatch):
@@ -94,7 +94,7 @@ def test_bad_storage_keys_are_named(storage_section, key):
         validate(BuildConfig, {**MINIMAL, "storage": storage_section})
     assert key in str(err.value)
     with pytest.raises(ConfigError) as err:  # the helper refuses the same dict, naming the same key
-        storage.fsspec_options(storage_section, "s3://b/x")
+        fsspec_options(storage_section, "s3://b/x")
     assert key in str(err.value)
 
 
@@ -132,7 +132,7 @@ def test_aws_environment_variables_reach_s3_without_a_storage_section(s3_server,
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     url = f"s3://{bucket}/env/hello.txt"
-    fs, path = storage.filesystem(url, storage.fsspec_options(None, url) | {"skip_instance_cache": True})
+    fs, path = storage.filesystem(url, fsspec_options(None, url) | {"skip_instance_cache": True})
     assert fs.cat(path) == b"hello"
     # The same through the section's *_env keys (credentials in variables of our own naming).
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
@@ -140,7 +140,7 @@ def test_aws_environment_variables_reach_s3_without_a_storage_section(s3_server,
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.setenv("BUILD_S3_KEY", FAKE_KEY)
     monkeypatch.setenv("BUILD_S3_SECRET", FAKE_SECRET)
-    opts = storage.fsspec_options({"endpoint_url": s3_server, "key_env": "BUILD_S3_KEY", "secret_env": "BUILD_S3_SECRET"}, url)
+    opts = fsspec_options({"endpoint_url": s3_server, "key_env": "BUILD_S3_KEY", "secret_env": "BUILD_S3_SECRET"}, url)
     fs, path = storage.filesystem(url, opts | {"skip_instance_cache": True})
     assert fs.cat(path) == b"hello"
 
@@ -151,7 +151,7 @@ def test_local_copy_downloads_once_then_never_asks_the_store(s3_server, bucket, 
     fs = client(s3_server)
     fs.pipe({f"{bucket}/model/config.json": b'{"a": 1}', f"{bucket}/model/weights/part-0.bin": b"0" * 1000,
              f"{bucket}/single.pt": b"saev"})
-    opts = storage.fsspec_options(section(s3_server), f"s3://{bucket}/model")
+    opts = fsspec_options(section(s3_server), f"s3://{bucket}/model")
     cache = tmp_path / "cache"
     folder = Path(storage.local_copy(f"s3://{bucket}/model", opts, cache))
     assert folder.name == "model" and json.loads((folder / "config.json").read_text()) == {"a": 1}
@@ -174,7 +174,7 @@ def test_local_copy_is_atomic_and_made_once_per_node(s3_server, bucket, tmp_path
     fs = client(s3_server)
     fs.pipe({f"{bucket}/m/config.json": b"{}", f"{bucket}/m/model.safetensors": b"w" * 5000})
     url, cache = f"s3://{bucket}/m", tmp_path / "cache"
-    opts = storage.fsspec_options(section(s3_server), url)
+    opts = fsspec_options(section(s3_server), url)
 
     # A download that dies half-way leaves nothing a later call (or another actor) would take for a copy.
     real = storage._download
@@ -218,8 +218,8 @@ def test_local_copy_is_atomic_and_made_once_per_node(s3_server, bucket, tmp_path
 def test_sae_and_backbone_load_from_s3(s3_server, bucket, tmp_path, tiny_dinov2, monkeypatch):
     import torch
 
-    from actors.encoder import PatchFeatures
-    from actors.sae import SAESpec, SparseAutoencoder, load_sae, sae_config_json, save_sae, save_saev
+    from pipeline.encoding import PatchFeatures
+    from pipeline.sae import SAESpec, SparseAutoencoder, load_sae, sae_config_json, save_sae, save_saev
 
     monkeypatch.setenv("SAE_TRAITS_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
@@ -233,13 +233,13 @@ def test_sae_and_backbone_load_from_s3(s3_server, bucket, tmp_path, tiny_dinov2,
     cfg = section(s3_server)
 
     url = f"s3://{bucket}/sae"
-    spec = sae_config_json(url, storage.fsspec_options(cfg, url))
+    spec = sae_config_json(url, fsspec_options(cfg, url))
     assert spec["d"] == 64 and spec["m"] == 256 and spec["metadata"] == {"note": "on s3"}
     assert sae_config_json(tmp_path / "sae") == spec                      # a local folder: the same reader
-    assert sae_config_json(f"s3://{bucket}/saev/sae.pt", storage.fsspec_options(cfg, url)) is None
+    assert sae_config_json(f"s3://{bucket}/saev/sae.pt", fsspec_options(cfg, url)) is None
     assert sae_config_json(tmp_path / "sae.pt") is None
     for remote in (url, f"s3://{bucket}/saev/sae.pt"):
-        loaded = load_sae(remote, storage.fsspec_options(cfg, remote))
+        loaded = load_sae(remote, fsspec_options(cfg, remote))
         assert torch.equal(loaded.W_enc, sae.W_enc) and torch.equal(loaded.b_dec, sae.b_dec)
 
     remote = PatchFeatures(f"s3://{bucket}/dinov2-tiny", 1, storage=cfg)
@@ -254,7 +254,7 @@ def test_ray_data_parquet_round_trip_through_the_arrow_wrapper(ray_local, s3_ser
     import ray.data
 
     url = f"s3://{bucket}/out"
-    opts = storage.fsspec_options(section(s3_server), url)
+    opts = fsspec_options(section(s3_server), url)
     arrow_fs, root = storage.arrow_filesystem(url, opts)
     ds = ray.data.range(500, override_num_blocks=4).map_batches(lambda b: {"id": b["id"], "sq": b["id"] ** 2})
     ds.write_parquet(storage.join(root, "table"), filesystem=arrow_fs)

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from actors.sae import SAESpec, SparseAutoencoder, TopK, load_sae, save_sae, save_saev
-from pipeline.train_sae import SAETrainSpec, TrainLoop, train
+from pipeline.sae import SAESpec, SparseAutoencoder, TopK, load_sae, save_sae, save_saev
+from pipeline.config import SAETrainSpec, TrainLoop
+from pipeline.train_sae import train
 
 
 def random_state(d=12, m=48, seed=0):

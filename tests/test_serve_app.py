@@ -15,10 +15,10 @@ import requests
 import yaml
 from PIL import Image, ImageDraw
 
-from actors.serve_app import (AnnotatorAppConfig, build_annotator_app, check_bearer, choose_latents,
-                              parse_multipart, sae_fingerprint)
-from pipeline.config import ConfigError, validate
-from pipeline.renderings import png_bytes
+from actors.serve_app import build_annotator_app
+from pipeline.config import AnnotatorAppConfig, ConfigError, validate
+from pipeline.endpoint import check_bearer, choose_latents, parse_multipart, sae_fingerprint
+from pipeline.annotation.renderings import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token"
@@ -75,21 +75,21 @@ def test_72b_yaml_cross_checks():
     assert autoscaling["target_ongoing_requests"] <= llm["deployment_config"]["max_ongoing_requests"]
     # The annotator calls that very model through the llm app's route.
     annotator = validate(AnnotatorAppConfig, app_args(config, "annotator"))
-    assert annotator.llm.kind == "openai" and annotator.llm.model == llm["model_loading_config"]["model_id"]
-    assert annotator.llm.base_url.endswith(llm_app["route_prefix"] + "/v1")
+    assert annotator.annotate.llm.kind == "openai" and annotator.annotate.llm.model == llm["model_loading_config"]["model_id"]
+    assert annotator.annotate.llm.base_url.endswith(llm_app["route_prefix"] + "/v1")
     assert annotator.encoder_num_gpus == 1 and annotator.backbone.layer == 10
-    assert validate(AnnotatorAppConfig, app_args(serve_config("local_cpu.yaml"), "annotator")).llm.kind == "transformers"
+    assert validate(AnnotatorAppConfig, app_args(serve_config("local_cpu.yaml"), "annotator")).annotate.llm.kind == "transformers"
 
 
 def test_app_config_errors_name_the_key():
     args = app_args(serve_config("local_cpu.yaml"), "annotator")
-    for bad, key in [({"llm": {"kind": "none"}}, "llm"), ({"llm": {"kind": "serve"}}, "llm"),
+    for bad, key in [({"annotate": {"llm": {"kind": "none"}}}, "annotate"), ({"annotate": {"llm": {"kind": "serve"}}}, "annotate"),
                      ({"image_url_fetch": True}, "image_url_fetch"), ({"max_latents": 0}, "max_latents"),
                      ({"describer_min_replicas": 3, "describer_max_replicas": 2}, "describer_max_replicas")]:
         with pytest.raises(ConfigError, match=key):
             build_annotator_app({**args, **bad})
-    with pytest.raises(ConfigError, match="sae_checkpoint"):
-        build_annotator_app({k: v for k, v in args.items() if k != "sae_checkpoint"})
+    with pytest.raises(ConfigError, match="sae.checkpoint"):
+        build_annotator_app({k: v for k, v in args.items() if k != "sae"})
 
 
 # --------------------------------------------------------------------------- request helpers (no Ray)
@@ -181,7 +181,7 @@ def app(ray_local, tiny_dinov2, tmp_path_factory):
     import torch
     from ray import serve
 
-    from actors.sae import SAESpec, SparseAutoencoder, save_sae
+    from pipeline.sae import SAESpec, SparseAutoencoder, save_sae
     from pipeline.tiny_models import make_tiny_qwen2_5_vl
 
     tmp = tmp_path_factory.mktemp("serve_app")
@@ -194,9 +194,11 @@ def app(ray_local, tiny_dinov2, tmp_path_factory):
     annotator["runtime_env"] = {"env_vars": {"SAE_TRAITS_TOKEN": TOKEN}}
     args = annotator["args"]
     args.update({
-        "llm": {**args["llm"], "model": str(make_tiny_qwen2_5_vl(tmp / "qwen")), "max_tokens": 24},
-        "backbone": {"model": str(tiny_dinov2), "layer": LAYER}, "sae_checkpoint": str(sae), "threshold": 1.5,
-        "builds_root": str(tmp / "builds"), "max_latents": 2, "max_upload_bytes": 200_000, "max_pixels": 1_000_000,
+        "annotate": {**args["annotate"], "llm": {**args["annotate"]["llm"], "model": str(make_tiny_qwen2_5_vl(tmp / "qwen")),
+                                                 "max_tokens": 24}},
+        "backbone": {"model": str(tiny_dinov2), "layer": LAYER}, "sae": {"checkpoint": str(sae), "threshold": 1.5},
+        "builds_root": str(tmp / "builds"), "max_latents": 2, "max_upload_bytes": 200_000,
+        "preprocess": {"max_pixels": 1_000_000},
         # the session Ray has 2 CPUs; leave room for whatever else runs in it
         "encoder_num_cpus": 0.2, "describer_num_cpus": 0.2, "endpoint_num_cpus": 0.2,
     })
@@ -263,10 +265,10 @@ def test_describer_handle_one_and_three_images(app):
     images = [png_bytes(np.full((60, 80, 3), c, np.uint8)) for c in (40, 120, 200)]
     for n in (1, 3):
         answer = handle.describe.remote(images[:n], species="Aus bus", request_id=f"t{n}").result(timeout_s=120)
-        assert answer["status"] in ("ok", "background", "unparsed"), answer
-        assert answer["prompt_version"].startswith("single" if n == 1 else "consensus")
-        assert answer["model"] and answer["prompt_tokens"] > 0 and answer["completion_tokens"] > 0
-        assert answer["latency_s"] > 0 and answer["attempts"] == 1
+        assert answer.status in ("ok", "background", "unparsed"), answer
+        assert answer.prompt_version.startswith("single" if n == 1 else "consensus")
+        assert answer.model and answer.prompt_tokens > 0 and answer.completion_tokens > 0
+        assert answer.latency_s > 0 and answer.attempts == 1
 
 
 @pytest.mark.parametrize("case, status, says", [
@@ -356,7 +358,7 @@ def test_describer_replicas_killed_mid_build(app, serve_build, demo_dir, tmp_pat
     """The TraitDescriber replica is killed while the build's annotate stage calls it (after its
     first traits/ file, and again after the replacement's first one when shards are left). Serve's
     controller starts a new replica; the calls that met the dead one (RayActorError) are retried by
-    ServeDescriber with backoff; requests sent meanwhile wait in the handle's router. The build
+    RemoteDescriber with backoff; requests sent meanwhile wait in the handle's router. The build
     finishes with no failed row and the traits of the clean serve build (greedy decoding of the same
     tiny model: the same answers)."""
     import threading

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from pipeline.train_sae import SAETrainSpec, TrainLoop, train
+from pipeline.config import SAETrainSpec, TrainLoop
+from pipeline.train_sae import train
 
 
 def planted_dictionary(d=64, n_atoms=256, n=60_000, k=4, seed=0):
@@ -54,7 +55,7 @@ def test_topk_saes_recover_the_dictionary_with_the_auxk_loss(kind):
 
 
 def test_unit_mean_norm_scale_is_recorded_and_applied(tmp_path):
-    from actors.sae import load_sae, save_sae
+    from pipeline.sae import load_sae, save_sae
 
     x = torch.randn(4096, 16) * 7.0 + 2.0
     loop = TrainLoop(batch_size=256, steps=5, warmup_steps=0)
@@ -90,7 +91,8 @@ def test_activation_files_npy_and_parquet(tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.config import ConfigError
-    from pipeline.train_sae import TrainSourceConfig, activation_files, read_activation_chunks
+    from pipeline.config import TrainSourceConfig
+    from pipeline.train_sae import activation_files, read_activation_chunks
 
     a = np.random.default_rng(0).standard_normal((10, 6)).astype(np.float32)
     b = np.random.default_rng(1).standard_normal((5, 6)).astype(np.float16)
@@ -123,7 +125,7 @@ def test_cli_trains_on_ray_train_and_writes_both_formats(tmp_path):
     import numpy as np
     import yaml
 
-    from actors.sae import load_sae
+    from pipeline.sae import load_sae
 
     np.save(tmp_path / "acts.npy", np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32))
     config = {"source": {"format": "activations", "root": str(tmp_path / "acts.npy")},
@@ -156,7 +158,7 @@ def activation_run(tmp_path, x, name, **train):
     import numpy as np
 
     from pipeline.config import validate
-    from pipeline.train_sae import TrainSAEConfig
+    from pipeline.config import TrainSAEConfig
 
     data = tmp_path / "acts.npy"
     if not data.exists():
@@ -171,7 +173,7 @@ def activation_run(tmp_path, x, name, **train):
 def test_interrupted_run_resumes_to_the_same_weights(ray_local, tmp_path):
     import json
 
-    from actors.sae import load_sae
+    from pipeline.sae import load_sae
     from pipeline.train_sae import fit
 
     x = torch.randn(3000, 16, generator=torch.Generator().manual_seed(0))  # 11 batches per epoch
@@ -213,7 +215,7 @@ def test_resume_with_another_config_or_another_d_is_refused(ray_local, tmp_path)
 
 
 def test_two_gloo_workers_match_one_worker_at_the_same_global_batch(ray_local, tmp_path):
-    from actors.sae import load_sae
+    from pipeline.sae import load_sae
     from pipeline.train_sae import fit
 
     x, dictionary = planted_dictionary(d=32, n_atoms=64, n=20_000, k=3)

@@ -23,6 +23,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from pipeline import storage
+
 FORMAT_VERSION = 1
 
 
@@ -210,8 +212,6 @@ def _from_state(state: dict[str, Tensor], **spec_kwargs) -> SparseAutoencoder:
 def sae_config_json(checkpoint: str | Path, storage_options: dict | None = None) -> dict | None:
     """The ``config.json`` of a project-format checkpoint (a local folder or any fsspec URL, e.g.
     s3://bucket/sae), read without fetching the weights; None for a saev file or a folder without one."""
-    from pipeline import storage
-
     fs, path = storage.filesystem(str(checkpoint), storage_options)
     try:
         with fs.open(storage.join(path.rstrip("/"), "config.json"), "rb") as f:
@@ -223,8 +223,6 @@ def sae_config_json(checkpoint: str | Path, storage_options: dict | None = None)
 def load_sae(path: str | Path, storage_options: dict | None = None) -> SparseAutoencoder:
     """Load either format; a folder is the project's, a file is saev's. A remote checkpoint
     (s3://...) is copied to this node's cache first (:func:`pipeline.storage.local_copy`)."""
-    from pipeline import storage
-
     path = Path(storage.local_copy(str(path), storage_options))
     if path.is_dir():
         config = json.loads((path / "config.json").read_text())
@@ -244,3 +242,12 @@ def load_sae(path: str | Path, storage_options: dict | None = None) -> SparseAut
     ours = header.get("sae_traits", {})
     return _from_state(state, kind=ours.get("kind", "relu"), k=ours.get("k"),
                        input_scale=ours.get("input_scale", 1.0), metadata={"saev_config": header})
+
+
+def sae_metadata(checkpoint: str, storage_options: dict | None = None) -> dict:
+    """What a build's manifest records of its SAE: the checkpoint, and for a project folder its
+    shape and training metadata (read from config.json alone)."""
+    spec = sae_config_json(checkpoint, storage_options)
+    if spec is not None:
+        return {"checkpoint": checkpoint, "d": spec.get("d"), "m": spec.get("m"), "metadata": spec.get("metadata", {})}
+    return {"checkpoint": checkpoint}

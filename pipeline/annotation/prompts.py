@@ -12,7 +12,7 @@ One prompt per (rendering, one image or several):
 | mllm-only-consensus| mllm_only   | 3      | baseline with three whole images                          |
 
 Every prompt asks for one JSON object (see :func:`answer_schema`); vLLM can enforce it through
-``response_format``, and :mod:`actors.answers` reads whatever comes back when it cannot.
+``response_format``, and :mod:`pipeline.annotation.answers` reads whatever comes back when it cannot.
 
 Layout of a request (prefix caching, DESIGN §3.6): the fixed instruction text comes first, then
 the images, then per-request text (the optional taxon hint). vLLM's cache key for a multimodal
@@ -31,7 +31,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from actors.llm_types import ChatRequest
+from pipeline.annotation.llm import ChatRequest
+from pipeline.annotation.vocabulary import ATTRIBUTES
 
 TEMPERATURE = 0.01
 # The paper's budgets were for free text; JSON (keys, quotes, braces) costs more tokens for the
@@ -39,7 +40,6 @@ TEMPERATURE = 0.01
 # can; ChatResult.finish_reason == "length" tells). Callers can raise it with max_tokens=.
 MAX_TOKENS_ONE_IMAGE = 196
 MAX_TOKENS_SEVERAL_IMAGES = 256
-ATTRIBUTES = ("shape", "size", "colour", "texture", "marking", "other")
 RENDERS = ("overlay", "crop", "mllm_only")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 

@@ -2,17 +2,22 @@
 
 Inputs follow the package conventions: ``uint8 [H, W, 3]`` sRGB in ORIGINAL
 pixels, zone masks ``bool [H, W]`` in the same pixels, boxes
-``{"x0", "y0", "x1", "y1"}`` with exclusive x1/y1.  Pure functions, no I/O.
+``{"x0", "y0", "x1", "y1"}`` with exclusive x1/y1.  Pure functions, no I/O;
+:class:`Rendering` picks among them as the annotate section says.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["png_bytes", "encode_image", "zone_outline", "render_overlay", "render_crop", "crop_box"]
+from pipeline.config import AnnotateConfig
+
+__all__ = ["png_bytes", "encode_image", "zone_outline", "render_overlay", "render_crop", "crop_box", "Rendering"]
+MAX_IMAGES = 3  # images per prompt the Serve config lets vLLM take (limit_mm_per_prompt)
 
 
 def png_bytes(rgb: np.ndarray, *, compress_level: int = 1) -> bytes:
@@ -139,3 +144,33 @@ def render_crop(rgb: np.ndarray, box: dict, *, margin_frac: float = 0.15,
     if c["x1"] <= c["x0"] or c["y1"] <= c["y0"]:
         raise ValueError(f"empty crop for box {box} on image {img.shape[:2]}")
     return encode_image(img[c["y0"]:c["y1"], c["x0"]:c["x1"]], fmt)
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How a unit's regions are shown to the model (``annotate.render``, ``mllm_only``, ``crop_margin``,
+    ``image_format``)."""
+    kind: str = "overlay"
+    mllm_only: bool = False
+    crop_margin: float = 0.15
+    image_format: str = "jpeg"
+
+    @classmethod
+    def of(cls, cfg: AnnotateConfig) -> Rendering:
+        return cls(cfg.render, cfg.mllm_only, cfg.crop_margin, cfg.image_format)
+
+    @property
+    def prompt_render(self) -> str:
+        """The rendering a prompt is worded for: the MLLM-only baseline has prompts of its own."""
+        return "mllm_only" if self.mllm_only else self.kind
+
+    def images(self, rgb: np.ndarray, regions: list[tuple[dict, np.ndarray]], max_crops: int = MAX_IMAGES) -> list[bytes]:
+        """Encoded images for one image: the whole image (MLLM-only baseline), the zone outlined and
+        upscaled (overlay), or a crop per region, largest first (crop, at most ``max_crops``)."""
+        fmt = self.image_format
+        if self.mllm_only:
+            return [encode_image(rgb, fmt)]
+        if self.kind == "overlay":
+            return [render_overlay(rgb, np.logical_or.reduce([m for _, m in regions]), fmt=fmt)]
+        by_area = sorted(regions, key=lambda r: -int(r[1].sum()))[:max_crops]
+        return [render_crop(rgb, box, margin_frac=self.crop_margin, fmt=fmt) for box, _ in by_area]

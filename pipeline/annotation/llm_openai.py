@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 
-from actors.llm_types import ChatRequest, ChatResult, LLMRequestFailed
+from pipeline.annotation.llm import ChatRequest, ChatResult, LLMRequestFailed
 
 RETRY_STATUSES = {429} | set(range(500, 600))
 RESPONSE_FORMAT_WORDS = ("response_format", "json_schema", "guided_json", "structured output")
@@ -70,7 +70,7 @@ class _LoopState:
 
 
 class OpenAIBackend:
-    """The :class:`actors.llm_types.Backend` for an OpenAI-compatible HTTP server.
+    """The :class:`pipeline.annotation.llm.Backend` for an OpenAI-compatible HTTP server.
 
     ``base_url`` ends in ``/v1`` (``http://host:8000/v1``). ``max_retries`` counts retries, so a
     request makes at most ``max_retries + 1`` attempts (plus one if the response_format fallback

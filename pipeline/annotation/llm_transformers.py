@@ -1,6 +1,6 @@
 """A local Hugging Face vision-language model as an LLM backend (no server): one generate at a time.
 
-The :class:`actors.llm_types.Backend` for a model loaded in-process with ``from_pretrained`` — a hub id
+The :class:`pipeline.annotation.llm.Backend` for a model loaded in-process with ``from_pretrained`` — a hub id
 or a local folder (the tests' tiny random Qwen2.5-VL goes through the very same path). The Qwen2-VL /
 Qwen2.5-VL family is handled natively: its tokenizer renders the chat, a ``Qwen2VLImageProcessor``
 (the PIL one where torchvision is missing) cuts each image into patches, and each ``<|image_pad|>``
@@ -8,7 +8,7 @@ is repeated grid_t·grid_h·grid_w / merge² times — what ``Qwen2_5_VLProcesso
 video processor (which wants torchvision). Other VLMs go through ``AutoProcessor`` +
 ``AutoModelForImageTextToText``.
 
-Imports only torch, transformers, PIL and the standard library (plus actors.llm_types): the GPU
+Imports only torch, transformers, PIL and the standard library (plus pipeline.annotation.llm): the GPU
 benchmark runs it where pydantic and Ray are not installed.
 
     backend = TransformersBackend("Qwen/Qwen2.5-VL-3B-Instruct")
@@ -33,7 +33,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor,
 # From its module: transformers 5.17's top-level AutoImageProcessor is a stub that demands torchvision.
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-from actors.llm_types import ChatRequest, ChatResult, LLMRequestFailed
+from pipeline.annotation.llm import ChatRequest, ChatResult, LLMRequestFailed
 
 QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
@@ -110,7 +110,7 @@ def to_hf_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
 
 
 class TransformersBackend:
-    """The :class:`actors.llm_types.Backend` for a Hugging Face VLM in this process.
+    """The :class:`pipeline.annotation.llm.Backend` for a Hugging Face VLM in this process.
 
     - ``device``/``dtype`` "auto": CUDA + bf16 when a GPU is visible, else CPU + fp32.
     - ``max_pixels`` caps the image processor's resized area (Qwen: ``size["longest_edge"]``), i.e. the

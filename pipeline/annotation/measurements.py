@@ -31,9 +31,12 @@ import math
 
 import numpy as np
 
+from pipeline.boxes import label_components, region_masks
+from pipeline.preprocessing import Geometry
+
 __all__ = [
     "PALETTE",
-    "label_components",
+    "regions_and_measurements",
     "segment_specimen",
     "nearest_colour_name",
     "measure_region",
@@ -66,73 +69,6 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "dark green": (25, 75, 35),
     "olive": (128, 128, 0),
 }
-
-
-# --------------------------------------------------------------------------
-# connected components (run-length + vectorised union of runs)
-# --------------------------------------------------------------------------
-
-def label_components(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
-    """Label connected components of a bool mask.
-
-    Returns ``(labels, n)``: ``labels`` is ``int32 [H, W]`` with 0 for
-    background and 1..n for components (numbered in raster order of their
-    first pixel).  ``connectivity`` is 8 or 4.  Works on horizontal runs, so
-    cost scales with the number of runs, not pixels (~1 ms for 400x256).
-    """
-    if connectivity not in (4, 8):
-        raise ValueError("connectivity must be 4 or 8")
-    m = np.asarray(mask, dtype=bool)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
-    H, W = m.shape
-    labels = np.zeros((H, W), dtype=np.int32)
-    padded = np.zeros((H, W + 2), dtype=np.int8)
-    padded[:, 1:-1] = m
-    d = np.diff(padded, axis=1)
-    rows, starts = np.nonzero(d == 1)   # run start columns (inclusive)
-    _, ends = np.nonzero(d == -1)       # run end columns (exclusive)
-    n_runs = rows.size
-    if n_runs == 0:
-        return labels, 0
-
-    # Runs in row r+1 that touch run a in row r form a contiguous index range.
-    stride = W + 2
-    ext = 1 if connectivity == 8 else 0
-    start_key = rows * stride + starts
-    end_key = rows * stride + ends
-    nxt = (rows + 1) * stride
-    lo = np.searchsorted(end_key, nxt + starts - ext, side="right")
-    hi = np.searchsorted(start_key, nxt + ends + ext, side="left")
-    counts = np.maximum(hi - lo, 0)
-    a = np.repeat(np.arange(n_runs), counts)
-    first = np.repeat(lo, counts)
-    offs = np.arange(a.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    b = first + offs
-
-    root = _union_edges(n_runs, a, b)
-    _, comp = np.unique(root, return_inverse=True)
-    labels.ravel()[m.ravel()] = np.repeat(comp.astype(np.int32) + 1, ends - starts)
-    return labels, int(comp.max()) + 1
-
-
-def _union_edges(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Root (smallest node id) of each node's component, by vectorised hooking + pointer jumping."""
-    parent = np.arange(n)
-    if a.size == 0:
-        return parent
-    while True:
-        ra, rb = parent[a], parent[b]
-        if np.array_equal(ra, rb):
-            return parent
-        lo_r = np.minimum(ra, rb)
-        np.minimum.at(parent, ra, lo_r)
-        np.minimum.at(parent, rb, lo_r)
-        while True:  # pointer jumping until every node points at a root
-            pp = parent[parent]
-            if np.array_equal(pp, parent):
-                break
-            parent = pp
 
 
 # --------------------------------------------------------------------------
@@ -327,6 +263,14 @@ def measure_region(rgb: np.ndarray, specimen_mask: np.ndarray, zone_mask: np.nda
     out["colour_r"], out["colour_g"], out["colour_b"] = (int(v) for v in mean)
     out["colour_name"] = nearest_colour_name(mean)
     return out
+
+
+def regions_and_measurements(rgb: np.ndarray, patches, geom: Geometry) -> tuple[list[tuple[dict, np.ndarray]], list[dict]]:
+    """The zone of ``patches`` as connected regions — (box in original pixels, mask) — and each
+    region's measurements."""
+    regions = region_masks(patches, geom)
+    specimen = segment_specimen(rgb)
+    return regions, [measure_region(rgb, specimen, mask, box) for box, mask in regions]
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""The annotate stage: candidates/ → annotation units → traits/ rows.
+
+A unit is one LLM request: a complete consensus group of candidates/ (three images of one species
+where the same latent fires — the paper's three-image prompt) when ``annotate.images_per_prompt``
+is 3, else one candidate image. :class:`AnnotateUnits` is the per-batch callable: for each unit
+it loads the images, measures the zones, renders them (:class:`~pipeline.annotation.renderings.Rendering`)
+and asks its describer — a :class:`~pipeline.annotation.describer.TraitDescriber` in this process
+(kinds none, openai, transformers) or the annotator Serve app through a
+:class:`~pipeline.annotation.describer.RemoteDescriber` (kind serve). All units of a batch are in
+flight together, bounded by the describer's share of ``annotate.max_in_flight``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from dataclasses import replace
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.annotation.describer import RemoteDescriber, TraitDescriber, unit_prompt_version
+from pipeline.annotation.measurements import regions_and_measurements
+from pipeline.annotation.record import Annotation, annotations_table
+from pipeline.annotation.renderings import Rendering
+from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
+from pipeline.contract import RENDERINGS_FIELD
+from pipeline.errors import ImageRejected, Rejected, error_detail
+from pipeline.preprocessing import Geometry, decode_image
+from pipeline.sources import ImageReader
+
+
+def annotation_id(prompt_version: str, species: str, latent: int, image_ids: list[str]) -> str:
+    """Stable across runs: the same request always has the same id (resume, de-duplication)."""
+    return storage.stable_digest([prompt_version, species, str(latent), *image_ids])
+
+
+def annotation_units(candidates: list[dict], images_per_prompt: int) -> list[dict]:
+    """Candidate rows → units {species, genus, latent, members: [rows, strongest first]}: one per
+    complete consensus group when ``images_per_prompt`` is 3, one per remaining candidate."""
+    groups, units = defaultdict(list), []
+    for row in candidates:
+        if images_per_prompt > 1 and row.get("consensus_group") is not None:
+            groups[row["species"], row["latent"], row["consensus_group"]].append(row)
+        else:
+            units.append([row])
+    units += [sorted(g, key=lambda r: r["image_rank"]) for _, g in sorted(groups.items())]
+    return [{"species": m[0]["species"], "genus": m[0]["genus"], "latent": m[0]["latent"], "members": m} for m in units]
+
+
+def prompt_version_for(cfg: AnnotateConfig, n_images: int) -> str:
+    """The version the describer will record for a unit of ``n_images``, known before asking it."""
+    return unit_prompt_version(cfg.llm, Rendering.of(cfg).prompt_render, n_images, cfg.include_taxon)
+
+
+def unit_annotation_id(cfg: AnnotateConfig, unit: dict) -> str:
+    """A unit's annotation_id: the build writes it next to the unit (its resume key), the stage
+    recomputes it for its rows; both through here."""
+    members = unit["members"]
+    return annotation_id(prompt_version_for(cfg, len(members)), unit["species"], unit["latent"],
+                         [r["image_id"] for r in members])
+
+
+class AnnotateUnits:
+    """Callable over a batch of units (pyarrow, from :func:`annotation_units`) → (traits rows, rejected)."""
+
+    def __init__(self, cfg: AnnotateConfig, source: SourceConfig, preprocess: PreprocessConfig,
+                 max_in_flight: int | None = None):
+        self.cfg, self.preprocess = cfg, preprocess
+        self.reader = ImageReader(source)
+        self.rendering = Rendering.of(cfg)
+        in_flight = max_in_flight or cfg.max_in_flight
+        # kind serve only sends the rendered images to the deployment, which words the prompt the
+        # same way (told the rendering and the taxon switch on every call).
+        self.describer = (RemoteDescriber(cfg.llm.app_name, in_flight, cfg.llm.max_retries, cfg.llm.backoff_s)
+                          if cfg.llm.kind == "serve" else
+                          TraitDescriber(cfg.llm, render=self.rendering.prompt_render, include_taxon=cfg.include_taxon,
+                                         max_in_flight=in_flight))
+
+    def load_rgb(self, row: dict) -> np.ndarray:
+        try:
+            data = self.reader.read(row["path"], row["source_file"], row["source_row"])
+        except FileNotFoundError as exc:
+            raise ImageRejected("missing_file", str(exc)) from None
+        rgb = np.asarray(decode_image(data, self.preprocess))
+        geom = Geometry.from_row(row)
+        if rgb.shape[:2] != (geom.orig_h, geom.orig_w):
+            raise ImageRejected("changed_on_disk", f"image is {rgb.shape[1]}x{rgb.shape[0]}, "
+                                f"was {geom.orig_w}x{geom.orig_h} when encoded")
+        return rgb
+
+    def prepare(self, unit: dict) -> tuple[list[bytes], list[list[dict]], list[list[dict]]]:
+        """(rendered images, boxes per member, measurements per member). A consensus unit sends one
+        rendering per member (the largest crop with render crop); a single image may send up to 3 crops."""
+        images, boxes, measurements = [], [], []
+        single = len(unit["members"]) == 1
+        for row in unit["members"]:
+            rgb = self.load_rgb(row)
+            regions, measured = regions_and_measurements(rgb, row["patches"], Geometry.from_row(row))
+            images += self.rendering.images(rgb, regions, max_crops=3 if single else 1)
+            boxes.append([box for box, _ in regions])
+            measurements.append(measured)
+        return images, boxes, measurements
+
+    async def annotate_unit(self, unit: dict) -> tuple[Annotation, list[bytes], Rejected | None]:
+        members = unit["members"]
+        image_ids = [r["image_id"] for r in members]
+        version = prompt_version_for(self.cfg, len(members))
+        aid = unit_annotation_id(self.cfg, unit)
+        described = dict(annotation_id=aid, image_ids=image_ids, species=unit["species"], genus=unit["genus"],
+                         latent=unit["latent"], boxes=[r["boxes"] for r in members], measurements=[[] for _ in members])
+        try:  # in a thread: rendering is CPU work, and the event loop must keep the requests moving
+            images, described["boxes"], described["measurements"] = await asyncio.to_thread(self.prepare, unit)
+        except Exception as exc:  # one unreadable image fails its unit, not the batch
+            reason = exc.reason if isinstance(exc, ImageRejected) else "annotate_failed"
+            failed = replace(Annotation.failed(reason, model=None, prompt_version=version, detail=error_detail(exc)),
+                             **described)
+            return failed, [], Rejected(stage="annotate", reason=reason, detail=failed.error, image_id=image_ids[0],
+                                        annotation_id=aid)
+        kwargs = {"render": self.rendering.prompt_render, "include_taxon": self.cfg.include_taxon} \
+            if self.cfg.llm.kind == "serve" else {}
+        answer = await self.describer.describe(images, species=unit["species"], genus=unit["genus"],
+                                               measurements=described["measurements"], request_id=aid, **kwargs)
+        # A deployment that failed to answer names no prompt version: the one asked for.
+        annotation = replace(answer, **described, prompt_version=answer.prompt_version or version)
+        rejected = None
+        if annotation.status == "failed":  # still failing after the retries: recorded, the row stays
+            reason = "llm_" + (annotation.error or "failed").split(":")[0]
+            rejected = Rejected(stage="annotate", reason=reason, detail=annotation.error or "", image_id=image_ids[0],
+                                annotation_id=aid)
+        return annotation, images, rejected
+
+    async def annotate_all(self, units: list[dict]):
+        return await asyncio.gather(*(self.annotate_unit(u) for u in units))
+
+    def __call__(self, batch: pa.Table) -> tuple[pa.Table, list[Rejected]]:
+        results = asyncio.run(self.annotate_all(batch.to_pylist()))
+        table = annotations_table([a for a, _, _ in results])
+        if self.cfg.save_renderings:
+            table = table.append_column(RENDERINGS_FIELD, pa.array([p for _, p, _ in results], RENDERINGS_FIELD.type))
+        return table, [rej for _, _, rej in results if rej is not None]

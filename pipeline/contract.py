@@ -1,0 +1,107 @@
+"""The data contract of a build: every table's schema and the one table of stages that write them.
+
+    stage        reads             writes          resumed by        schema
+    index        the source        _build/index    (redone)          INDEX_SCHEMA
+    encode       _build/index      activations     image_id          ACTIVATIONS_SCHEMA
+    count        activations       counts          (redone)          COUNTS_SCHEMA
+    select       counts            selected        (redone)          SELECTED_SCHEMA
+    candidates   activations       candidates      (redone)          CANDIDATES_SCHEMA
+    annotate     candidates        traits          annotation_id     TRAITS_SCHEMA
+    (any)        rejected rows     errors          (de-duplicated)   ERRORS_SCHEMA
+
+The build's bookkeeping (what to clear, what to resume, what to count), the report's column lists,
+the columns carried from stage to stage and the contract tests all read :data:`STAGES`; column
+names follow DESIGN §5 (extra columns are allowed, none of the required ones may go)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+STATE = "_build"  # resume state under the output: the config, the index, stage markers, fault switches
+
+INDEX_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("species", pa.string()), ("genus", pa.string()), ("family", pa.string()),
+    ("split", pa.string()), ("path", pa.string()), ("source_file", pa.string()), ("source_row", pa.int64()),
+])
+# Where an image's pixels came from and how they map onto the model input (pipeline.preprocessing.Geometry).
+GEOMETRY_SCHEMA = pa.schema([
+    ("orig_w", pa.int32()), ("orig_h", pa.int32()), ("scale_x", pa.float64()), ("scale_y", pa.float64()),
+    ("offset_x", pa.float64()), ("offset_y", pa.float64()), ("input_size", pa.int32()), ("patch_px", pa.int32()),
+])
+# The columns that let a later stage (candidates, annotate, the report) find and re-read an image.
+IMAGE_COLUMNS = ("image_id", "species", "genus", "path", "source_file", "source_row", *GEOMETRY_SCHEMA.names)
+
+ACTIVATIONS_SCHEMA = pa.schema([
+    *INDEX_SCHEMA, *GEOMETRY_SCHEMA,
+    ("latent", pa.list_(pa.int32())), ("patch", pa.list_(pa.int16())), ("value", pa.list_(pa.float32())),
+    ("n_firings", pa.int32()),
+])
+COUNTS_SCHEMA = pa.schema([("rank", pa.string()), ("taxon", pa.string()), ("latent", pa.int32()), ("count", pa.int64())])
+SELECTED_SCHEMA = pa.schema([
+    ("species", pa.string()), ("genus", pa.string()), ("latent", pa.int32()),
+    ("f_species", pa.float64()), ("f_genus", pa.float64()),
+    ("contrast_rank", pa.string()), ("contrast_taxon", pa.string()),
+    ("score", pa.float64()), ("rank_in_species", pa.int32()),
+])
+BOX_TYPE = pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32())])
+CANDIDATES_SCHEMA = pa.schema([
+    *(ACTIVATIONS_SCHEMA.field(name) for name in IMAGE_COLUMNS),
+    ("latent", pa.int32()), ("patches", pa.list_(pa.int16())), ("activation_sum", pa.float64()),
+    ("latent_score", pa.float64()), ("latent_rank", pa.int32()),
+    ("image_rank", pa.int32()), ("consensus_group", pa.int32()), ("boxes", pa.list_(BOX_TYPE)),
+])
+MEASUREMENT_TYPE = pa.struct([
+    ("area_px", pa.int64()), ("area_frac_specimen", pa.float64()),
+    ("box_w_px", pa.int32()), ("box_h_px", pa.int32()),
+    ("elongation", pa.float64()), ("orientation_deg", pa.float64()),
+    ("axial_pos", pa.float64()), ("lateral_pos", pa.float64()),
+    ("colour_r", pa.int32()), ("colour_g", pa.int32()), ("colour_b", pa.int32()), ("colour_name", pa.string()),
+])
+TRAIT_TYPE = pa.struct([("attribute", pa.string()), ("value", pa.string())])
+# One row per annotation; pipeline.annotation.record.Annotation has exactly these fields.
+TRAITS_SCHEMA = pa.schema([
+    ("annotation_id", pa.string()), ("image_ids", pa.list_(pa.string())),
+    ("species", pa.string()), ("genus", pa.string()), ("latent", pa.int32()),
+    ("boxes", pa.list_(pa.list_(BOX_TYPE))), ("measurements", pa.list_(pa.list_(MEASUREMENT_TYPE))),
+    ("description", pa.string()), ("model", pa.string()), ("prompt_version", pa.string()),
+    ("status", pa.string()), ("latency_s", pa.float64()),
+    ("body_part", pa.string()), ("body_part_raw", pa.string()), ("body_part_known", pa.bool_()),
+    ("is_background", pa.bool_()), ("traits", pa.list_(TRAIT_TYPE)), ("common_traits", pa.list_(pa.string())),
+    ("parsed_as", pa.string()), ("raw_answer", pa.string()), ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()), ("attempts", pa.int32()), ("error", pa.string()),
+])
+RENDERINGS_FIELD = pa.field("renderings", pa.list_(pa.binary()))  # traits/ with annotate.save_renderings
+ERRORS_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("annotation_id", pa.string()), ("stage", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()),
+])
+ERRORS = "errors"  # the output folder of ERRORS_SCHEMA rows
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    input: str | None
+    """The output folder it reads (None: the source)."""
+    output: str
+    """Its output folder under the build's output root."""
+    schema: pa.Schema
+    resume_key: str | None = None
+    """Row id by which a killed run's output is kept and only the missing rows are redone; None:
+    a partial output is cleared and the stage redone (it is cheap)."""
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("index", None, f"{STATE}/index", INDEX_SCHEMA),
+    Stage("encode", f"{STATE}/index", "activations", ACTIVATIONS_SCHEMA, resume_key="image_id"),
+    Stage("count", "activations", "counts", COUNTS_SCHEMA),
+    Stage("select", "counts", "selected", SELECTED_SCHEMA),
+    Stage("candidates", "activations", "candidates", CANDIDATES_SCHEMA),
+    Stage("annotate", "candidates", "traits", TRAITS_SCHEMA, resume_key="annotation_id"),
+)
+STAGE = {stage.name: stage for stage in STAGES}
+# Every folder a build writes, in stage order, then errors/.
+TABLES: dict[str, pa.Schema] = {**{s.output: s.schema for s in STAGES if not s.output.startswith(STATE)},
+                                ERRORS: ERRORS_SCHEMA}

@@ -1,0 +1,157 @@
+"""The encode stage's library: model-ready pixels → DINOv2 patch features → SAE codes → firings above τ.
+
+:class:`FiringEncoder` is a callable over a batch; :mod:`actors.encoder` hosts it in a Ray Data
+actor pool (``num_gpus=...``), and a test calls it as a plain object. Only firings leave it, as
+compact lists per image — never the dense [patches, latents] code (≈25 MB/image at full size).
+:class:`PatchFeatures` alone is the SAE trainer's view of the backbone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from transformers import AutoConfig, AutoModel
+
+from pipeline import storage
+from pipeline.config import BackboneConfig, ConfigError, PreprocessConfig, fsspec_options
+from pipeline.contract import ACTIVATIONS_SCHEMA, GEOMETRY_SCHEMA, INDEX_SCHEMA
+from pipeline.sae import load_sae
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Columns carried from the decode stage into activations/ (typed, so every block has one schema).
+PASSTHROUGH = {f.name: f.type for f in (*INDEX_SCHEMA, *GEOMETRY_SCHEMA)}
+DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
+    """CUDA when a GPU is visible (bf16 unless told otherwise), else CPU in fp32."""
+    if torch.cuda.is_available():
+        return torch.device("cuda"), DTYPES.get(dtype, torch.bfloat16)
+    return torch.device("cpu"), torch.float32 if dtype in ("auto", "float16", "bfloat16") else DTYPES[dtype]
+
+
+def backbone_config(model: str, storage_options: dict | None = None) -> dict:
+    """The backbone's ``config.json`` (a local or remote folder read directly; a hub id through the
+    hub's cache), without loading its weights."""
+    if storage.is_remote(model) or Path(model).is_dir():
+        fs, path = storage.filesystem(model, storage_options)
+        with fs.open(storage.join(path.rstrip("/"), "config.json"), "rb") as f:
+            return json.load(f)
+    return AutoConfig.from_pretrained(model).to_dict()
+
+
+def backbone_patch_px(backbone: BackboneConfig, preprocess: PreprocessConfig, storage_section=None) -> int:
+    """The backbone's patch size, read from its config and checked against ``preprocess.image_size``
+    (the patch grid must tile the input exactly); a ConfigError names both keys otherwise."""
+    config = backbone_config(backbone.model, fsspec_options(storage_section, backbone.model))
+    if config.get("model_type") not in DINOV2_MODEL_TYPES:
+        raise ConfigError(f"backbone.model: {backbone.model} is a {config.get('model_type')!r} model, not DINOv2")
+    patch_px = int(config["patch_size"])
+    if preprocess.image_size % patch_px:
+        raise ConfigError(f"preprocess.image_size: {preprocess.image_size} is not a multiple of the patch size "
+                          f"{patch_px} of backbone.model {backbone.model}; use e.g. "
+                          f"{preprocess.image_size // patch_px * patch_px} or {(preprocess.image_size // patch_px + 1) * patch_px}")
+    return patch_px
+
+
+def load_backbone(model: str, layer: int, device: torch.device, dtype: torch.dtype,
+                  storage_options: dict | None = None) -> tuple[torch.nn.Module, int]:
+    """A DINOv2 model cut after block ``layer`` (later blocks are never needed), and how many
+    prefix tokens (CLS + registers) precede the patch tokens. ``model`` is a hub id, a local
+    folder or a remote folder (s3://...), copied to this node's cache first."""
+    backbone = AutoModel.from_pretrained(storage.local_copy(model, storage_options), dtype=dtype)
+    if backbone.config.model_type not in DINOV2_MODEL_TYPES:
+        raise ValueError(f"backbone.model: {model} is a {backbone.config.model_type!r} model, not DINOv2")
+    n_layers = len(backbone.encoder.layer)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"backbone.layer: {layer} is out of range for a {n_layers}-block model (0..{n_layers - 1})")
+    backbone.encoder.layer = backbone.encoder.layer[: layer + 1]
+    backbone.config.num_hidden_layers = layer + 1
+    n_prefix = 1 + getattr(backbone.config, "num_register_tokens", 0)
+    return backbone.to(device).eval(), n_prefix
+
+
+class PatchFeatures:
+    """uint8 pixels [B, S, S, 3] → DINOv2 residual stream after block ``layer``, patch tokens
+    only [B, P, d] (ImageNet normalisation done on the device). ``storage``: the config's storage
+    section (StorageConfig or its dict), for a model on s3://."""
+
+    def __init__(self, model: str, layer: int, dtype: str = "auto", storage=None):
+        self.device, self.dtype = pick_device_dtype(dtype)
+        self.backbone, self.n_prefix = load_backbone(model, layer, self.device, self.dtype,
+                                                     fsspec_options(storage, model))
+        self.hidden_size = self.backbone.config.hidden_size
+        self.patch_px = int(self.backbone.config.patch_size)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
+
+    @torch.inference_mode()
+    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+        if pixels.shape[1] % self.patch_px or pixels.shape[2] % self.patch_px:
+            raise ValueError(f"preprocess.image_size: pixels of {pixels.shape[2]}x{pixels.shape[1]} do not tile "
+                             f"into the backbone's {self.patch_px}-px patches")
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+        x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
+        out = self.backbone(pixel_values=x.to(self.dtype), output_hidden_states=True)
+        return out.hidden_states[-1][:, self.n_prefix:, :]
+
+
+class FiringEncoder:
+    """Callable over a batch (dict of numpy arrays with a uint8 ``pixels`` [B, S, S, 3] column);
+    returns a pyarrow table: the pass-through columns plus ``latent`` list<int32>, ``patch``
+    list<int16>, ``value`` list<float32> and ``n_firings``. ``storage``: the config's storage
+    section (StorageConfig or its dict), for a backbone or SAE checkpoint on s3://."""
+
+    def __init__(self, model: str, layer: int, sae_checkpoint: str, threshold: float,
+                 dtype: str = "auto", sae_chunk_images: int = 32, storage=None):
+        self.features = PatchFeatures(model, layer, dtype, storage)
+        self.device, self.dtype = self.features.device, self.features.dtype
+        self.sae = load_sae(sae_checkpoint, fsspec_options(storage, sae_checkpoint)).to(self.device, self.dtype).eval()
+        if self.sae.spec.d != self.features.hidden_size:
+            raise ValueError(f"sae.checkpoint: SAE input size d={self.sae.spec.d} but the backbone's "
+                             f"hidden size is {self.features.hidden_size}")
+        self.threshold = threshold
+        self.sae_chunk_images = sae_chunk_images  # bounds the dense code held on the device
+
+    @torch.inference_mode()
+    def firings(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """→ (offsets [B+1], latent [F] int32, patch [F] int16, value [F] float32), sorted by
+        image, then patch, then latent."""
+        feats = self.features(pixels)
+        counts, latents, patches, values = [], [], [], []
+        for start in range(0, feats.shape[0], self.sae_chunk_images):
+            codes = self.sae.encode(feats[start:start + self.sae_chunk_images])  # [b, P, m]
+            img, patch, latent = torch.nonzero(codes > self.threshold, as_tuple=True)
+            values.append(codes[img, patch, latent].float().cpu())
+            counts.append(torch.bincount(img, minlength=codes.shape[0]).cpu())
+            latents.append(latent.to(torch.int32).cpu())
+            patches.append(patch.to(torch.int16).cpu())
+        offsets = np.zeros(feats.shape[0] + 1, np.int32)
+        np.cumsum(torch.cat(counts).numpy(), out=offsets[1:])
+        return offsets, torch.cat(latents).numpy(), torch.cat(patches).numpy(), torch.cat(values).numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["image_id"])
+        if n:
+            offsets, latent, patch, value = self.firings(batch["pixels"])
+        else:
+            offsets, latent, patch, value = (np.zeros(1, np.int32), np.zeros(0, np.int32),
+                                             np.zeros(0, np.int16), np.zeros(0, np.float32))
+        offs = pa.array(offsets, pa.int32())
+        columns = {k: _column(batch[k], t) if k in batch else pa.nulls(n, t) for k, t in PASSTHROUGH.items()}
+        columns["latent"] = pa.ListArray.from_arrays(offs, pa.array(latent, pa.int32()))
+        columns["patch"] = pa.ListArray.from_arrays(offs, pa.array(patch, pa.int16()))
+        columns["value"] = pa.ListArray.from_arrays(offs, pa.array(value, pa.float32()))
+        columns["n_firings"] = pa.array(np.diff(offsets), pa.int32())
+        return pa.table(columns, schema=ACTIVATIONS_SCHEMA)
+
+
+def _column(values: np.ndarray, type_: pa.DataType) -> pa.Array:
+    if values.dtype == object:
+        return pa.array(list(values), type=type_, from_pandas=True)
+    return pa.array(values, from_pandas=True).cast(type_)
