@@ -24,7 +24,8 @@ class EncodeActor:
     def __init__(self, cfg: BuildConfig):
         self.cfg, self.batches = cfg, 0
         self.encoder = FiringEncoder(model=cfg.backbone.model, layer=cfg.backbone.layer, sae_checkpoint=cfg.sae.checkpoint,
-                                     threshold=cfg.sae.threshold, dtype=cfg.backbone.dtype, storage=cfg.storage)
+                                     threshold=cfg.sae.threshold, dtype=cfg.backbone.dtype, storage=cfg.storage,
+                                     subtract_b_dec=cfg.sae.subtract_b_dec)
 
     def __call__(self, batch):
         out = self.encoder(batch)

@@ -66,7 +66,7 @@ class PatchEncoder:
 
     def __init__(self, cfg: AnnotatorAppConfig):
         self.encoder = FiringEncoder(cfg.backbone.model, cfg.backbone.layer, cfg.sae.checkpoint, cfg.sae.threshold,
-                                     dtype=cfg.backbone.dtype, storage=cfg.storage)
+                                     dtype=cfg.backbone.dtype, storage=cfg.storage, subtract_b_dec=cfg.sae.subtract_b_dec)
         self.encode_batch.set_max_batch_size(cfg.encoder_max_batch_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)

@@ -198,9 +198,13 @@ class BackboneConfig(Section):
 
 class SAEConfig(Section):
     checkpoint: str | None = None
-    """SAE checkpoint: a project folder (config.json + model.safetensors) or a saev file."""
+    """SAE checkpoint: a project folder (config.json + model.safetensors) or a saev file (the 0.1
+    layout, or header schemas 1 to 5)."""
     threshold: float = 0.9
     """τ: a latent fires on a patch when its code is above this (raw units of that SAE)."""
+    subtract_b_dec: bool | None = None
+    """Only for a saev schema-1 file, whose header cannot say it: true when its encode subtracts b_dec
+    (saev before commit e7ca004, 2025-07-31), false when not. Every other layout says it itself."""
 
 
 class EncoderConfig(Section):

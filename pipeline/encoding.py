@@ -108,10 +108,11 @@ class FiringEncoder:
     section (StorageConfig or its dict), for a backbone or SAE checkpoint on s3://."""
 
     def __init__(self, model: str, layer: int, sae_checkpoint: str, threshold: float,
-                 dtype: str = "auto", sae_chunk_images: int = 32, storage=None):
+                 dtype: str = "auto", sae_chunk_images: int = 32, storage=None, subtract_b_dec: bool | None = None):
         self.features = PatchFeatures(model, layer, dtype, storage)
         self.device, self.dtype = self.features.device, self.features.dtype
-        self.sae = load_sae(sae_checkpoint, fsspec_options(storage, sae_checkpoint)).to(self.device, self.dtype).eval()
+        self.sae = load_sae(sae_checkpoint, fsspec_options(storage, sae_checkpoint),
+                            subtract_b_dec).to(self.device, self.dtype).eval()
         if self.sae.spec.d != self.features.hidden_size:
             raise ValueError(f"sae.checkpoint: SAE input size d={self.sae.spec.d} but the backbone's "
                              f"hidden size is {self.features.hidden_size}")

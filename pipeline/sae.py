@@ -1,15 +1,23 @@
-"""The sparse autoencoder (ReLU + L1, as in the paper) and its two checkpoint formats.
+"""The sparse autoencoder (ReLU + L1, as in the paper; TopK and BatchTopK too) and its checkpoint formats.
 
-    encode  f(x) = ReLU((x·s − b_dec) · W_enc + b_enc)      W_enc [d, m]
+    encode  f(x) = act((x·s − b_dec) · W_enc + b_enc)       W_enc [d, m]   (− b_dec: subtract_b_dec)
     decode  x̂    = f · W_dec + b_dec                        W_dec [m, d], rows unit-norm
 
 ``s`` is the activation scale recorded in the checkpoint (1.0 = raw activations, the paper).
 
-Formats
-- project (version 1): a folder with ``config.json`` ({"format": "sae-traits", "version": 1, "d",
-  "m", "kind", "input_scale", "metadata"}) and ``model.safetensors``.
-- saev (the paper authors' release): one JSON line (d_vit, exp_factor, ...), a newline, then a
-  ``torch.save``d state dict with W_enc [d, m], b_enc [m], W_dec [m, d], b_dec [d].
+Formats (read by :func:`load_sae`; each layout either read exactly or refused, naming the field)
+- project (version 2): a folder with ``config.json`` ({"format": "sae-traits", "version", "d", "m",
+  "kind", "k", "input_scale", "subtract_b_dec", "relu_top_k", "metadata"}) and ``model.safetensors``.
+  Version 1 folders (before subtract_b_dec / relu_top_k existed) read as both true.
+- saev 0.1 (:data:`SAEV_01_KEYS`; saev 0.1.0 on PyPI, the paper's release): one JSON line of the
+  config, a newline, then a ``torch.save``d state dict W_enc [d, m], b_enc [m], W_dec [m, d],
+  b_dec [d]. ReLU, and encode subtracts b_dec. Written by :func:`save_saev`.
+- saev schema 2–5 (saev's repository): a header ``{"schema", "cfg": {"d_model", "d_sae",
+  "activation": {"cls": "Relu" | "TopK" | "BatchTopK", "params"}, ...}, "commit", "lib"}``, then
+  the state dict (+ ``activation.threshold`` for BatchTopK). Encode is ``act(x · W_enc + b_enc)``
+  — no b_dec subtraction — and saev's TopK keeps the k largest pre-activations as they are
+  (no ReLU). Schema 1 exists with and without the subtraction: read only with an explicit
+  ``sae.subtract_b_dec``. Written by :func:`save_saev_schema5`.
 """
 
 from __future__ import annotations
@@ -25,7 +33,11 @@ from torch import Tensor, nn
 
 from pipeline import storage
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SAEV_SCHEMA = 5  # the newest saev header schema this code reads and writes
+# saev 0.1.0's config (saev.config.SparseAutoencoder): its nn.load passes these keys, and only these, to it.
+SAEV_01_KEYS = ("d_vit", "exp_factor", "sparsity_coeff", "n_reinit_samples", "ghost_grads", "remove_parallel_grads",
+                "normalize_w_dec", "seed")
 
 
 @dataclass
@@ -35,6 +47,8 @@ class SAESpec:
     kind: str = "relu"  # relu | topk | batchtopk
     k: int | None = None  # active latents per patch (topk) or per patch on average (batchtopk)
     input_scale: float = 1.0
+    subtract_b_dec: bool = True  # encode subtracts b_dec first (the paper, saev 0.1); saev schema >= 2 does not
+    relu_top_k: bool = True  # topk: kept values are clipped at 0 (ours); saev's TopK keeps them as they are
     metadata: dict = field(default_factory=dict)  # training figures, provenance
 
 
@@ -51,15 +65,15 @@ class ReLU(nn.Module):
 
 
 class TopK(nn.Module):
-    """Exactly the k largest (positive) pre-activations of each row survive."""
+    """Exactly the k largest pre-activations of each row survive (clipped at 0 when ``relu``)."""
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, relu: bool = True):
         super().__init__()
-        self.k = k
+        self.k, self.relu = k, relu
 
     def forward(self, pre: Tensor) -> Tensor:
-        values, index = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter_(-1, index, torch.relu(values))
+        values, index = pre.topk(min(self.k, pre.shape[-1]), dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, index, torch.relu(values) if self.relu else values)
 
 
 class BatchTopK(nn.Module):
@@ -93,7 +107,7 @@ def make_activation(spec: SAESpec) -> nn.Module:
     if spec.kind in ("topk", "batchtopk"):
         if not spec.k or spec.k < 1:
             raise ValueError(f"sae.k: a {spec.kind} SAE needs k >= 1 (got {spec.k})")
-        return TopK(spec.k) if spec.kind == "topk" else BatchTopK(spec.k)
+        return TopK(spec.k, spec.relu_top_k) if spec.kind == "topk" else BatchTopK(spec.k)
     raise ValueError(f"sae.kind: unknown kind {spec.kind!r} (relu, topk or batchtopk)")
 
 
@@ -116,7 +130,7 @@ class SparseAutoencoder(nn.Module):
         """[..., d] → [rows, m] (the bias add fused into the matmul)."""
         if self.spec.input_scale != 1.0:
             x = x * self.spec.input_scale
-        h = x - self.b_dec
+        h = x - self.b_dec if self.spec.subtract_b_dec else x
         return torch.addmm(self.b_enc, h.reshape(-1, h.shape[-1]), self.W_enc)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -173,39 +187,105 @@ class SparseAutoencoder(nn.Module):
 
 # --------------------------------------------------------------------------- checkpoints
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (or written) exactly; the message names the field and what to do."""
+
+
+def state_dict_of(sae: SparseAutoencoder) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+
+
 def save_sae(sae: SparseAutoencoder, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {"format": "sae-traits", "version": FORMAT_VERSION, **asdict(sae.spec)}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(state_dict_of(sae), str(folder / "model.safetensors"))
     return folder
 
 
-def save_saev(sae: SparseAutoencoder, path: str | Path) -> Path:
-    """Write the saev format (one JSON line, then torch.save of the state dict)."""
+def _write_saev(path: str | Path, header: dict, state: dict[str, Tensor]) -> Path:
     path = Path(path)
-    header = {"d_vit": sae.spec.d, "exp_factor": sae.spec.m // sae.spec.d, "d_sae": sae.spec.m,
-              "sae_traits": {"input_scale": sae.spec.input_scale, "kind": sae.spec.kind, "k": sae.spec.k}}
     buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in sae.state_dict().items()}, buf)
+    torch.save(state, buf)
     path.write_bytes(json.dumps(header).encode() + b"\n" + buf.getvalue())
     return path
 
 
-def _from_state(state: dict[str, Tensor], **spec_kwargs) -> SparseAutoencoder:
-    missing = {"W_enc", "b_enc", "W_dec", "b_dec"} - set(state)
-    if missing:
-        raise ValueError(f"SAE checkpoint lacks {sorted(missing)}")
+def save_saev(sae: SparseAutoencoder, path: str | Path) -> Path:
+    """The saev 0.1 layout (``saev.nn.load`` of saev 0.1.0 opens it, with identical codes): exactly
+    saev 0.1.0's header keys. It holds only what that saev computes — a ReLU SAE that subtracts
+    b_dec, on raw activations, with m a multiple of d; anything else is refused (never written lossy)."""
+    spec = sae.spec
+    cannot = [why for bad, why in [
+        (spec.kind != "relu", f"it is a {spec.kind} SAE (saev 0.1 knows only ReLU)"),
+        (spec.input_scale != 1.0, f"it scales its input by {spec.input_scale} (saev 0.1 reads raw activations)"),
+        (not spec.subtract_b_dec, "its encode does not subtract b_dec (saev 0.1's does)"),
+        (spec.m % spec.d != 0, f"m={spec.m} is not a multiple of d={spec.d} (saev 0.1 stores exp_factor)")] if bad]
+    if cannot:
+        raise CheckpointError(f"the saev 0.1 layout cannot hold this SAE: {'; '.join(cannot)}; "
+                              "write the saev schema-5 layout instead (save_saev_schema5)")
+    trained = (spec.metadata.get("config") or {}).get("sae") or {}
+    header = {"d_vit": spec.d, "exp_factor": spec.m // spec.d, "sparsity_coeff": trained.get("alpha", 4e-4),
+              "n_reinit_samples": 0, "ghost_grads": False, "remove_parallel_grads": True, "normalize_w_dec": True,
+              "seed": (spec.metadata.get("config") or {}).get("train", {}).get("seed", 0)}
+    assert tuple(header) == SAEV_01_KEYS
+    return _write_saev(path, header, state_dict_of(sae))
+
+
+def save_saev_schema5(sae: SparseAutoencoder, path: str | Path) -> Path:
+    """saev's schema-5 layout (``saev.nn.modeling.load`` opens it). Its encode is ``act(x · W_enc +
+    b_enc)`` on raw activations, so an input scale s and a b_dec subtraction are folded into the
+    weights — W_enc' = s·W_enc, b_enc' = b_enc − b_dec·W_enc, and W_dec, b_dec divided by s so the
+    decoder reconstructs raw activations — which gives the same codes up to float rounding. Our
+    TopK clips its kept values at 0 and saev's does not: such an SAE is refused."""
+    spec = sae.spec
+    if spec.kind == "topk" and spec.relu_top_k:
+        raise CheckpointError("the saev schema-5 layout cannot hold this SAE: its TopK clips the kept values at 0 "
+                              "(saev's TopK keeps negative ones); keep the project format")
+    if spec.kind == "batchtopk" and torch.isnan(sae.activation.threshold):
+        raise CheckpointError("the saev schema-5 layout cannot hold this SAE: its BatchTopK has no inference "
+                              "threshold yet (never trained)")
+    state = {k: v.double() for k, v in state_dict_of(sae).items()}
+    s = spec.input_scale
+    b_enc = state["b_enc"] - (state["b_dec"] @ state["W_enc"] if spec.subtract_b_dec else 0)
+    folded = {"W_dec": state["W_dec"] / s, "b_dec": state["b_dec"] / s, "W_enc": state["W_enc"] * s, "b_enc": b_enc}
+    if spec.kind == "batchtopk":
+        folded["activation.threshold"] = state["activation.threshold"]
+    folded = {k: v.float().contiguous() for k, v in folded.items()}
+    alpha = ((spec.metadata.get("config") or {}).get("sae") or {}).get("alpha", 4e-4)
+    auxk = {"cls": "AuxK", "params": {"key": "auxk", "k_aux": 512, "alpha": 1 / 32}}
+    no_sparsity = {"cls": "NoSparsity", "params": {"key": "no-sparsity"}}
+    activation = {
+        "relu": {"cls": "Relu", "params": {"key": "relu", "aux": {"cls": "NoAux", "params": {"key": "no-aux"}},
+                                           "sparsity": {"cls": "L1Sparsity", "params": {"key": "l1-sparsity",
+                                                                                        "coeff": alpha}}}},
+        "topk": {"cls": "TopK", "params": {"key": "top-k", "top_k": spec.k, "sparsity": no_sparsity, "aux": auxk}},
+        "batchtopk": {"cls": "BatchTopK", "params": {"key": "batch-top-k", "top_k": spec.k, "sparsity": no_sparsity,
+                                                     "momentum": 0.1, "aux": auxk}},
+    }[spec.kind]
+    header = {"schema": SAEV_SCHEMA,
+              "cfg": {"d_model": spec.d, "d_sae": spec.m, "activation": activation, "reinit_blend": 0.8,
+                      "reinit_enc_dec_tranpose": True, "remove_parallel_grads": True, "normalize_w_dec": True},
+              "commit": "unknown", "lib": "sae-traits"}
+    return _write_saev(path, header, folded)
+
+
+def _from_state(state: dict[str, Tensor], where: str, **spec_kwargs) -> SparseAutoencoder:
+    """An SAE holding exactly ``state``: a missing or unknown key is an error, never dropped."""
+    if not {"W_enc", "W_dec"} <= set(state):
+        raise CheckpointError(f"sae.checkpoint: {where} lacks {sorted({'W_enc', 'W_dec'} - set(state))}")
     d, m = state["W_enc"].shape
     if tuple(state["W_dec"].shape) != (m, d):
-        raise ValueError(f"SAE checkpoint: W_enc is {tuple(state['W_enc'].shape)} but W_dec is "
-                         f"{tuple(state['W_dec'].shape)}; expected W_dec [{m}, {d}]")
+        raise CheckpointError(f"sae.checkpoint: {where}: W_enc is {tuple(state['W_enc'].shape)} but W_dec is "
+                              f"{tuple(state['W_dec'].shape)}; expected W_dec [{m}, {d}]")
     sae = SparseAutoencoder(SAESpec(d=d, m=m, **spec_kwargs))
     wanted = set(sae.state_dict())
-    sae.load_state_dict({k: v.float() for k, v in state.items() if k in wanted}, strict=False)
-    if "activation.threshold" in wanted and "activation.threshold" not in state:
-        raise ValueError("SAE checkpoint: a batchtopk SAE needs its activation.threshold")
+    missing, unknown = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    if missing or unknown:
+        raise CheckpointError(f"sae.checkpoint: {where} does not hold a {sae.spec.kind} SAE's weights"
+                              + (f"; missing {missing}" if missing else "") + (f"; unknown {unknown}" if unknown else ""))
+    sae.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return sae
 
 
@@ -220,28 +300,79 @@ def sae_config_json(checkpoint: str | Path, storage_options: dict | None = None)
         return None
 
 
-def load_sae(path: str | Path, storage_options: dict | None = None) -> SparseAutoencoder:
-    """Load either format; a folder is the project's, a file is saev's. A remote checkpoint
-    (s3://...) is copied to this node's cache first (:func:`pipeline.storage.local_copy`)."""
+def saev_spec(header: dict, where: str, subtract_b_dec: bool | None = None) -> dict:
+    """SAESpec keyword arguments that reproduce a saev file's codes exactly, from its header; a
+    header that cannot be mapped with certainty is refused, naming the field and what to do."""
+    if "schema" not in header:  # saev 0.1 (and this project's exports before the schema layouts)
+        ours = header.get("sae_traits") or {}
+        unknown = sorted(set(header) - set(SAEV_01_KEYS) - {"sae_traits", "d_sae", "l1_coeff", "use_ghost_grads"})
+        if unknown:
+            raise CheckpointError(f"sae.checkpoint: {where}: a saev 0.1 header with unknown keys {unknown} "
+                                  f"(saev 0.1 has {list(SAEV_01_KEYS)}); refusing to guess what they change")
+        if subtract_b_dec is False:
+            raise CheckpointError(f"sae.checkpoint: {where} is a saev 0.1 file, whose encode always subtracts b_dec; "
+                                  "remove sae.subtract_b_dec")
+        return {"kind": ours.get("kind", "relu"), "k": ours.get("k"), "input_scale": ours.get("input_scale", 1.0),
+                "subtract_b_dec": True}
+    schema = header["schema"]
+    if not isinstance(schema, int) or not 1 <= schema <= SAEV_SCHEMA:
+        raise CheckpointError(f"sae.checkpoint: {where}: unknown saev header schema {schema!r} (this code reads the "
+                              f"saev 0.1 layout and schemas 1 to {SAEV_SCHEMA}); convert it with a saev that reads it")
+    cfg = header.get("cfg") or {}
+    if schema == 1:
+        if subtract_b_dec is None:
+            raise CheckpointError(
+                f"sae.checkpoint: {where} is a saev schema-1 file; schema 1 was written both before and after saev "
+                "stopped subtracting b_dec in encode (commit e7ca004, 2025-07-31), so its header cannot say which: "
+                "set sae.subtract_b_dec: true (trained before that commit) or false (after)")
+        cls = header.get("cls") if header.get("cls") in ("Relu", "TopK", "BatchTopK") else None
+        activation = {"cls": cls, "params": {"top_k": cfg.get("top_k")}} if cls else cfg.get("activation") or {}
+    else:
+        if subtract_b_dec is True:
+            raise CheckpointError(f"sae.checkpoint: {where} is a saev schema-{schema} file, whose encode never "
+                                  "subtracts b_dec; remove sae.subtract_b_dec")
+        subtract_b_dec = False
+        activation = cfg.get("activation") or {}
+    cls, params = activation.get("cls"), activation.get("params") or {}
+    if cls == "Relu":
+        return {"kind": "relu", "subtract_b_dec": subtract_b_dec}
+    if cls in ("TopK", "BatchTopK"):
+        if not isinstance(params.get("top_k"), int) or params["top_k"] < 1:
+            raise CheckpointError(f"sae.checkpoint: {where}: cfg.activation.params.top_k is {params.get('top_k')!r}")
+        kind = "topk" if cls == "TopK" else "batchtopk"
+        return {"kind": kind, "k": params["top_k"], "subtract_b_dec": subtract_b_dec, "relu_top_k": False}
+    raise CheckpointError(f"sae.checkpoint: {where}: cfg.activation.cls {cls!r} is not one this code reads "
+                          "(Relu, TopK, BatchTopK); its codes would be guessed")
+
+
+def load_sae(path: str | Path, storage_options: dict | None = None, subtract_b_dec: bool | None = None) -> SparseAutoencoder:
+    """Load any of the formats above; a folder is the project's, a file is saev's. A remote checkpoint
+    (s3://...) is copied to this node's cache first (:func:`pipeline.storage.local_copy`).
+    ``subtract_b_dec`` (``sae.subtract_b_dec``) is needed only for a saev schema-1 file."""
     path = Path(storage.local_copy(str(path), storage_options))
     if path.is_dir():
         config = json.loads((path / "config.json").read_text())
         if config.get("version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path}: SAE format version {config['version']} is newer than this code reads")
-        kwargs = {k: config[k] for k in ("kind", "k", "input_scale", "metadata") if k in config}
-        return _from_state(load_file(str(path / "model.safetensors")), **kwargs)
+            raise CheckpointError(f"{path}: SAE format version {config['version']} is newer than this code reads")
+        kwargs = {k: config[k] for k in ("kind", "k", "input_scale", "subtract_b_dec", "relu_top_k", "metadata")
+                  if k in config}
+        return _from_state(load_file(str(path / "model.safetensors")), str(path), **kwargs)
     if not path.exists():
         raise FileNotFoundError(f"sae.checkpoint: {path} does not exist")
     with path.open("rb") as f:
         try:
             header = json.loads(f.readline())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"sae.checkpoint: {path} is neither a project folder nor a saev file "
-                             "(first line is not JSON)") from None
+            raise CheckpointError(f"sae.checkpoint: {path} is neither a project folder nor a saev file "
+                                  "(first line is not JSON)") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"sae.checkpoint: {path}: the first line is JSON but not a saev header object")
+        spec = saev_spec(header, str(path), subtract_b_dec)  # refused before the weights are read
         state = torch.load(f, map_location="cpu", weights_only=True)
-    ours = header.get("sae_traits", {})
-    return _from_state(state, kind=ours.get("kind", "relu"), k=ours.get("k"),
-                       input_scale=ours.get("input_scale", 1.0), metadata={"saev_config": header})
+    if spec["kind"] == "batchtopk" and "activation.threshold" in state and "schema" in header:
+        # saev's BatchTopK is a ReLU until its threshold turns positive; ours is pre·(pre > θ): θ = max(θ, 0).
+        state = {**state, "activation.threshold": state["activation.threshold"].clamp_min(0)}
+    return _from_state(state, str(path), **spec, metadata={"saev_header": header})
 
 
 def sae_metadata(checkpoint: str, storage_options: dict | None = None) -> dict:

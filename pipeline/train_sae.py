@@ -48,7 +48,7 @@ from pipeline.config import (ConfigError, SAETrainSpec, SourceConfig, TrainLoop,
                              config_changes, fsspec_options, load_config, runtime_keys)
 from pipeline.encoding import backbone_config, backbone_patch_px
 from pipeline.execution import SHARD_BATCHES, encode_images, in_shards, init_ray
-from pipeline.sae import SAESpec, SparseAutoencoder, save_sae, save_saev
+from pipeline.sae import CheckpointError, SAESpec, SparseAutoencoder, save_sae, save_saev, save_saev_schema5
 from pipeline.sources import build_index
 
 # Keys that may change between an interrupted run and its resume: they change how long or how
@@ -432,19 +432,26 @@ def fit(cfg: TrainSAEConfig, overwrite: bool = False, log=print) -> Path:
     run = SAETraining(cfg.sae, cfg.train, d)
     run.load_state_dict(state)
     history = run.history
-    write_checkpoint(run.finished_sae(), history, out, patches=run.patches_seen,
+    write_checkpoint(run.finished_sae(), history, out, log=log, patches=run.patches_seen,
                      wall_s=round(time.perf_counter() - start, 2), config=cfg.model_dump(mode="json"))
     log(f"[train_sae] wrote {out}: {json.dumps(history[-1])}")
     return out
 
 
-def write_checkpoint(sae: SparseAutoencoder, history: list[dict], output: str | Path, **metadata) -> Path:
-    """The project format (final figures in its metadata), ``sae.pt`` in the saev format and
-    ``metrics.jsonl``, all in ``output``."""
+SAEV_EXPORTS = {"saev-0.1.pt": save_saev, "saev-schema5.pt": save_saev_schema5}  # file → the layout it holds
+
+
+def write_checkpoint(sae: SparseAutoencoder, history: list[dict], output: str | Path, log=print, **metadata) -> Path:
+    """The project format (final figures in its metadata), the saev layouts that can hold this SAE
+    (:data:`SAEV_EXPORTS`; one that cannot is skipped with the reason) and ``metrics.jsonl``, all in ``output``."""
     out = Path(output)
     sae.spec.metadata |= {"final": history[-1], **metadata}
     save_sae(sae, out)
-    save_saev(sae, out / "sae.pt")
+    for name, save in SAEV_EXPORTS.items():
+        try:
+            save(sae, out / name)
+        except CheckpointError as exc:
+            log(f"[train_sae] no {name}: {exc}")
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     return out
 

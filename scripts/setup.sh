@@ -27,4 +27,9 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet "torch==2.13.0"
 fi
 python -m pip install --quiet -e ".[dev]"
+# Real ecosystem packages the tests check our files against, without their declared dependencies
+# (those would pull another torch and CUDA packages over the CPU build): saev 0.1.0's nn module
+# needs only torch, beartype, einops and jaxtyping; the original DINOv2 code only torch.
+python -m pip install --quiet --no-deps "saev==0.1.0" "dinov2==0.0.1.dev2" "beartype>=0.19" "einops>=0.8" \
+    "jaxtyping>=0.2.34" "wadler-lindig>=0.1"
 python -c "import ray, torch, transformers; print(f'sae-traits env: ray {ray.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"

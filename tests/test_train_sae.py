@@ -137,7 +137,7 @@ def test_cli_trains_on_ray_train_and_writes_both_formats(tmp_path):
     proc = subprocess.run(command + ["--set", "sae.alpha=1e-3"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "train_sae: 100%" in proc.stderr  # the progress bar
-    sae, saev = load_sae(tmp_path / "ckpt"), load_sae(tmp_path / "ckpt" / "sae.pt")
+    sae, saev = load_sae(tmp_path / "ckpt"), load_sae(tmp_path / "ckpt" / "saev-0.1.pt")
     x = torch.randn(4, 8)
     assert sae.spec.d == 8 and sae.spec.m == 16 and torch.equal(sae.encode(x), saev.encode(x))
     assert sae.spec.metadata["config"]["sae"]["alpha"] == 1e-3 and sae.spec.metadata["patches"] == 30 * 256
