@@ -8,6 +8,8 @@ compact lists per image — never the dense [patches, latents] code (≈25 MB/im
 from __future__ import annotations
 
 import json
+import math
+import types
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +61,23 @@ def backbone_patch_px(backbone: BackboneConfig, preprocess: PreprocessConfig, st
     return patch_px
 
 
+def torch_hub_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """DINOv2's own position-embedding interpolation (facebookresearch/dinov2, the torch-hub code the
+    paper read): bicubic with a scale factor of (n + 0.1) / √N per axis, where transformers sizes the
+    grid to n instead — which moves every position embedding slightly at any input but the trained
+    one (up to 0.02 in a tiny model's block output). Bound to a ``Dinov2Embeddings``."""
+    n_positions = self.position_embeddings.shape[1] - 1
+    if embeddings.shape[1] - 1 == n_positions and height == width:
+        return self.position_embeddings
+    side, dim = int(math.sqrt(n_positions)), embeddings.shape[-1]
+    patch = self.patch_embeddings.patch_size[0]
+    grid = self.position_embeddings[:, 1:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = torch.nn.functional.interpolate(
+        grid, scale_factor=((height // patch + 0.1) / side, (width // patch + 0.1) / side), mode="bicubic")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(self.position_embeddings.dtype)
+    return torch.cat((self.position_embeddings[:, :1], grid), dim=1)
+
+
 def load_backbone(model: str, layer: int, device: torch.device, dtype: torch.dtype,
                   storage_options: dict | None = None) -> tuple[torch.nn.Module, int]:
     """A DINOv2 model cut after block ``layer`` (later blocks are never needed), and how many
@@ -72,6 +91,8 @@ def load_backbone(model: str, layer: int, device: torch.device, dtype: torch.dty
         raise ValueError(f"backbone.layer: {layer} is out of range for a {n_layers}-block model (0..{n_layers - 1})")
     backbone.encoder.layer = backbone.encoder.layer[: layer + 1]
     backbone.config.num_hidden_layers = layer + 1
+    if backbone.config.model_type == "dinov2":  # (with registers, transformers already matches the hub's code)
+        backbone.embeddings.interpolate_pos_encoding = types.MethodType(torch_hub_pos_encoding, backbone.embeddings)
     n_prefix = 1 + getattr(backbone.config, "num_register_tokens", 0)
     return backbone.to(device).eval(), n_prefix
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (Dinov2Config, Dinov2Model, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+from transformers import (Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
                           Qwen2Tokenizer)
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -19,15 +19,20 @@ from pipeline.annotation.llm_transformers import QWEN_CHAT_TEMPLATE
 
 
 def make_tiny_dinov2(folder: str | Path, *, hidden_size: int = 64, layers: int = 4, heads: int = 4,
-                     image_size: int = 224, seed: int = 0) -> Path:
+                     image_size: int = 224, registers: int = 0, seed: int = 0) -> Path:
     """A DINOv2 with the real patch size (14) and input (224 → 16×16 patches) but few, narrow
-    blocks. Random weights keep each patch token close to a random linear image of its pixels,
-    which is enough for the SAE to find coloured parts."""
+    blocks (``registers`` > 0: a DINOv2 with that many register tokens). Random weights keep each
+    patch token close to a random linear image of its pixels, which is enough for the SAE to find
+    coloured parts."""
     folder = Path(folder)
     torch.manual_seed(seed)
-    config = Dinov2Config(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
-                          intermediate_size=hidden_size * 4, image_size=image_size, patch_size=14)
-    Dinov2Model(config).eval().save_pretrained(folder)
+    shape = dict(hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                 intermediate_size=hidden_size * 4, image_size=image_size, patch_size=14)
+    if registers:
+        Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**shape, num_register_tokens=registers)).eval() \
+            .save_pretrained(folder)
+    else:
+        Dinov2Model(Dinov2Config(**shape)).eval().save_pretrained(folder)
     return folder
 
 

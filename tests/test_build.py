@@ -181,3 +181,15 @@ def test_an_image_size_off_the_patch_grid_is_refused_before_anything_is_written(
     with pytest.raises(ConfigError, match=r"preprocess.image_size: 230 is not a multiple of the patch size 14"):
         Build(cfg).run()
     assert not out.exists()
+
+
+def test_a_dinov2_with_registers_builds_end_to_end(demo_dir, tmp_path):
+    from pipeline.tiny_models import make_tiny_dinov2
+
+    backbone = make_tiny_dinov2(tmp_path / "dinov2-reg", registers=4)  # same width as the demo SAE's d
+    out = tmp_path / "build"
+    manifest = Build(demo_build_config(demo_dir, [f"output={out}", f"backbone.model={backbone}", "encoder.num_gpus=1",
+                                                  "report=false"])).run()
+    activations = pq.read_table(out / "activations", columns=["patch", "patch_px"]).to_pylist()
+    assert manifest["status"] == "succeeded" and manifest["summary"]["images_encoded"] == len(activations) > 0
+    assert {a["patch_px"] for a in activations} == {14} and max(max(a["patch"]) for a in activations) < 256
