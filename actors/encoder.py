@@ -25,7 +25,8 @@ class EncodeActor:
         self.cfg, self.batches = cfg, 0
         self.encoder = FiringEncoder(model=cfg.backbone.model, layer=cfg.backbone.layer, sae_checkpoint=cfg.sae.checkpoint,
                                      threshold=cfg.sae.threshold, dtype=cfg.backbone.dtype, storage=cfg.storage,
-                                     subtract_b_dec=cfg.sae.subtract_b_dec)
+                                     subtract_b_dec=cfg.sae.subtract_b_dec, revision=cfg.backbone.revision,
+                                     sae_revision=cfg.sae.revision)
 
     def __call__(self, batch):
         out = self.encoder(batch)
@@ -44,8 +45,8 @@ class PatchActivations:
     """A batch with uint8 ``pixels`` [B, S, S, 3] → ``{"x": float32 [B·P, d]}``, one row per patch
     (patches of an image stay adjacent; the trainer's shuffle buffer mixes them)."""
 
-    def __init__(self, model: str, layer: int, dtype: str = "auto", storage=None):
-        self.features = PatchFeatures(model, layer, dtype, storage)
+    def __init__(self, model: str, layer: int, dtype: str = "auto", storage=None, revision: str | None = None):
+        self.features = PatchFeatures(model, layer, dtype, storage, revision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not len(batch["pixels"]):

@@ -66,7 +66,8 @@ class PatchEncoder:
 
     def __init__(self, cfg: AnnotatorAppConfig):
         self.encoder = FiringEncoder(cfg.backbone.model, cfg.backbone.layer, cfg.sae.checkpoint, cfg.sae.threshold,
-                                     dtype=cfg.backbone.dtype, storage=cfg.storage, subtract_b_dec=cfg.sae.subtract_b_dec)
+                                     dtype=cfg.backbone.dtype, storage=cfg.storage, subtract_b_dec=cfg.sae.subtract_b_dec,
+                                     revision=cfg.backbone.revision, sae_revision=cfg.sae.revision)
         self.encode_batch.set_max_batch_size(cfg.encoder_max_batch_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -91,7 +92,8 @@ class AnnotateEndpoint:
         self.rendering = Rendering.of(cfg.annotate)  # renders only; the describer holds the model
         self.token = os.environ.get(cfg.auth_token_env) if cfg.auth_token_env else None
         self.builds = BuildCatalog(cfg.builds_root,
-                                   sae_fingerprint(cfg.sae.checkpoint, fsspec_options(cfg.storage, cfg.sae.checkpoint)))
+                                   sae_fingerprint(cfg.sae.checkpoint, fsspec_options(cfg.storage, cfg.sae.checkpoint),
+                                                   cfg.sae.revision))
         self.patch_px = backbone_patch_px(cfg.backbone, cfg.preprocess, cfg.storage)  # the PatchEncoder's grid
 
     @api.get("/healthz")

@@ -269,7 +269,8 @@ class Build:
             "summary": self.summary(errors),
             "config": cfg.model_dump(mode="json"),
             "versions": versions(),
-            "sae": sae_metadata(cfg.sae.checkpoint, cfg.options_for(cfg.sae.checkpoint)),
+            "sae": sae_metadata(cfg.sae.checkpoint, cfg.options_for(cfg.sae.checkpoint), cfg.sae.revision),
+            "hub": hub_revisions(cfg),
         }
         storage.write_json(self.fs, self.path("manifest.json"), manifest)
         print(format_summary(manifest["summary"]), flush=True)
@@ -330,6 +331,18 @@ def versions() -> dict:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = None
+    return out
+
+
+def hub_revisions(cfg: BuildConfig) -> dict:
+    """For each model on the Hugging Face hub, the reference, the revision asked for and the commit it
+    resolved to (from the hub's cache, which the encoders filled): what makes a hub build repeatable."""
+    out = {}
+    for key, ref, revision in (("backbone.model", cfg.backbone.model, cfg.backbone.revision),
+                               ("sae.checkpoint", cfg.sae.checkpoint, cfg.sae.revision)):
+        commit = storage.hub_commit(ref, revision)
+        if commit is not None:
+            out[key] = {"reference": ref, "revision": revision or "main", "commit": commit}
     return out
 
 

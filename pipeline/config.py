@@ -188,7 +188,11 @@ class PreprocessConfig(Section):
 
 class BackboneConfig(Section):
     model: str = "facebook/dinov2-base"
-    """Hugging Face hub id or local directory of a DINOv2 model (Dinov2Model or with registers)."""
+    """A DINOv2 model (Dinov2Model or with registers): a Hugging Face hub id (or hf://<org>/<repo>),
+    a local folder or a remote one (s3://...)."""
+    revision: str | None = None
+    """hub models: the branch, tag or commit to load (null: main); the commit it resolves to is
+    recorded in the build's manifest."""
     layer: int = Field(default=10, ge=0)
     """0-based transformer block whose output (residual stream, before the final LayerNorm) is
     read: 10 is hidden_states[11] = hidden_states[-2] of DINOv2-base."""
@@ -199,9 +203,13 @@ class BackboneConfig(Section):
 class SAEConfig(Section):
     checkpoint: str | None = None
     """SAE checkpoint: a project folder (config.json + model.safetensors) or a saev file (the 0.1
-    layout, or header schemas 1 to 5)."""
+    layout, or header schemas 1 to 5); local, remote (s3://...) or on the Hugging Face hub (hf://...)."""
     threshold: float = 0.9
     """τ: a latent fires on a patch when its code is above this (raw units of that SAE)."""
+    revision: str | None = None
+    """A checkpoint on the Hugging Face hub (hf://<org>/<repo>/<file> for one file, hf://<org>/<repo>
+    or <org>/<repo> for a project folder): the branch, tag or commit (null: main); the commit it
+    resolves to is recorded in the build's manifest."""
     subtract_b_dec: bool | None = None
     """Only for a saev schema-1 file, whose header cannot say it: true when its encode subtracts b_dec
     (saev before commit e7ca004, 2025-07-31), false when not. Every other layout says it itself."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import types
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -37,20 +36,21 @@ def pick_device_dtype(dtype: str) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32 if dtype in ("auto", "float16", "bfloat16") else DTYPES[dtype]
 
 
-def backbone_config(model: str, storage_options: dict | None = None) -> dict:
-    """The backbone's ``config.json`` (a local or remote folder read directly; a hub id through the
+def backbone_config(model: str, storage_options: dict | None = None, revision: str | None = None) -> dict:
+    """The backbone's ``config.json`` (a local or remote folder read directly; a hub model through the
     hub's cache), without loading its weights."""
-    if storage.is_remote(model) or Path(model).is_dir():
-        fs, path = storage.filesystem(model, storage_options)
-        with fs.open(storage.join(path.rstrip("/"), "config.json"), "rb") as f:
-            return json.load(f)
-    return AutoConfig.from_pretrained(model).to_dict()
+    hub = storage.hub_reference(model)
+    if hub is not None:
+        return AutoConfig.from_pretrained(hub[0], revision=revision).to_dict()
+    fs, path = storage.filesystem(model, storage_options)
+    with fs.open(storage.join(path.rstrip("/"), "config.json"), "rb") as f:
+        return json.load(f)
 
 
 def backbone_patch_px(backbone: BackboneConfig, preprocess: PreprocessConfig, storage_section=None) -> int:
     """The backbone's patch size, read from its config and checked against ``preprocess.image_size``
     (the patch grid must tile the input exactly); a ConfigError names both keys otherwise."""
-    config = backbone_config(backbone.model, fsspec_options(storage_section, backbone.model))
+    config = backbone_config(backbone.model, fsspec_options(storage_section, backbone.model), backbone.revision)
     if config.get("model_type") not in DINOV2_MODEL_TYPES:
         raise ConfigError(f"backbone.model: {backbone.model} is a {config.get('model_type')!r} model, not DINOv2")
     patch_px = int(config["patch_size"])
@@ -79,11 +79,14 @@ def torch_hub_pos_encoding(self, embeddings: torch.Tensor, height: int, width: i
 
 
 def load_backbone(model: str, layer: int, device: torch.device, dtype: torch.dtype,
-                  storage_options: dict | None = None) -> tuple[torch.nn.Module, int]:
+                  storage_options: dict | None = None, revision: str | None = None) -> tuple[torch.nn.Module, int]:
     """A DINOv2 model cut after block ``layer`` (later blocks are never needed), and how many
-    prefix tokens (CLS + registers) precede the patch tokens. ``model`` is a hub id, a local
+    prefix tokens (CLS + registers) precede the patch tokens. ``model`` is a hub model (at
+    ``revision``; transformers fetches only the files it needs into the hub's cache), a local
     folder or a remote folder (s3://...), copied to this node's cache first."""
-    backbone = AutoModel.from_pretrained(storage.local_copy(model, storage_options), dtype=dtype)
+    hub = storage.hub_reference(model)
+    source = hub[0] if hub is not None else storage.local_copy(model, storage_options)  # hub: files as needed
+    backbone = AutoModel.from_pretrained(source, dtype=dtype, revision=revision)
     if backbone.config.model_type not in DINOV2_MODEL_TYPES:
         raise ValueError(f"backbone.model: {model} is a {backbone.config.model_type!r} model, not DINOv2")
     n_layers = len(backbone.encoder.layer)
@@ -102,10 +105,10 @@ class PatchFeatures:
     only [B, P, d] (ImageNet normalisation done on the device). ``storage``: the config's storage
     section (StorageConfig or its dict), for a model on s3://."""
 
-    def __init__(self, model: str, layer: int, dtype: str = "auto", storage=None):
+    def __init__(self, model: str, layer: int, dtype: str = "auto", storage=None, revision: str | None = None):
         self.device, self.dtype = pick_device_dtype(dtype)
         self.backbone, self.n_prefix = load_backbone(model, layer, self.device, self.dtype,
-                                                     fsspec_options(storage, model))
+                                                     fsspec_options(storage, model), revision)
         self.hidden_size = self.backbone.config.hidden_size
         self.patch_px = int(self.backbone.config.patch_size)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
@@ -129,11 +132,12 @@ class FiringEncoder:
     section (StorageConfig or its dict), for a backbone or SAE checkpoint on s3://."""
 
     def __init__(self, model: str, layer: int, sae_checkpoint: str, threshold: float,
-                 dtype: str = "auto", sae_chunk_images: int = 32, storage=None, subtract_b_dec: bool | None = None):
-        self.features = PatchFeatures(model, layer, dtype, storage)
+                 dtype: str = "auto", sae_chunk_images: int = 32, storage=None, subtract_b_dec: bool | None = None,
+                 revision: str | None = None, sae_revision: str | None = None):
+        self.features = PatchFeatures(model, layer, dtype, storage, revision)
         self.device, self.dtype = self.features.device, self.features.dtype
-        self.sae = load_sae(sae_checkpoint, fsspec_options(storage, sae_checkpoint),
-                            subtract_b_dec).to(self.device, self.dtype).eval()
+        self.sae = load_sae(sae_checkpoint, fsspec_options(storage, sae_checkpoint), subtract_b_dec,
+                            sae_revision).to(self.device, self.dtype).eval()
         if self.sae.spec.d != self.features.hidden_size:
             raise ValueError(f"sae.checkpoint: SAE input size d={self.sae.spec.d} but the backbone's "
                              f"hidden size is {self.features.hidden_size}")

@@ -159,10 +159,10 @@ def choose_latents(latent: np.ndarray, value: np.ndarray, selected: list[int] | 
     return [int(z) for z in order[:max_latents]], "strongest", f"{reason}: latents with the largest summed activation"
 
 
-def sae_fingerprint(checkpoint: str, storage_options: dict | None = None) -> dict | None:
+def sae_fingerprint(checkpoint: str, storage_options: dict | None = None, revision: str | None = None) -> dict | None:
     """What identifies an SAE across copies: its shape and training metadata (project folders only),
     as a build's manifest records them."""
-    meta = sae_metadata(checkpoint, storage_options)
+    meta = sae_metadata(checkpoint, storage_options, revision)
     return {k: meta[k] for k in ("d", "m", "metadata")} if "d" in meta else None
 
 

@@ -289,9 +289,20 @@ def _from_state(state: dict[str, Tensor], where: str, **spec_kwargs) -> SparseAu
     return sae
 
 
-def sae_config_json(checkpoint: str | Path, storage_options: dict | None = None) -> dict | None:
-    """The ``config.json`` of a project-format checkpoint (a local folder or any fsspec URL, e.g.
-    s3://bucket/sae), read without fetching the weights; None for a saev file or a folder without one."""
+def sae_config_json(checkpoint: str | Path, storage_options: dict | None = None,
+                    revision: str | None = None) -> dict | None:
+    """The ``config.json`` of a project-format checkpoint (a local folder, any fsspec URL, e.g.
+    s3://bucket/sae, or a hub repo), read without fetching the weights; None for a saev file or a
+    folder without one."""
+    hub = storage.hub_reference(str(checkpoint))
+    if hub is not None:
+        repo, file = hub
+        if file is not None:
+            return None  # one file of a repo: a saev file
+        try:
+            return json.loads(Path(storage.hub_path(f"{storage.HUB}{repo}/config.json", revision)).read_text())
+        except FileNotFoundError:
+            return None
     fs, path = storage.filesystem(str(checkpoint), storage_options)
     try:
         with fs.open(storage.join(path.rstrip("/"), "config.json"), "rb") as f:
@@ -345,11 +356,13 @@ def saev_spec(header: dict, where: str, subtract_b_dec: bool | None = None) -> d
                           "(Relu, TopK, BatchTopK); its codes would be guessed")
 
 
-def load_sae(path: str | Path, storage_options: dict | None = None, subtract_b_dec: bool | None = None) -> SparseAutoencoder:
+def load_sae(path: str | Path, storage_options: dict | None = None, subtract_b_dec: bool | None = None,
+             revision: str | None = None) -> SparseAutoencoder:
     """Load any of the formats above; a folder is the project's, a file is saev's. A remote checkpoint
-    (s3://...) is copied to this node's cache first (:func:`pipeline.storage.local_copy`).
-    ``subtract_b_dec`` (``sae.subtract_b_dec``) is needed only for a saev schema-1 file."""
-    path = Path(storage.local_copy(str(path), storage_options))
+    (s3://...) is copied to this node's cache first, a hub one (hf://...) to the hub's cache at
+    ``revision`` (:func:`pipeline.storage.local_copy`). ``subtract_b_dec`` (``sae.subtract_b_dec``)
+    is needed only for a saev schema-1 file."""
+    path = Path(storage.local_path(str(path), storage_options, revision))
     if path.is_dir():
         config = json.loads((path / "config.json").read_text())
         if config.get("version", 0) > FORMAT_VERSION:
@@ -375,10 +388,10 @@ def load_sae(path: str | Path, storage_options: dict | None = None, subtract_b_d
     return _from_state(state, str(path), **spec, metadata={"saev_header": header})
 
 
-def sae_metadata(checkpoint: str, storage_options: dict | None = None) -> dict:
+def sae_metadata(checkpoint: str, storage_options: dict | None = None, revision: str | None = None) -> dict:
     """What a build's manifest records of its SAE: the checkpoint, and for a project folder its
     shape and training metadata (read from config.json alone)."""
-    spec = sae_config_json(checkpoint, storage_options)
+    spec = sae_config_json(checkpoint, storage_options, revision)
     if spec is not None:
         return {"checkpoint": checkpoint, "d": spec.get("d"), "m": spec.get("m"), "metadata": spec.get("metadata", {})}
     return {"checkpoint": checkpoint}

@@ -2,7 +2,9 @@
 ``s3://`` bucket are the same code path. Functions here take fsspec options as a dict (the
 config's ``storage`` section becomes one in :func:`pipeline.config.fsspec_options`); models and
 SAE checkpoints that loaders need as local files are copied once per node (:func:`local_copy`).
-No project imports: every other module may use this one."""
+Hugging Face hub references (``hf://<org>/<repo>[/<file>]``, or a bare ``<org>/<repo>`` that is no
+local path) are downloaded once per node into the hub's own cache (:func:`hub_path`), and read
+from it offline (``HF_HUB_OFFLINE=1``). No project imports: every other module may use this one."""
 
 from __future__ import annotations
 
@@ -11,17 +13,25 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import huggingface_hub
+import huggingface_hub.errors
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
 S3_PROTOCOLS = ("s3", "s3a")
+HUB = "hf://"
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ERRORS = (huggingface_hub.errors.EntryNotFoundError, huggingface_hub.errors.LocalEntryNotFoundError,
+              huggingface_hub.errors.RepositoryNotFoundError, huggingface_hub.errors.RevisionNotFoundError,
+              huggingface_hub.errors.GatedRepoError, huggingface_hub.errors.HFValidationError)
 LOCAL_PROTOCOLS = (None, "file", "local")
 
 
@@ -34,9 +44,55 @@ def is_remote(url: str) -> bool:
     return protocol(url) not in LOCAL_PROTOCOLS
 
 
+def hub_reference(url: str) -> tuple[str, str | None] | None:
+    """(repo id, file in it or None for the whole repo) of a hub reference: ``hf://org/repo[/file]``,
+    or ``org/repo`` that is no local path; None for anything else."""
+    url = str(url)
+    if url.startswith(HUB):
+        org, _, rest = url[len(HUB):].partition("/")
+        repo, _, file = rest.partition("/")
+        return f"{org}/{repo}", file or None
+    if HUB_REPO_ID.match(url) and not Path(url).exists():
+        return url, None
+    return None
+
+
+def hub_path(url: str, revision: str | None = None) -> str:
+    """The local path of a hub reference (a file, or a repo's snapshot folder), downloaded into the
+    hub's cache once (then read from it, offline too). A reference the hub (or, offline, the cache)
+    does not have is a FileNotFoundError naming the repo, the file and the revision."""
+    repo, file = hub_reference(url)
+    try:
+        if file:
+            return huggingface_hub.hf_hub_download(repo, file, revision=revision)
+        return huggingface_hub.snapshot_download(repo, revision=revision)
+    except HUB_ERRORS as exc:
+        where = "the local hub cache (HF_HUB_OFFLINE is set)" if huggingface_hub.constants.HF_HUB_OFFLINE \
+            else "the Hugging Face hub"
+        raise FileNotFoundError(f"{url}: {f'file {file!r} of ' if file else ''}hub repo {repo!r} at revision "
+                                f"{revision or 'main'} is not in {where} ({type(exc).__name__})") from None
+
+
+def hub_commit(url: str, revision: str | None = None, file: str = "config.json") -> str | None:
+    """The commit a hub reference resolves to (for the manifest): from the cached snapshot path of
+    its file (or of ``file`` for a whole repo); None when ``url`` is no hub reference."""
+    ref = hub_reference(url)
+    if ref is None:
+        return None
+    repo, in_repo = ref
+    path = Path(hub_path(f"{HUB}{repo}/{in_repo or file}", revision))
+    return path.parents[len(Path(in_repo or file).parts) - 1].name  # .../snapshots/<commit>/<file>
+
+
 def cache_dir() -> Path:
     """Where :func:`local_copy` keeps its copies on this node: $SAE_TRAITS_CACHE, else ~/.cache/sae-traits."""
     return Path(os.environ.get("SAE_TRAITS_CACHE") or Path.home() / ".cache" / "sae-traits")
+
+
+def local_path(url: str, options: dict[str, Any] | None = None, revision: str | None = None) -> str:
+    """A local path holding ``url``: a hub reference's in the hub's cache (:func:`hub_path`, at
+    ``revision``), a remote URL's copy (:func:`local_copy`), a local path as it is."""
+    return hub_path(url, revision) if hub_reference(url) is not None else local_copy(url, options)
 
 
 def local_copy(url: str, options: dict[str, Any] | None = None, cache: str | Path | None = None) -> str:
@@ -48,7 +104,7 @@ def local_copy(url: str, options: dict[str, Any] | None = None, cache: str | Pat
     temporary folder beside the cache and renamed into place, under a lock, so concurrent actors
     on a node download it once and never see half a copy."""
     url = str(url)
-    if not is_remote(url):
+    if not is_remote(url) or hub_reference(url) is not None:
         return url
     options = dict(options or {})
     endpoint = (options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")

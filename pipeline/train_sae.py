@@ -9,7 +9,8 @@
                                                              a local shuffle buffer
 
 Outputs in ``output``: the project's SAE format (config.json + model.safetensors, with the final
-figures in its metadata), ``sae.pt`` in the saev format, ``metrics.jsonl`` (one line every
+figures in its metadata), the saev layouts that can hold it (``saev-0.1.pt``, ``saev-schema5.pt``;
+:data:`SAEV_EXPORTS`), ``metrics.jsonl`` (one line every
 ``train.log_every`` steps) and ``ray_train/`` with the periodic checkpoints. Run the same command
 again after an interruption and it resumes from the last checkpoint; one worker with the same
 seed ends at the same weights as an uninterrupted run.
@@ -123,10 +124,11 @@ def activation_dataset(cfg: TrainSAEConfig):
     # Rejected images are simply not trained on (errors_to=None).
     ds = encode_images(in_shards(index, SHARD_BATCHES * cfg.encoder.batch_size), PatchActivations,
                        {"model": cfg.backbone.model, "layer": cfg.backbone.layer, "dtype": cfg.backbone.dtype,
-                        "storage": cfg.storage},
+                        "storage": cfg.storage, "revision": cfg.backbone.revision},
                        source=cfg.source, preprocess=cfg.preprocess, encoder=cfg.encoder, patch_px=patch_px)
     ds.context.execution_options.preserve_order = True
-    return ds, backbone_config(cfg.backbone.model, fsspec_options(cfg.storage, cfg.backbone.model))["hidden_size"]
+    return ds, backbone_config(cfg.backbone.model, fsspec_options(cfg.storage, cfg.backbone.model),
+                               cfg.backbone.revision)["hidden_size"]
 
 
 # --------------------------------------------------------------------------- the recipe

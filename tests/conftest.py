@@ -73,4 +73,6 @@ def s3_server():
 # a cache of this test run (removed by the s3_server fixture), not ~/.cache/sae-traits.
 TEST_MODEL_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"sae-traits-test-cache-{os.getpid()}")
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+# The Hugging Face hub cache of this test run (tests/test_hub.py fills it; nothing is downloaded).
+os.environ.setdefault("HF_HUB_CACHE", os.path.join(TEST_MODEL_CACHE, "hub"))
 os.environ.setdefault("SAE_TRAITS_CACHE", TEST_MODEL_CACHE)
