@@ -52,7 +52,8 @@ from pipeline.contract import ERRORS, STAGE, STAGES, STATE, TABLES, TRAITS_SCHEM
 from pipeline.counting import reduce_counts, taxonomy_codes
 from pipeline.encoding import backbone_patch_px
 from pipeline.errors import compact_errors, write_errors
-from pipeline.execution import SHARD_BATCHES, cluster_cpus, encode_images, in_shards, init_ray
+from pipeline.execution import (SHARD_BATCHES, PoolAsk, cluster_cpus, encode_images, encoder_pool, ensure_placeable,
+                                in_shards, init_ray)
 from pipeline.report import write_report
 from pipeline.sae import sae_metadata
 from pipeline.selection import select_latents, taxonomy_of_species
@@ -233,6 +234,16 @@ class Build:
             fn_constructor_kwargs={"cfg": self.cfg, "max_in_flight": share})
         self.write(traits, "traits", rows_per_file=batch)
 
+    def pools(self) -> list[PoolAsk]:
+        """What one actor of each unfinished stage's pool asks for."""
+        ann, pools = self.cfg.annotate, []
+        if self.finished_stage("encode") is None:
+            pools.append(encoder_pool("encode", self.cfg.encoder))
+        if self.finished_stage("annotate") is None:
+            pools.append(PoolAsk("annotate", {"GPU": ann.num_gpus, "CPU": ann.num_cpus},
+                                 {"GPU": "annotate.num_gpus", "CPU": "annotate.num_cpus"}))
+        return pools
+
     # -- the whole build -----------------------------------------------------------------------
 
     def run(self, overwrite: bool = False) -> dict:
@@ -253,6 +264,8 @@ class Build:
         if any(self.finished_stage(name) is None for name in STAGE_NAMES):
             init_ray(cfg.ray)
             ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+            # Never wait for a pool no node can hold: stop now, naming the key (nothing submitted yet).
+            ensure_placeable(self.pools(), cfg.ray.wait_for_resources_s)
             n_cpus = cluster_cpus()
         for name in STAGE_NAMES[1:]:
             self.run_stage(name, RunContext(n_cpus, patch_px))

@@ -342,6 +342,10 @@ class RayConfig(Section):
     num_gpus: int | None = None
     """Set either to always start a fresh local Ray with these resources (for fake GPUs in
     tests, or to cap a laptop run); ray.address is then ignored."""
+    wait_for_resources_s: float = Field(default=600, ge=0)
+    """An actor pool that fits only a node type the autoscaler has not started yet waits this long
+    for it (saying so once a minute), then the run stops naming the keys. A pool that no node can
+    ever hold stops the run at once."""
 
 
 class BuildConfig(Section):

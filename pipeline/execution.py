@@ -1,17 +1,24 @@
-"""The Ray wiring both drivers share (the build and the SAE trainer): joining or starting Ray, and
-the image path ``index shards → decode (tasks) → backbone actor pool``.
+"""The Ray wiring both drivers share (the build and the SAE trainer): joining or starting Ray,
+checking that an actor pool can ever be placed before it waits, and the image path
+``index shards → decode (tasks) → backbone actor pool``.
 
 The drivers name the actor class (:mod:`actors.encoder`); this module only strings the Ray Data
 operators together, so it stays library code."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pyarrow as pa
 import ray
 import ray.data
+from ray.autoscaler.sdk import request_resources
 from ray.data import ActorPoolStrategy
 
-from pipeline.config import EncoderConfig, PreprocessConfig, RayConfig, SourceConfig, StorageConfig, fsspec_options
+from pipeline.config import (ConfigError, EncoderConfig, PreprocessConfig, RayConfig, SourceConfig, StorageConfig,
+                             fsspec_options)
 from pipeline.errors import write_errors
 from pipeline.preprocessing import decode_batch
 from pipeline.sources import ImageReader
@@ -34,6 +41,97 @@ def init_ray(cfg: RayConfig) -> None:
 def cluster_cpus() -> int:
     """CPUs of the Ray cluster this process is connected to (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+# --------------------------------------------------------------------------- can a pool ever be placed?
+
+@dataclass(frozen=True)
+class PoolAsk:
+    """What one actor of a stage's pool asks for, and the config key behind each resource."""
+    stage: str
+    per_actor: dict[str, float]
+    """e.g. {"GPU": 1, "CPU": 1}"""
+    keys: dict[str, str]
+    """resource → the key that sets it, e.g. {"GPU": "encoder.num_gpus"}"""
+
+    @property
+    def wanted(self) -> dict[str, float]:
+        return {r: v for r, v in self.per_actor.items() if v > 0}
+
+    def describe(self) -> str:
+        return ", ".join(f"{r}:{v:g}" for r, v in self.wanted.items())
+
+
+def fits(ask: dict[str, float], node: dict[str, float]) -> bool:
+    return all(node.get(r, 0) >= v for r, v in ask.items())
+
+
+def never_fits(pool: PoolAsk, nodes: list[dict[str, float]], node_types: dict[str, dict[str, float]]) -> str:
+    """Why no node of the cluster, up or addable, can ever hold one actor of ``pool`` (naming the
+    key and the figures); '' when one can."""
+    ask = pool.wanted
+    if any(fits(ask, n) for n in nodes) or any(fits(ask, t) for t in node_types.values()):
+        return ""
+    grow = "and cannot add one" if not node_types else f"and none of its node types ({', '.join(node_types)}) has it"
+    for resource, value in ask.items():
+        most = max([n.get(resource, 0) for n in [*nodes, *node_types.values()]], default=0)
+        if most < value:
+            key = pool.keys.get(resource, resource)
+            has = f"no {resource}" if most == 0 else f"at most {most:g} {resource} per node"
+            off = "false" if key.endswith("use_gpu") else "0"
+            fix = (f"set {key}={off} to run on the CPU" if resource == "GPU" and most == 0 else
+                   f"set {key} to at most {most:g}" if most else f"lower {key}")
+            return f"{key}={value:g} but this Ray cluster has {has} {grow}; {fix}"
+    return (f"{pool.stage}: one actor asks for {pool.describe()} ({', '.join(pool.keys.values())}) together, "
+            "and no node has all of it; lower one of those keys")
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def addable_node_types() -> dict[str, dict[str, float]]:
+    """Node types an autoscaler may still add (name → resources); none for a fixed cluster."""
+    config = ray._private.state.state.get_cluster_config()
+    if config is None:
+        return {}
+    return {g.name or f"type{i}": dict(g.resources) for i, g in enumerate(config.node_group_configs) if g.max_count != 0}
+
+
+def ensure_placeable(pools: list[PoolAsk], wait_s: float, *, nodes: Callable[[], list[dict]] = cluster_nodes,
+                     node_types: Callable[[], dict] = addable_node_types, clock: Callable[[], float] = time.monotonic,
+                     sleep: Callable[[float], None] = time.sleep, log=print, poll_s: float = 5.0) -> None:
+    """Before a pool is submitted: stop with a ConfigError naming the key when it can never be placed;
+    when it fits only a node type that is not up yet, ask the autoscaler for it and wait (saying so
+    once a minute) up to ``wait_s`` (``ray.wait_for_resources_s``), then stop the same way."""
+    types = node_types()
+    for pool in pools:
+        reason = never_fits(pool, nodes(), types)
+        if reason:
+            raise ConfigError(reason)
+    for pool in pools:
+        if any(fits(pool.wanted, n) for n in nodes()):
+            continue
+        request_resources(bundles=[pool.wanted])  # the autoscaler adds nodes for requests, not for our waiting
+        start, said = clock(), None
+        while not any(fits(pool.wanted, n) for n in nodes()):
+            waited = clock() - start
+            if waited >= wait_s:
+                raise ConfigError(f"{pool.stage}: waited {waited:.0f} s for a node with {pool.describe()} "
+                                  f"({', '.join(pool.keys.values())}); node types that have one: "
+                                  f"{', '.join(t for t, r in types.items() if fits(pool.wanted, r))}; none came up "
+                                  "(see `ray status`); raise ray.wait_for_resources_s or lower those keys")
+            if said is None or clock() - said >= 60:
+                log(f"[sae-traits] stage {pool.stage}: waiting for a node with {pool.describe()} — "
+                    f"{waited / 60:.0f} min so far (up to ray.wait_for_resources_s={wait_s:g})")
+                said = clock()
+            sleep(poll_s)
+        request_resources(bundles=[])
+
+
+def encoder_pool(stage: str, encoder: EncoderConfig) -> PoolAsk:
+    return PoolAsk(stage, {"GPU": encoder.num_gpus, "CPU": encoder.num_cpus},
+                   {"GPU": "encoder.num_gpus", "CPU": "encoder.num_cpus"})
 
 
 def in_shards(rows: pa.Table, shard_rows: int) -> ray.data.Dataset:

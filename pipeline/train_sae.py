@@ -48,7 +48,7 @@ from pipeline import storage
 from pipeline.config import (ConfigError, SAETrainSpec, SourceConfig, TrainLoop, TrainSAEConfig, add_config_arguments,
                              config_changes, fsspec_options, load_config, runtime_keys)
 from pipeline.encoding import backbone_config, backbone_patch_px
-from pipeline.execution import SHARD_BATCHES, encode_images, in_shards, init_ray
+from pipeline.execution import SHARD_BATCHES, PoolAsk, encode_images, encoder_pool, ensure_placeable, in_shards, init_ray
 from pipeline.sae import CheckpointError, SAESpec, SparseAutoencoder, save_sae, save_saev, save_saev_schema5
 from pipeline.sources import build_index
 
@@ -406,6 +406,10 @@ def fit(cfg: TrainSAEConfig, overwrite: bool = False, log=print) -> Path:
     resumed_d = check_resume(cfg, out, overwrite)
     start = time.perf_counter()
     init_ray(cfg.ray)
+    workers = PoolAsk("train", {"GPU": 1.0 if cfg.train.use_gpu else 0.0, "CPU": cfg.train.cpus_per_worker},
+                      {"GPU": "train.use_gpu", "CPU": "train.cpus_per_worker"})
+    pools = [workers] if cfg.source.format == "activations" else [encoder_pool("backbone", cfg.encoder), workers]
+    ensure_placeable(pools, cfg.ray.wait_for_resources_s)  # never wait for workers no node can hold
     ds, d = activation_dataset(cfg)
     if resumed_d not in (None, d):
         raise ConfigError(f"source: the activations have shape [n, {d}] but the run being resumed in {out} "
