@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import binascii
 import email.message
+import email.utils
 import hmac
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pipeline.sae import sae_metadata
 from pipeline.selection import going_forward
 
+BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")  # RFC 2046 bchars, 1-70
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+TEXT_FIELDS = ("species", "genus", "build")
 # The answer's fields an endpoint response carries for each latent described.
 ANSWER_FIELDS = ("status", "description", "body_part", "traits", "common_traits", "model", "prompt_version",
                  "latency_s", "error")
@@ -67,10 +72,14 @@ async def read_request(request: Request, max_upload_bytes: int) -> dict:
         body = await read_body(request, max_upload_bytes * 4 // 3 + 64 * 1024)  # base64 is 4/3 the bytes
         try:
             parsed = AnnotateJSON.model_validate(json.loads(body))
-        except json.JSONDecodeError as exc:
-            raise HTTPException(400, f"body is not valid JSON: {exc}") from None
-        except ValidationError as exc:
+        except ValidationError as exc:  # (a ValueError too: first)
             raise HTTPException(422, json_field_errors(exc)) from None
+        except UnicodeDecodeError:
+            raise HTTPException(400, "body is not UTF-8 JSON") from None
+        except RecursionError:
+            raise HTTPException(400, "body is JSON nested too deeply") from None
+        except ValueError as exc:  # json.JSONDecodeError and the like
+            raise HTTPException(400, f"body is not valid JSON: {exc}") from None
         out = parsed.model_dump(exclude_none=True)
         if "image_base64" in out:
             try:
@@ -80,6 +89,9 @@ async def read_request(request: Request, max_upload_bytes: int) -> dict:
     else:
         raise HTTPException(415, f"content-type {kind or 'missing'}: send multipart/form-data (field 'image') "
                                  "or application/json (field 'image_base64')")
+    for name in TEXT_FIELDS:
+        if name in out:
+            check_text(name, out[name])
     if not out.get("image"):
         raise HTTPException(400, "no image: send the photo as multipart field 'image' or JSON 'image_base64'")
     if len(out["image"]) > max_upload_bytes:
@@ -101,13 +113,32 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def check_text(name: str, value: str) -> None:
+    """400 for a text field no file system or log should see: control characters (NUL included) or
+    characters that have no UTF-8 form (lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HTTPException(400, f"{name}: not valid Unicode text (a lone surrogate)") from None
+    if CONTROL.search(value):
+        raise HTTPException(400, f"{name}: control characters are not allowed")
+
+
+def header_param(message: email.message.Message, param: str, header: str = "content-type") -> str | None:
+    """A header parameter as text, RFC 2231 forms (``name*=utf-8''...``) included."""
+    value = message.get_param(param, header=header)
+    return email.utils.collapse_rfc2231_value(value) if value is not None else None
+
+
 def parse_multipart(body: bytes, content_type: str) -> dict[str, list[bytes]]:
     """multipart/form-data → {field name: [values]} (standard library only, exact on binary parts)."""
     header = email.message.Message()
     header["content-type"] = content_type
-    boundary = header.get_param("boundary")
+    boundary = header_param(header, "boundary")
     if not boundary:
         raise HTTPException(400, "multipart body without a boundary")
+    if not BOUNDARY.match(boundary):
+        raise HTTPException(400, "multipart boundary is not 1-70 of the characters RFC 2046 allows")
     fields: dict[str, list[bytes]] = {}
     parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode())
     if len(parts) < 2 or not parts[-1].startswith(b"--"):
@@ -121,7 +152,7 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, list[bytes]]:
             name, _, v = line.partition(":")
             if name:
                 headers[name.strip()] = v.strip()
-        field = headers.get_param("name", header="content-disposition")
+        field = header_param(headers, "name", header="content-disposition")
         if not field:
             raise HTTPException(400, "multipart part without a name")
         fields.setdefault(str(field), []).append(value)
@@ -178,7 +209,11 @@ class BuildCatalog:
     def resolve(self, build: str) -> Path:
         if "://" in build:
             raise HTTPException(400, f"build: {build!r} is a URL; name a local build folder (URLs are never fetched)")
-        path = Path(build).resolve()
+        check_text("build", build)
+        try:
+            path = Path(build).resolve()
+        except (OSError, ValueError) as exc:
+            raise HTTPException(400, f"build: {build!r} is not a usable path ({type(exc).__name__})") from None
         if self.root is not None and not path.is_relative_to(self.root):
             raise HTTPException(403, f"build: {build} is outside builds_root")
         return path
