@@ -182,6 +182,9 @@ class PreprocessConfig(Section):
     """Images with more pixels are refused from their header, before decoding (decompression bombs)."""
     max_bytes: int = Field(default=64 * 2**20, ge=1)
     """Files larger than this are refused without decoding."""
+    formats: list[Literal["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "JPEG2000"]] | None = None
+    """Image formats accepted, told apart by their bytes (Pillow's format names); null: every format
+    Pillow reads. Others are refused as not_an_image before any decoder runs."""
     batch_size: int = runtime(default=64, ge=1)
     """Rows per decode task batch."""
 
@@ -536,6 +539,10 @@ class AnnotatorAppConfig(Section):
     endpoint_num_cpus: float = Field(default=1, ge=0)
     builds_root: str | None = None
     """Requests may only name builds under this local folder; null: any local folder the server can read."""
+    image_formats: list[Literal["JPEG", "PNG", "WEBP", "TIFF"]] = Field(
+        default_factory=lambda: ["JPEG", "PNG", "WEBP", "TIFF"])
+    """What an uploaded photo may be, told apart by its bytes: the formats specimen photos come in
+    (an EPS, say, would otherwise reach Ghostscript where it is installed)."""
     max_upload_bytes: int = Field(default=16 * 2**20, ge=1)
     """Larger uploads are refused (413) before they are read in full (and decoding refuses larger photos)."""
     max_latents: int = Field(default=3, ge=1)
@@ -561,8 +568,10 @@ class AnnotatorAppConfig(Section):
 
     @property
     def decode(self) -> PreprocessConfig:
-        """The preprocessing of an uploaded photo: the preprocess section, files capped at max_upload_bytes."""
-        return self.preprocess.model_copy(update={"max_bytes": min(self.preprocess.max_bytes, self.max_upload_bytes)})
+        """The preprocessing of an uploaded photo: the preprocess section, files capped at max_upload_bytes
+        and limited to image_formats."""
+        return self.preprocess.model_copy(update={"max_bytes": min(self.preprocess.max_bytes, self.max_upload_bytes),
+                                                  "formats": list(self.image_formats)})
 
 
 # --------------------------------------------------------------------------- loading

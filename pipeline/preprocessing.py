@@ -113,10 +113,11 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
         raise ImageRejected("empty_file", "zero bytes")
     if len(data) > cfg.max_bytes:
         raise ImageRejected("too_large", f"{len(data)} bytes > preprocess.max_bytes={cfg.max_bytes}")
-    try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
+    try:  # reads the header only; only the accepted formats' plugins look at the bytes
+        img = Image.open(io.BytesIO(data), formats=cfg.formats)
     except Exception:  # UnidentifiedImageError and friends; their message names a BytesIO's address
-        raise ImageRejected("not_an_image", f"{len(data)} bytes in no image format Pillow reads "
+        accepted = "/".join(cfg.formats) if cfg.formats else "image"
+        raise ImageRejected("not_an_image", f"{len(data)} bytes in no {accepted} format Pillow reads "
                                             f"(they start {bytes(data[:16])!r})") from None
     w, h = img.size
     if w * h > cfg.max_pixels:

@@ -153,6 +153,19 @@ def test_rejection_details_are_stable_and_say_what_the_bytes_were():
     assert details[0] == f"{len(data)} bytes in no image format Pillow reads (they start {data[:16]!r})"
 
 
+def test_only_the_accepted_formats_are_decoded_told_apart_by_their_bytes():
+    cfg = PreprocessConfig(formats=["JPEG", "PNG", "WEBP", "TIFF"])
+    for fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        assert decode_image(encode(Image.new("RGB", (32, 32), "red"), fmt), cfg).size == (32, 32)
+    gif = encode(Image.new("RGB", (32, 32), "red"), "GIF")
+    assert decode_image(gif, PreprocessConfig()).size == (32, 32)  # builds: every format Pillow reads
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n" + b"0 0 moveto\n" * 20
+    for data in (gif, eps, encode(Image.new("RGB", (32, 32)), "BMP")):
+        with pytest.raises(ImageRejected) as err:
+            decode_image(data, cfg)
+        assert err.value.reason == "not_an_image" and "no JPEG/PNG/WEBP/TIFF format" in err.value.detail
+
+
 def test_error_detail_drops_object_addresses():
     from pipeline.errors import error_detail
 

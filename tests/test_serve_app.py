@@ -280,6 +280,7 @@ def test_describer_handle_one_and_three_images(app):
     ("body far over the limit", 413, "max_upload_bytes"),
     ("too many pixels", 413, "too_many_pixels"),
     ("unknown json field", 422, "image_url"),
+    ("eps upload", 415, "no JPEG/PNG/WEBP/TIFF format"),  # never handed to Ghostscript
     ("unknown form field", 422, "colour"),
     ("bad base64", 400, "image_base64"),
     ("bad json", 400, "not valid JSON"),
@@ -301,6 +302,7 @@ def test_bad_input(app, case, status, says):
         "body far over the limit": {"files": {"image": ("s.png", big * 2)}},  # refused before it is read
         "too many pixels": {"files": {"image": ("s.png", specimen_png(1200, 1000))}},
         "unknown json field": {"json_body": {"image_url": "http://example.com/x.jpg"}},
+        "eps upload": {"files": {"image": ("s.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 32\n")}},
         "unknown form field": {"files": {"image": ("s.png", specimen_png()), "colour": (None, "red")}},
         "bad base64": {"json_body": {"image_base64": "not base64!"}},
         "bad json": {"data": b"{nope", "headers": {**AUTH, "Content-Type": "application/json"}},
