@@ -245,8 +245,9 @@ class BuildData:
         self.cfg: BuildConfig = validate(BuildConfig, self.manifest["config"])
         # The selected latents that went forward to candidates (selected/ holds every selected pair).
         cap = self.cfg.contrast.max_latents_per_species
-        self.selected = [r for t in read_tables(fs, path("selected")) for r in going_forward(t, cap).to_pylist()]
-        self.n_selected = storage.count_rows(fs, path("selected"))
+        tables = list(read_tables(fs, path("selected")))
+        self.selected = [r for t in tables for r in going_forward(t, cap).to_pylist()]
+        self.n_selected = sum(t.num_rows for t in tables)
         self.latents = sorted({r["latent"] for r in self.selected})
         wanted = pa.array(self.latents, pa.int32())
         self.candidates = read_rows(fs, path("candidates"), CANDIDATE_COLUMNS)

@@ -78,7 +78,7 @@ class TraitDescriber:
                               latency_s=0.0, attempts=0)
         render = render or self.render
         include_taxon = self.include_taxon if include_taxon is None else include_taxon
-        version = prompt_version(render, len(images), include_taxon=include_taxon)
+        version = unit_prompt_version(self.llm, render, len(images), include_taxon)
         request = build_request(images, render=render, species=species, genus=genus, include_taxon=include_taxon,
                                 json_schema=self.llm.json_schema, max_tokens=self.llm.max_tokens, request_id=request_id)
         try:
