@@ -17,6 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import yaml
 
 from pipeline.build import Build
@@ -43,8 +44,17 @@ def driver(config: Path, address: str, log: Path) -> subprocess.Popen:
                             cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def held_by_tasks() -> dict[str, float]:
+    """CPUs and GPUs that running tasks and actors hold in the session's cluster."""
+    total, free = ray.cluster_resources(), ray.available_resources()
+    return {k: total[k] - free.get(k, 0.0) for k in ("CPU", "GPU") if k in total}
+
+
 def kill_when(proc: subprocess.Popen, ready, timeout_s: float = 300) -> None:
-    """SIGKILL the driver (and anything it started) as soon as ``ready()``; fails if it finished first."""
+    """SIGKILL the driver (and anything it started) as soon as ``ready()``; fails if it finished first.
+    Returns once the cluster has stopped the killed job's actors and tasks (their resources are free
+    again): until then they may still write a shard, which the caller must count as written."""
+    before = held_by_tasks()
     deadline = time.monotonic() + timeout_s
     while not ready():
         assert proc.poll() is None, "the build finished before the kill point"
@@ -52,6 +62,10 @@ def kill_when(proc: subprocess.Popen, ready, timeout_s: float = 300) -> None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 120
+    while held_by_tasks() != before:
+        assert time.monotonic() < deadline, f"the killed job's workers still hold {held_by_tasks()}"
+        time.sleep(0.2)
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout_s: float = 400) -> str:
