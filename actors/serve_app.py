@@ -27,6 +27,8 @@ from dataclasses import asdict
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from ray import serve
+from ray.serve.config import BackpressureConfig
+from ray.serve.context import _get_global_client
 
 from pipeline.annotation.describer import DEPLOYMENT, TraitDescriber
 from pipeline.annotation.measurements import regions_and_measurements
@@ -34,8 +36,8 @@ from pipeline.annotation.record import Annotation
 from pipeline.annotation.renderings import Rendering
 from pipeline.config import AnnotatorAppConfig, fsspec_options, validate
 from pipeline.encoding import FiringEncoder, backbone_patch_px
-from pipeline.endpoint import (ANSWER_FIELDS, REJECT_STATUS, BuildCatalog, check_bearer, choose_latents, read_request,
-                               sae_fingerprint)
+from pipeline.endpoint import (ANSWER_FIELDS, REJECT_STATUS, BuildCatalog, RequestLimits, check_bearer, check_open_access,
+                               choose_latents, openapi_document, read_request, sae_fingerprint)
 from pipeline.errors import ImageRejected
 from pipeline.preprocessing import Geometry, decode_image, prepare_pixels
 
@@ -91,6 +93,10 @@ class AnnotateEndpoint:
         self.decode = cfg.decode
         self.rendering = Rendering.of(cfg.annotate)  # renders only; the describer holds the model
         self.token = os.environ.get(cfg.auth_token_env) if cfg.auth_token_env else None
+        # Where Serve's HTTP proxy listens is known only to the controller (no public API reads it).
+        check_open_access(_get_global_client().http_config.host, cfg, self.token)
+        self.limits = RequestLimits.of(cfg)
+        api.openapi = lambda: openapi_document(api, token_required=bool(self.token))
         self.builds = BuildCatalog(cfg.builds_root,
                                    sae_fingerprint(cfg.sae.checkpoint, fsspec_options(cfg.storage, cfg.sae.checkpoint),
                                                    cfg.sae.revision))
@@ -103,7 +109,7 @@ class AnnotateEndpoint:
     @api.post("/annotate")
     async def annotate(self, request: Request) -> dict:
         check_bearer(request.headers.get("authorization"), self.token)
-        fields = await read_request(request, self.cfg.max_upload_bytes)
+        fields = await read_request(request, self.limits)
         species, genus = fields.get("species") or None, fields.get("genus") or None
         selected = self.builds.selected(fields["build"], species) if fields.get("build") else None
         try:  # decoding a large photo takes a while: off the event loop
@@ -157,4 +163,7 @@ def build_annotator_app(args: dict) -> serve.Application:
         max_ongoing_requests=cfg.describer_max_ongoing_requests,
         autoscaling_config={"min_replicas": cfg.describer_min_replicas, "max_replicas": cfg.describer_max_replicas,
                             "target_ongoing_requests": cfg.describer_target_ongoing_requests}).bind(cfg)
-    return AnnotateEndpoint.options(ray_actor_options={"num_cpus": cfg.endpoint_num_cpus}).bind(cfg, encoder, describer)
+    return AnnotateEndpoint.options(
+        ray_actor_options={"num_cpus": cfg.endpoint_num_cpus}, max_ongoing_requests=cfg.endpoint_max_ongoing_requests,
+        max_queued_requests=cfg.endpoint_max_queued_requests,
+        backpressure_config=BackpressureConfig(retry_after_s=cfg.shed_retry_after_s)).bind(cfg, encoder, describer)

@@ -537,6 +537,18 @@ class AnnotatorAppConfig(Section):
     """Autoscaling target per describer replica; set explicitly (Ray's default never scales up)."""
     describer_max_ongoing_requests: int = Field(default=64, ge=1)
     endpoint_num_cpus: float = Field(default=1, ge=0)
+    endpoint_max_ongoing_requests: int = Field(default=8, ge=1)
+    """Requests one AnnotateEndpoint replica works on at once (each waits on the encoder and the LLM)."""
+    endpoint_max_queued_requests: int = Field(default=32, ge=0)
+    """Requests that may wait for a slot; more are shed with 503 and ``Retry-After`` instead of
+    letting latency grow without bound."""
+    shed_retry_after_s: float = Field(default=2, ge=0)
+    """The ``Retry-After`` a shed request is given."""
+    body_read_timeout_s: float = Field(default=30, gt=0)
+    """A request body must arrive within this many seconds (408 otherwise), so slow clients cannot
+    hold the request slots."""
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    """Requests whose headers together are larger are refused (431)."""
     builds_root: str | None = None
     """Requests may only name builds under this local folder; null: any local folder the server can read."""
     image_formats: list[Literal["JPEG", "PNG", "WEBP", "TIFF"]] = Field(
@@ -549,6 +561,9 @@ class AnnotatorAppConfig(Section):
     """Latents described per request (each is one LLM call)."""
     auth_token_env: str | None = "SAE_TRAITS_TOKEN"
     """When this environment variable is set on the server, /annotate needs ``Authorization: Bearer <its value>``."""
+    allow_anonymous: bool = False
+    """Serve /annotate without a token although Serve's HTTP proxy listens beyond loopback. Off: the
+    app refuses to start there unless the token variable is set (the endpoint drives the LLM)."""
 
     @field_validator("annotate")
     @classmethod

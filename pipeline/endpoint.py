@@ -7,24 +7,27 @@ fetched), a named build must be a finished one under ``builds_root``."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
-import email.message
-import email.utils
 import hmac
+import ipaddress
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from fastapi import HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.datastructures import UploadFile as StarletteUploadFile
 
+from pipeline.config import AnnotatorAppConfig, ConfigError
 from pipeline.sae import sae_metadata
 from pipeline.selection import going_forward
 
-BOUNDARY = re.compile(r"^[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]$")  # RFC 2046 bchars, 1-70
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 TEXT_FIELDS = ("species", "genus", "build")
 # The answer's fields an endpoint response carries for each latent described.
@@ -33,6 +36,7 @@ ANSWER_FIELDS = ("status", "description", "body_part", "traits", "common_traits"
 
 JSON_FIELDS = ("image_base64", "species", "genus", "build")
 FORM_FIELDS = ("image", "species", "genus", "build")
+MAX_TEXT_FIELD_BYTES = 4096  # a species, genus or build path; more is not a name
 # ImageRejected reasons (pipeline.preprocessing.decode_image) → HTTP status.
 REJECT_STATUS = {"too_large": 413, "too_many_pixels": 413, "not_an_image": 415}
 
@@ -55,37 +59,80 @@ def check_bearer(header: str | None, token: str | None) -> None:
                             headers={"WWW-Authenticate": "Bearer"})
 
 
-async def read_request(request: Request, max_upload_bytes: int) -> dict:
-    """The request's fields, ``image`` as bytes; 4xx naming what is wrong."""
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may cost before it is refused (AnnotatorAppConfig's limits)."""
+
+    max_upload_bytes: int
+    body_read_timeout_s: float
+    max_header_bytes: int
+
+    @classmethod
+    def of(cls, cfg: AnnotatorAppConfig) -> RequestLimits:
+        return cls(cfg.max_upload_bytes, cfg.body_read_timeout_s, cfg.max_header_bytes)
+
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def check_open_access(host: str, cfg: AnnotatorAppConfig, token: str | None) -> None:
+    """Refuse to serve /annotate to the network without a token: when Serve's HTTP proxy listens
+    beyond loopback, a token must be set unless the config says ``allow_anonymous: true``."""
+    try:
+        loopback = host in LOOPBACK_NAMES or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may be reached from outside
+        loopback = False
+    if not loopback and not token and not cfg.allow_anonymous:
+        raise ConfigError(
+            f"Serve's HTTP proxy listens on {host} (beyond this machine) and /annotate has no token: set "
+            f"{cfg.auth_token_env or 'auth_token_env'} in the application's environment (runtime_env.env_vars), "
+            "or set allow_anonymous: true to serve it to anyone who can reach the port")
+
+
+def check_headers(request: Request, max_header_bytes: int) -> None:
+    """431 when the request's headers together pass ``max_header_bytes``."""
+    size = sum(len(k) + len(v) + 4 for k, v in request.scope.get("headers", ()))
+    if size > max_header_bytes:
+        raise HTTPException(431, f"request headers are {size} bytes > max_header_bytes={max_header_bytes}")
+
+
+def bounded(request: Request, limit: int, timeout_s: float) -> Request:
+    """The request, its body refused with 413 from its declared length before a byte is read, or as
+    soon as more than ``limit`` bytes arrive; and with 408 when the whole body has not arrived within
+    ``timeout_s`` (so slow clients cannot hold the replica's request slots)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"upload of {declared} bytes is over the limit of {limit} (max_upload_bytes)")
+    loop = asyncio.get_running_loop()
+    deadline, size = loop.time() + timeout_s, 0
+
+    async def receive() -> dict:
+        nonlocal size
+        try:
+            message = await asyncio.wait_for(request.receive(), max(deadline - loop.time(), 0.0))
+        except TimeoutError:
+            raise HTTPException(408, f"the body did not arrive within body_read_timeout_s={timeout_s:g}") from None
+        size += len(message.get("body", b""))
+        if size > limit:
+            raise HTTPException(413, f"upload is over {limit} bytes (max_upload_bytes)")
+        return message
+
+    return Request(request.scope, receive)
+
+
+async def read_request(request: Request, limits: RequestLimits) -> dict:
+    """The request's fields, ``image`` as bytes; 4xx naming what is wrong. Multipart bodies are
+    parsed by Starlette's form parser (python-multipart), which refuses what RFC 7578 does not
+    allow in a form (RFC 2231 ``name*=`` / ``boundary*=`` parameters among them) with 400."""
+    check_headers(request, limits.max_header_bytes)
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        body = await read_body(request, max_upload_bytes + 64 * 1024)  # the envelope around the file
-        fields = parse_multipart(body, content_type)
-        unknown = sorted(set(fields) - set(FORM_FIELDS))
-        if unknown:
-            raise HTTPException(422, f"unknown form field(s) {unknown}; allowed: {list(FORM_FIELDS)}")
-        if len(fields.get("image", [])) > 1:
-            raise HTTPException(400, "image: send one image per request")
-        out = {k: v[0] if k == "image" else v[0].decode("utf-8", "replace").strip() for k, v in fields.items()}
+        out = await read_form(bounded(request, limits.max_upload_bytes + 64 * 1024, limits.body_read_timeout_s))
     elif kind == "application/json":
-        body = await read_body(request, max_upload_bytes * 4 // 3 + 64 * 1024)  # base64 is 4/3 the bytes
-        try:
-            parsed = AnnotateJSON.model_validate(json.loads(body))
-        except ValidationError as exc:  # (a ValueError too: first)
-            raise HTTPException(422, json_field_errors(exc)) from None
-        except UnicodeDecodeError:
-            raise HTTPException(400, "body is not UTF-8 JSON") from None
-        except RecursionError:
-            raise HTTPException(400, "body is JSON nested too deeply") from None
-        except ValueError as exc:  # json.JSONDecodeError and the like
-            raise HTTPException(400, f"body is not valid JSON: {exc}") from None
-        out = parsed.model_dump(exclude_none=True)
-        if "image_base64" in out:
-            try:
-                out["image"] = base64.b64decode(out.pop("image_base64"), validate=True)
-            except (binascii.Error, ValueError) as exc:
-                raise HTTPException(400, f"image_base64: not valid base64 ({exc})") from None
+        body = await bounded(request, limits.max_upload_bytes * 4 // 3 + 64 * 1024,  # base64 is 4/3 the bytes
+                             limits.body_read_timeout_s).body()
+        out = read_json(body)
     else:
         raise HTTPException(415, f"content-type {kind or 'missing'}: send multipart/form-data (field 'image') "
                                  "or application/json (field 'image_base64')")
@@ -94,23 +141,53 @@ async def read_request(request: Request, max_upload_bytes: int) -> dict:
             check_text(name, out[name])
     if not out.get("image"):
         raise HTTPException(400, "no image: send the photo as multipart field 'image' or JSON 'image_base64'")
-    if len(out["image"]) > max_upload_bytes:
-        raise HTTPException(413, f"image: {len(out['image'])} bytes > max_upload_bytes={max_upload_bytes}")
+    if len(out["image"]) > limits.max_upload_bytes:
+        raise HTTPException(413, f"image: {len(out['image'])} bytes > max_upload_bytes={limits.max_upload_bytes}")
     return out
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` bytes (declared or streamed)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"upload of {declared} bytes is over the limit (max_upload_bytes)")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"upload is over {limit} bytes (max_upload_bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def read_form(request: Request) -> dict:
+    """multipart/form-data → fields: ``image`` a file part (bytes), the others text."""
+    form = await request.form(max_files=2, max_fields=len(FORM_FIELDS) + 1, max_part_size=MAX_TEXT_FIELD_BYTES)
+    try:
+        names = [name for name, _ in form.multi_items()]
+        unknown = sorted(set(names) - set(FORM_FIELDS))
+        if unknown:
+            raise HTTPException(422, f"unknown form field(s) {unknown}; allowed: {list(FORM_FIELDS)}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise HTTPException(400, f"{repeated[0]}: send it once per request")
+        out = {}
+        for name, value in form.multi_items():
+            is_file = isinstance(value, StarletteUploadFile)
+            if (name == "image") != is_file:
+                raise HTTPException(400, "image: send the photo as a file part (curl -F image=@photo.jpg)"
+                                    if name == "image" else f"{name}: send it as a text field, not a file")
+            out[name] = await value.read() if is_file else value.strip()
+        return out
+    finally:
+        await form.close()
+
+
+def read_json(body: bytes) -> dict:
+    """A JSON body → fields, ``image_base64`` decoded to ``image``."""
+    try:
+        parsed = AnnotateJSON.model_validate(json.loads(body))
+    except ValidationError as exc:  # (a ValueError too: first)
+        raise HTTPException(422, json_field_errors(exc)) from None
+    except UnicodeDecodeError:
+        raise HTTPException(400, "body is not UTF-8 JSON") from None
+    except RecursionError:
+        raise HTTPException(400, "body is JSON nested too deeply") from None
+    except ValueError as exc:  # json.JSONDecodeError and the like
+        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
+    out = parsed.model_dump(exclude_none=True)
+    if "image_base64" in out:
+        try:
+            out["image"] = base64.b64decode(out.pop("image_base64"), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise HTTPException(400, f"image_base64: not valid base64 ({exc})") from None
+    return out
 
 
 def check_text(name: str, value: str) -> None:
@@ -122,41 +199,6 @@ def check_text(name: str, value: str) -> None:
         raise HTTPException(400, f"{name}: not valid Unicode text (a lone surrogate)") from None
     if CONTROL.search(value):
         raise HTTPException(400, f"{name}: control characters are not allowed")
-
-
-def header_param(message: email.message.Message, param: str, header: str = "content-type") -> str | None:
-    """A header parameter as text, RFC 2231 forms (``name*=utf-8''...``) included."""
-    value = message.get_param(param, header=header)
-    return email.utils.collapse_rfc2231_value(value) if value is not None else None
-
-
-def parse_multipart(body: bytes, content_type: str) -> dict[str, list[bytes]]:
-    """multipart/form-data → {field name: [values]} (standard library only, exact on binary parts)."""
-    header = email.message.Message()
-    header["content-type"] = content_type
-    boundary = header_param(header, "boundary")
-    if not boundary:
-        raise HTTPException(400, "multipart body without a boundary")
-    if not BOUNDARY.match(boundary):
-        raise HTTPException(400, "multipart boundary is not 1-70 of the characters RFC 2046 allows")
-    fields: dict[str, list[bytes]] = {}
-    parts = (b"\r\n" + body).split(b"\r\n--" + boundary.encode())
-    if len(parts) < 2 or not parts[-1].startswith(b"--"):
-        raise HTTPException(400, "malformed multipart body (no closing boundary)")
-    for part in parts[1:-1]:
-        head, sep, value = part.partition(b"\r\n\r\n")
-        if not sep:
-            raise HTTPException(400, "malformed multipart part (no blank line after its headers)")
-        headers = email.message.Message()
-        for line in head.decode("latin-1").split("\r\n")[1:]:  # [0] is the rest of the boundary line
-            name, _, v = line.partition(":")
-            if name:
-                headers[name.strip()] = v.strip()
-        field = header_param(headers, "name", header="content-disposition")
-        if not field:
-            raise HTTPException(400, "multipart part without a name")
-        fields.setdefault(str(field), []).append(value)
-    return fields
 
 
 def json_field_errors(exc: ValidationError) -> str:
@@ -247,3 +289,58 @@ class BuildCatalog:
                 self.cache.pop(next(iter(self.cache)))
             self.cache[key] = {s: [z for _, z in sorted(v)] for s, v in by_species.items()}
         return self.cache[key].get(species) if species else None
+
+
+# --------------------------------------------------------------------------- the published contract
+
+ERROR_STATUS = {
+    400: "the request cannot be read (malformed body, bad base64, a field given twice, control characters)",
+    401: "no or a wrong bearer token", 403: "build is outside builds_root",
+    408: "the body did not arrive within body_read_timeout_s",
+    413: "the upload or the photo's pixel count is over the limit", 415: "not an accepted content type or image format",
+    422: "an unknown field", 431: "request headers over max_header_bytes",
+}
+TEXT = {"type": "string", "maxLength": MAX_TEXT_FIELD_BYTES}
+ANSWER_SCHEMA = {"type": "object", "required": ["latent", "boxes", "status"], "properties": {
+    "latent": {"type": "integer"}, "n_patches": {"type": "integer"}, "activation": {"type": "number"},
+    "boxes": {"type": "array", "items": {"type": "object"}}, "measurements": {"type": "array"},
+    **{k: {} for k in ANSWER_FIELDS}, "status": {"type": "string"}}}
+RESPONSE_SCHEMA = {"type": "object", "required": ["request_id", "image", "latent_rule", "annotations"], "properties": {
+    "request_id": {"type": "string"}, "image": {"type": "object"}, "latent_rule": {"enum": ["selected", "strongest"]},
+    "latent_rule_reason": {"type": "string"}, "n_firings": {"type": "integer"},
+    "annotations": {"type": "array", "items": ANSWER_SCHEMA}}}
+
+
+def openapi_document(app: FastAPI, token_required: bool) -> dict:
+    """The app's OpenAPI document with what ``POST /annotate`` really takes and answers: its two
+    bodies (``/annotate`` reads the raw request, so FastAPI cannot see them), its error codes and,
+    when a token is set, the bearer scheme."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    error = {"application/json": {"schema": {"type": "object", "required": ["detail"],
+                                              "properties": {"detail": {"type": "string"}}}}}
+    operation = doc["paths"]["/annotate"]["post"]
+    operation["requestBody"] = {"required": True, "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"], "additionalProperties": False,
+            "properties": {"image": {"type": "string", "format": "binary",
+                                     "description": "the photo: JPEG, PNG, WebP or TIFF"},
+                           **{k: TEXT for k in TEXT_FIELDS}}}},
+        "application/json": {"schema": {
+            "type": "object", "required": ["image_base64"], "additionalProperties": False,
+            "properties": {"image_base64": {"type": "string", "format": "byte"}, **{k: TEXT for k in TEXT_FIELDS}}}}}}
+    operation["responses"] = {
+        "200": {"description": "the photo's latents and their descriptions",
+                "content": {"application/json": {"schema": RESPONSE_SCHEMA}}},
+        **{str(code): {"description": why, "content": error} for code, why in ERROR_STATUS.items()
+           if code != 401 or token_required},
+        "503": {"description": "shed: more requests than the app queues (endpoint_max_queued_requests); "
+                               "see Retry-After", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    if token_required:
+        doc.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        operation["security"] = [{"bearer": []}]
+    doc["paths"]["/healthz"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
+        "type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
+    app.openapi_schema = doc
+    return doc
