@@ -130,7 +130,8 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
             img.load()
     except Exception as exc:  # OSError("image file is truncated"), SyntaxError, ...
         reason = "truncated" if "truncated" in str(exc).lower() else "decode_failed"
-        raise ImageRejected(reason, error_detail(exc)) from None
+        raise ImageRejected(reason, f"{img.format} of {w}x{h} (its header says) in {len(data)} bytes: "
+                                    f"{error_detail(exc)}") from None
     return to_rgb(img)
 
 

@@ -151,6 +151,16 @@ def test_rejection_details_are_stable_and_say_what_the_bytes_were():
         details.append(err.value.detail)
     assert details[0] == details[1] and "0x" not in details[0] and "BytesIO" not in details[0]
     assert details[0] == f"{len(data)} bytes in no image format Pillow reads (they start {data[:16]!r})"
+    cut = good_jpeg()[: len(good_jpeg()) * 2 // 3]
+    bomb = encode(Image.new("1", (9000, 9000)), "PNG")
+    for data, says in ((cut, f"JPEG of 60x40 (its header says) in {len(cut)} bytes: OSError: image file is truncated"),
+                       (bomb, "9000x9000 = 81000000 > preprocess.max_pixels=40000000")):
+        seen = set()
+        for _ in range(2):
+            with pytest.raises(ImageRejected) as err:
+                decode_image(data, PreprocessConfig(max_pixels=40_000_000))
+            seen.add(err.value.detail)
+        assert len(seen) == 1 and seen.pop().startswith(says)
 
 
 def test_only_the_accepted_formats_are_decoded_told_apart_by_their_bytes():
