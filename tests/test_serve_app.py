@@ -434,7 +434,7 @@ def test_fuzzed_from_its_own_schema_by_schemathesis(app, tmp_path):
          "--mode", "all", "--max-examples", "1000", "--seed", "7", "--workers", "2", "--request-timeout", "120",
          "--suppress-health-check", "all", "-H", f"Authorization: Bearer {TOKEN}",
          "--report", "har", "--report-har-path", str(har)],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900, cwd=tmp_path)  # (it keeps a cache in its working directory)
     entries = json.loads(har.read_text())["log"]["entries"]
     statuses = Counter(e["response"]["status"] for e in entries)
     print(f"schemathesis: {len(entries)} requests, statuses {dict(sorted(statuses.items()))}")
