@@ -53,7 +53,7 @@ from pipeline.counting import reduce_counts, taxonomy_codes
 from pipeline.encoding import backbone_patch_px
 from pipeline.errors import compact_errors, write_errors
 from pipeline.execution import (SHARD_BATCHES, PoolAsk, cluster_cpus, encode_images, encoder_pool, ensure_placeable,
-                                in_shards, init_ray)
+                                in_shards, in_tasks, init_ray)
 from pipeline.report import write_report
 from pipeline.sae import sae_metadata
 from pipeline.selection import select_latents, taxonomy_of_species
@@ -176,7 +176,7 @@ class Build:
     # -- the stages ----------------------------------------------------------------------------
 
     def stage_index(self) -> dict:
-        index, rejected = build_index(self.cfg.source)
+        index, rejected = build_index(self.cfg.source, map_shards=in_tasks)
         write_errors(self.cfg.output, self.cfg.storage_options, rejected)
         storage.write_table(self.fs, self.path(f"{STAGE['index'].output}/index.parquet"), index)
         return {"rejected": len(rejected)}

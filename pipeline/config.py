@@ -134,12 +134,14 @@ def fsspec_options(storage_section: Any, url: str, overrides: dict[str, Any] | N
 
 
 class SourceConfig(Section):
-    format: Literal["bioscan", "imagefolder", "parquet"] = "bioscan"
+    format: Literal["bioscan", "imagefolder", "parquet", "webdataset"] = "bioscan"
     """bioscan: the BIOSCAN-5M layout of the bioscan-dataset package; imagefolder:
-    <root>/<Genus_species>/<file>; parquet: a manifest with an image path or bytes column."""
+    <root>/<Genus_species>/<file>; parquet: a manifest with an image path or bytes column (a
+    Hugging Face dataset's Parquet files included); webdataset: tar shards of samples."""
     root: str
     """bioscan: the folder holding bioscan5m/; imagefolder: the class folders' parent; parquet:
-    the manifest file or folder. Local path or any fsspec URL."""
+    the manifest file or folder; webdataset: a shard, a folder of .tar shards or a glob
+    (shards-*.tar). Local path or any fsspec URL."""
     splits: list[str] | None = None
     """bioscan only: splits to read (e.g. [train, val, test]); null reads every split."""
     limit: int | None = Field(default=None, ge=1)
@@ -149,10 +151,20 @@ class SourceConfig(Section):
     path_column: str | None = "path"
     """parquet only: column with image paths (absolute, or relative to the manifest's folder)."""
     bytes_column: str | None = None
-    """parquet only: column with encoded image bytes; used instead of path_column when set."""
+    """parquet only: column with encoded image bytes, or the struct of ``bytes`` and ``path`` that the
+    ``datasets`` library writes for an Image feature (e.g. ``image``); used instead of path_column when set."""
     species_column: str = "species"
+    """parquet: the species column; webdataset: the species key of the taxonomy JSON member."""
     genus_column: str = "genus"
     family_column: str = "family"
+    image_members: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"], min_length=1)
+    """webdataset only: the member extensions that hold a sample's image (the first present is read)."""
+    taxonomy_member: str | None = "json"
+    """webdataset only: the member extension of a JSON object holding species_column, genus_column and
+    family_column; null: read the ranks from taxonomy_text_members."""
+    taxonomy_text_members: dict[Literal["species", "genus", "family"], str] = Field(default_factory=dict)
+    """webdataset only: rank → the member extension of a text member naming it, e.g. {species: sci.txt}
+    (used for the ranks the JSON member does not give). A species of two words gives the genus too."""
     storage_options: dict[str, Any] = runtime(default_factory=dict)
     """Passed to fsspec when opening root, over the storage section's options for it (keys given
     here win): e.g. a source in another store than the outputs."""
@@ -474,7 +486,7 @@ class TrainLoop(Section):
 
 
 class TrainSourceConfig(SourceConfig):
-    format: Literal["bioscan", "imagefolder", "parquet", "activations"] = "bioscan"
+    format: Literal["bioscan", "imagefolder", "parquet", "webdataset", "activations"] = "bioscan"
     """Image sources as in the build (features come from the backbone, streamed, never dumped),
     or activations: a folder (or file) of precomputed patch activations — .npy arrays [n, d]
     (float32 or float16) or Parquet files whose first fixed-size-list column holds one

@@ -38,6 +38,16 @@ def init_ray(cfg: RayConfig) -> None:
         ray.init(address=cfg.address)
 
 
+@ray.remote
+def _call(fn, item):
+    return fn(item)
+
+
+def in_tasks(fn, items) -> list:
+    """``[fn(item) for item in items]``, each call a Ray task (one per WebDataset shard, say), in order."""
+    return ray.get([_call.remote(fn, item) for item in items])
+
+
 def cluster_cpus() -> int:
     """CPUs of the Ray cluster this process is connected to (at least 1)."""
     return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -2,13 +2,19 @@
 
 Index columns: image_id, species, genus, family, split, path, source_file, source_row.
 ``path`` points at an image file; for a Parquet manifest that carries the bytes, ``source_file``
-and ``source_row`` say where to find them. Paths are within the source's fsspec filesystem.
+and ``source_row`` say where to find them (the file and row); for a WebDataset, the shard and the
+byte offset of the image member's header. Paths are within the source's fsspec filesystem.
 The index is small (≈100 bytes/row) and is built on the driver; pixels are only ever read by
 the decode tasks (:func:`read_image_bytes`)."""
 
 from __future__ import annotations
 
+import functools
+import json
 import posixpath
+import re
+import tarfile
+import threading
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,7 +24,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.config import ConfigError, SourceConfig
 from pipeline.contract import INDEX_SCHEMA
-from pipeline.errors import Rejected
+from pipeline.errors import ImageRejected, Rejected, error_detail
 
 TAXA = ("species", "genus", "family")
 
@@ -114,6 +120,116 @@ def index_parquet(cfg: SourceConfig, fs, root: str) -> pa.Table:
     return pa.concat_tables(parts)
 
 
+# --------------------------------------------------------------------------- WebDataset tar shards
+
+SAMPLE_NAME = re.compile(r"^((?:.*/|)[^./][^/]*?)\.([^/]*)$")  # WebDataset's rule: key = up to the basename's first dot
+MAX_TAXONOMY_MEMBER_BYTES = 1 << 20
+
+
+def webdataset_shards(cfg: SourceConfig, fs, root: str) -> list[str]:
+    """The shards a root names: a glob, a folder (every .tar under it) or one shard; listed, never opened."""
+    if any(c in root for c in "*?["):
+        shards = sorted(fs.glob(root))
+    elif fs.isdir(root):
+        shards = sorted(p for p in fs.find(root) if not posixpath.basename(p).startswith("."))
+    else:
+        shards = [root] if fs.exists(root) else []
+    if not shards:
+        raise ConfigError(f"source.root: no WebDataset shards at {cfg.root}")
+    compressed = [p for p in shards if not p.endswith(".tar")]
+    if compressed:
+        raise ConfigError(f"source.root: {compressed[0]} is not a plain .tar shard (compressed shards cannot be "
+                          "read member by member: decompress them, or name only the .tar files)")
+    return shards
+
+
+def sample_members(cfg: SourceConfig) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(image member extensions, taxonomy member extension → what it holds: "json" or a rank)."""
+    taxonomy = {ext.lower(): rank for rank, ext in cfg.taxonomy_text_members.items()}
+    if cfg.taxonomy_member:
+        taxonomy[cfg.taxonomy_member.lower()] = "json"
+    return tuple(e.lower() for e in cfg.image_members), taxonomy
+
+
+def index_tar_shard(shard: str, cfg: SourceConfig) -> tuple[pa.Table, list[Rejected]]:
+    """One shard's index rows (``source_file`` = the shard, ``source_row`` = the byte offset of the
+    image member's header), read header by header: image bytes are skipped, only the small taxonomy
+    members are read. Bad samples and a shard cut off mid-member are :class:`Rejected` (stage source)."""
+    fs, _ = storage.filesystem(cfg.root, cfg.fsspec_options)
+    image_exts, taxonomy_exts = sample_members(cfg)
+    samples: dict[str, dict] = {}
+    rejected: list[Rejected] = []
+    reading = None
+    size = fs.size(shard)
+    with fs.open(shard, "rb") as f:
+        try:
+            tar = tarfile.open(fileobj=f, mode="r:")
+            for member in tar:
+                match = SAMPLE_NAME.match(member.name)
+                if not member.isfile() or not match:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                reading = key
+                if member.offset_data + member.size > size:
+                    raise tarfile.ReadError(f"member {member.name} needs bytes up to {member.offset_data + member.size}")
+                sample = samples.setdefault(key, {})
+                if ext in image_exts:
+                    rank = image_exts.index(ext)
+                    if rank < sample.get("image_rank", len(image_exts)):
+                        sample["image_rank"], sample["offset"] = rank, member.offset
+                elif ext in taxonomy_exts and member.size <= MAX_TAXONOMY_MEMBER_BYTES:
+                    sample[taxonomy_exts[ext]] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            cut = reading or next(reversed(samples), None)  # the sample being read when the shard ended
+            samples.pop(cut, None)
+            rejected.append(Rejected(stage="source", reason="truncated_shard", image_id=cut or shard,
+                                     detail=f"{shard} ({size} bytes) is cut off: {error_detail(exc)}; "
+                                            f"{'sample ' + cut if cut else 'nothing'} read from it is lost there"))
+    rows = []
+    for key, sample in samples.items():
+        try:
+            rows.append({"image_id": key, **sample_taxonomy(key, sample, cfg), "source_file": shard,
+                         "source_row": sample["offset"]})
+        except ImageRejected as exc:
+            rejected.append(Rejected(stage="source", reason=exc.reason, image_id=key, detail=f"{shard}: {exc.detail}"))
+    table = pa.Table.from_pylist(rows, schema=pa.schema([f for f in INDEX_SCHEMA if f.name in (
+        "image_id", "species", "genus", "family", "source_file", "source_row")]))
+    return _conform({name: table[name] for name in table.column_names}, table.num_rows), rejected
+
+
+def sample_taxonomy(key: str, sample: dict, cfg: SourceConfig) -> dict[str, str | None]:
+    """A sample's species, genus and family from its members (ImageRejected when it cannot have any)."""
+    if "offset" not in sample:
+        raise ImageRejected("missing_image_member", f"sample {key} has no {'/'.join(cfg.image_members)} member")
+    ranks: dict[str, str | None] = {}
+    if "json" in sample:
+        try:
+            record = json.loads(sample["json"])
+        except ValueError as exc:
+            raise ImageRejected("bad_taxonomy_member", f"sample {key}.{cfg.taxonomy_member}: {error_detail(exc)}") from None
+        if not isinstance(record, dict):
+            raise ImageRejected("bad_taxonomy_member", f"sample {key}.{cfg.taxonomy_member} is not a JSON object")
+        keys = {"species": cfg.species_column, "genus": cfg.genus_column, "family": cfg.family_column}
+        ranks = {rank: None if record.get(k) is None else str(record[k]) for rank, k in keys.items()}
+    for rank in TAXA:
+        if rank in sample and ranks.get(rank) is None:
+            ranks[rank] = sample[rank].decode("utf-8", "replace").strip()
+    wanted = ([cfg.taxonomy_member] if cfg.taxonomy_member else []) + list(cfg.taxonomy_text_members.values())
+    if not ranks and wanted:
+        raise ImageRejected("missing_taxonomy_member", f"sample {key} has none of its taxonomy members {wanted}")
+    species = ranks.get("species")
+    if not ranks.get("genus") and species and len(species.split()) >= 2:
+        ranks["genus"] = species.split()[0]  # a binomial names its genus
+    return {rank: ranks.get(rank) for rank in TAXA}
+
+
+def index_webdataset(cfg: SourceConfig, fs, root: str, map_shards=map) -> tuple[pa.Table, list[Rejected]]:
+    """Every shard indexed by ``index_tar_shard``, one call per shard through ``map_shards`` (the
+    build passes Ray tasks): the driver lists shards, never members."""
+    parts = list(map_shards(functools.partial(index_tar_shard, cfg=cfg), webdataset_shards(cfg, fs, root)))
+    return pa.concat_tables([t for t, _ in parts]), [r for _, rejected in parts for r in rejected]
+
+
 INDEXERS = {"bioscan": index_bioscan, "imagefolder": index_imagefolder, "parquet": index_parquet}
 
 
@@ -133,10 +249,16 @@ def drop_duplicates(index: pa.Table) -> tuple[pa.Table, list[Rejected]]:
     return index.filter(keep), rejected
 
 
-def build_index(cfg: SourceConfig) -> tuple[pa.Table, list[Rejected]]:
-    """The de-duplicated index of a source, and the rows rejected on the way."""
+def build_index(cfg: SourceConfig, map_shards=map) -> tuple[pa.Table, list[Rejected]]:
+    """The de-duplicated index of a source, and the rows rejected on the way. ``map_shards(fn, shards)``
+    runs a per-shard indexer (WebDataset) over the shards: the builtin map here, Ray tasks in a build."""
     fs, root = storage.filesystem(cfg.root, cfg.fsspec_options)
-    index, rejected = drop_duplicates(INDEXERS[cfg.format](cfg, fs, root))
+    if cfg.format == "webdataset":
+        index, rejected = index_webdataset(cfg, fs, root, map_shards)
+    else:
+        index, rejected = INDEXERS[cfg.format](cfg, fs, root), []
+    index, duplicates = drop_duplicates(index)
+    rejected += duplicates
     if cfg.limit is not None:
         index = index.slice(0, cfg.limit)
     if index.num_rows == 0:
@@ -145,19 +267,24 @@ def build_index(cfg: SourceConfig) -> tuple[pa.Table, list[Rejected]]:
 
 
 class ImageReader:
-    """Reads the encoded bytes of index rows, from files or from rows of a Parquet manifest.
-    Made inside each task (holds an open filesystem and a small row-group cache)."""
+    """Reads the encoded bytes of index rows: from files, from rows of a Parquet manifest, or from
+    members of a tar shard. Made inside each task (holds an open filesystem, the last shard opened
+    and a small row-group cache)."""
 
     def __init__(self, cfg: SourceConfig):
         self.fs, _ = storage.filesystem(cfg.root, cfg.fsspec_options)
+        self.format = cfg.format
         self.bytes_column = cfg.bytes_column
         self._files: dict[str, pq.ParquetFile] = {}
         self._groups: dict[tuple[str, int], pa.ChunkedArray] = {}
+        self._tars = threading.local()  # .last: (shard, its open TarFile)
 
     def read(self, path: str | None, source_file: str | None = None, source_row: int | None = None) -> bytes:
         if path is not None:
             with self.fs.open(path, "rb") as f:
                 return f.read()
+        if self.format == "webdataset":
+            return self.read_member(source_file, int(source_row))
         if source_file not in self._files:
             self._files[source_file] = pq.ParquetFile(self.fs.open(source_file, "rb"))
         pf = self._files[source_file]
@@ -170,8 +297,26 @@ class ImageReader:
                     self._groups.clear()  # batches walk the manifest in order: keep one group
                     self._groups[(source_file, rg)] = pf.read_row_group(rg, columns=[self.bytes_column]).column(0)
                 value = self._groups[(source_file, rg)][row].as_py()
+                if isinstance(value, dict):  # the `datasets` Image feature: {"bytes": ..., "path": ...}
+                    if value.get("bytes") is None and value.get("path"):
+                        return self.read(storage.join(posixpath.dirname(source_file), value["path"]))
+                    value = value.get("bytes")
                 if value is None:
                     raise FileNotFoundError(f"{source_file} row {source_row}: no image bytes")
                 return value
             row -= n
         raise FileNotFoundError(f"{source_file} has no row {source_row}")
+
+    def read_member(self, shard: str, offset: int) -> bytes:
+        """The data of the tar member whose header starts at ``offset``. Batches walk a shard in
+        order, so each thread keeps its last shard open (the annotate stage reads from threads)."""
+        opened = getattr(self._tars, "last", None)
+        if opened is None or opened[0] != shard:
+            if opened is not None:
+                opened[1].fileobj.close()
+            opened = self._tars.last = (shard, tarfile.open(fileobj=self.fs.open(shard, "rb"), mode="r:"))
+        tar = opened[1]
+        tar.fileobj.seek(offset)
+        tar.offset = offset
+        member = tarfile.TarInfo.fromtarfile(tar)  # (pax and GNU long-name headers included)
+        return tar.extractfile(member).read()

@@ -48,7 +48,8 @@ from pipeline import storage
 from pipeline.config import (ConfigError, SAETrainSpec, SourceConfig, TrainLoop, TrainSAEConfig, add_config_arguments,
                              config_changes, fsspec_options, load_config, runtime_keys)
 from pipeline.encoding import backbone_config, backbone_patch_px
-from pipeline.execution import SHARD_BATCHES, PoolAsk, encode_images, encoder_pool, ensure_placeable, in_shards, init_ray
+from pipeline.execution import (SHARD_BATCHES, PoolAsk, encode_images, encoder_pool, ensure_placeable, in_shards, in_tasks,
+                                init_ray)
 from pipeline.sae import CheckpointError, SAESpec, SparseAutoencoder, save_sae, save_saev, save_saev_schema5
 from pipeline.sources import build_index
 
@@ -116,7 +117,7 @@ def activation_dataset(cfg: TrainSAEConfig):
         return ds, files[0][1][1]
 
     patch_px = backbone_patch_px(cfg.backbone, cfg.preprocess, cfg.storage)  # before any image is read
-    index, _ = build_index(cfg.source)
+    index, _ = build_index(cfg.source, map_shards=in_tasks)
     if cfg.train.max_images:
         index = index.slice(0, cfg.train.max_images)
     if not index.num_rows:
