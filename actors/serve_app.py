@@ -49,13 +49,16 @@ class TraitDescriberDeployment:
     def __init__(self, cfg: AnnotatorAppConfig):
         ann = cfg.annotate
         self.describer = TraitDescriber(ann.llm, render=Rendering.of(ann).prompt_render,
-                                        include_taxon=ann.include_taxon, max_in_flight=ann.max_in_flight)
+                                        include_taxon=ann.include_taxon, vocabulary=ann.vocabulary,
+                                        max_in_flight=ann.max_in_flight)
 
     async def describe(self, images: list[bytes], species: str | None = None, genus: str | None = None,
                        measurements: list[list[dict]] | None = None, request_id: str | None = None,
-                       render: str | None = None, include_taxon: bool | None = None) -> Annotation:
+                       render: str | None = None, include_taxon: bool | None = None,
+                       vocabulary: str | None = None) -> Annotation:
         return await self.describer.describe(images, species=species, genus=genus, measurements=measurements,
-                                             request_id=request_id, render=render, include_taxon=include_taxon)
+                                             request_id=request_id, render=render, include_taxon=include_taxon,
+                                             vocabulary=vocabulary)
 
     def model(self) -> str:
         return self.describer.model

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from pydantic_core import PydanticUndefined
 
 from pipeline import storage
+from pipeline.annotation.vocabulary import load_vocabulary
 
 
 class ConfigError(ValueError):
@@ -330,6 +331,11 @@ class AnnotateConfig(Section):
     """The paper's MLLM-only baseline: whole images, no boxes drawn (same candidates and grouping)."""
     include_taxon: bool = False
     """Name the species in the prompt (after the images). Off, as in the paper: observed, not recalled, traits."""
+    vocabulary: str = "insect"
+    """The group annotated: the organism the prompts name and the body parts answers are normalised
+    to. Bundled (pipeline/vocabularies/): insect (the default, the paper's), bird (the parts of
+    fine-grained bird datasets), plant (vascular plants, herbarium sheets); or a YAML file of the
+    same shape, readable on every node."""
     max_in_flight: int = runtime(default=32, ge=1)
     """LLM requests outstanding at once over the whole annotate stage (the Serve app: per describer replica)."""
     num_actors: int = runtime(default=1, ge=1)
@@ -347,6 +353,12 @@ class AnnotateConfig(Section):
     """Also write the renderings in a renderings column of traits/ (one list per annotation)."""
     batch_size: int = runtime(default=16, ge=1)
     """Candidates per annotate batch (LLM kinds take at least 4 × the actor's in-flight share)."""
+
+    @field_validator("vocabulary")
+    @classmethod
+    def _vocabulary_loads(cls, value: str) -> str:
+        load_vocabulary(value)  # a ValueError naming what is bundled
+        return value
 
 
 class RayConfig(Section):

@@ -251,7 +251,7 @@ def test_versions_name_the_prompt_and_change_with_its_text():
         label, digest = p.version.split(".")
         assert label == p.label and label.startswith(name + "-v")
         assert len(digest) == 8 and int(digest, 16) >= 0
-        assert dataclasses.replace(p, text=p.text.replace("insect", "arthropod", 1)).version != p.version
+        assert dataclasses.replace(p, text=p.text.replace("specimen", "sample", 1)).version != p.version
         assert dataclasses.replace(p, text=p.text + " ").version != p.version
         assert dataclasses.replace(p, label=p.label.replace("-v1", "-v2")).version != p.version
     assert prompts.PROMPT_VERSIONS == versions

@@ -20,15 +20,15 @@ import re
 import warnings
 from collections import Counter
 
-from pipeline.annotation.vocabulary import EMPTY_PART, guess_attribute, normalize_attribute, normalize_body_part, simplify
+from pipeline.annotation.vocabulary import INSECT, EMPTY_PART, Vocabulary, guess_attribute, normalize_attribute, simplify
 
 # --- the parsed answer ----------------------------------------------------------------------
 
-def _region(is_background, body_part_raw) -> dict:
+def _region(is_background, body_part_raw, vocabulary: Vocabulary) -> dict:
     """is_background / body_part / body_part_raw / body_part_known, background either way."""
     raw = body_part_raw.strip() if isinstance(body_part_raw, str) else None
     empty = raw is None or raw.lower().strip(" .") in EMPTY_PART
-    part, known = (None, False) if empty else normalize_body_part(raw)
+    part, known = (None, False) if empty else vocabulary.normalize_body_part(raw)
     if is_background is True or part == "background":
         return {"is_background": True, "body_part": "background", "body_part_raw": None if empty else raw,
                 "body_part_known": True}
@@ -38,18 +38,18 @@ def _region(is_background, body_part_raw) -> dict:
             "body_part_known": known}
 
 
-def _summarise(regions: list[dict]) -> dict:
+def _summarise(regions: list[dict], vocabulary: Vocabulary) -> dict:
     """Consensus-level background/body part when the answer did not state them: background only if
     every region is; otherwise the most frequent body part of the non-background regions."""
     if not regions:
-        return _region(None, None)
+        return _region(None, None, vocabulary)
     if all(r["is_background"] is True for r in regions):
-        return _region(True, None)
+        return _region(True, None, vocabulary)
     parts = [r["body_part"] for r in regions if r["is_background"] is not True and r["body_part"]]
     if not parts:
-        return _region(None, None)
+        return _region(None, None, vocabulary)
     part = Counter(parts).most_common(1)[0][0]
-    return _region(False, next(r["body_part_raw"] for r in regions if r["body_part"] == part))
+    return _region(False, next(r["body_part_raw"] for r in regions if r["body_part"] == part), vocabulary)
 
 
 def _result(top: dict, traits: list, common: list, regions: list, parsed_as: str) -> dict:
@@ -57,7 +57,7 @@ def _result(top: dict, traits: list, common: list, regions: list, parsed_as: str
 
 
 def _unparsed() -> dict:
-    return _result(_region(None, None), [], [], [], "unparsed")
+    return _result(_region(None, None, INSECT), [], [], [], "unparsed")  # (no part named)
 
 
 def _found_anything(result: dict) -> bool:
@@ -65,7 +65,7 @@ def _found_anything(result: dict) -> bool:
             or bool(result["common_traits"]) or bool(result["regions"]))
 
 
-def parse_answer(text: str, images_per_prompt: int) -> dict:
+def parse_answer(text: str, images_per_prompt: int, vocabulary: Vocabulary = INSECT) -> dict:
     """The answer as {is_background, body_part (canonical), body_part_raw, body_part_known, traits
     [{attribute, value}], common_traits [str], regions [per image, for several images], parsed_as
     "json" | "text" | "unparsed"}. For several images the common traits are the annotation; a
@@ -73,9 +73,9 @@ def parse_answer(text: str, images_per_prompt: int) -> dict:
     if not isinstance(text, str) or not text.strip():
         return _unparsed()
     obj = _load_json_object(text)
-    result = _fit(_from_json(obj), images_per_prompt) if obj is not None else None
+    result = _fit(_from_json(obj, vocabulary), images_per_prompt) if obj is not None else None
     if result is None or not _found_anything(result):
-        result = _fit(_from_text(text), images_per_prompt)
+        result = _fit(_from_text(text, vocabulary), images_per_prompt)
     return result if _found_anything(result) else _unparsed()
 
 
@@ -256,26 +256,26 @@ def _strings_from_json(value) -> list[str]:
     return out
 
 
-def _region_from_json(obj: dict) -> tuple[dict, list[dict]]:
+def _region_from_json(obj: dict, vocabulary: Vocabulary) -> tuple[dict, list[dict]]:
     region = _region(_as_bool(_get(obj, "is_background", "background", "isbackground")),
-                     _get(obj, "body_part", "bodypart", "part", "body_part_name"))
+                     _get(obj, "body_part", "bodypart", "part", "body_part_name"), vocabulary)
     traits = _traits_from_json(_get(obj, "traits", "trait", "description", "features", "descriptions"))
     return region, [] if region["is_background"] else traits
 
 
-def _from_json(obj: dict) -> dict:
-    top, traits = _region_from_json(obj)
+def _from_json(obj: dict, vocabulary: Vocabulary) -> dict:
+    top, traits = _region_from_json(obj, vocabulary)
     common = _strings_from_json(_get(obj, "common_traits", "common", "shared_traits", "common_features",
                                      "traits_common_to_all"))
     regions = []
     listed = _get(obj, "regions", "images", "per_image", "region")
     for k, item in enumerate(listed if isinstance(listed, list) else [], 1):
         if isinstance(item, dict):
-            region, region_traits = _region_from_json(item)
+            region, region_traits = _region_from_json(item, vocabulary)
             index = _get(item, "image", "image_index", "index", "id")
             regions.append({"image": index if isinstance(index, int) else k, **region, "traits": region_traits})
     if regions and top["is_background"] is None and top["body_part"] is None:
-        top = _summarise(regions)
+        top = _summarise(regions, vocabulary)
     return _result(top, traits, common, regions, "json")
 
 
@@ -340,7 +340,7 @@ def _fields(section: str) -> dict:
     return found
 
 
-def _section_region(section: str) -> tuple[dict, list[dict]]:
+def _section_region(section: str, vocabulary: Vocabulary) -> tuple[dict, list[dict]]:
     """(region, traits) of one free-text section."""
     fields = _fields(section)
     is_background = None
@@ -362,17 +362,17 @@ def _section_region(section: str) -> tuple[dict, list[dict]]:
         # No labels at all ("The outline surrounds the left antenna, which is long."): take the part
         # named in the first sentence and the whole text as its description.
         first = _SENTENCE_END_RE.split(section.strip(), maxsplit=1)[0]
-        part, known = normalize_body_part(re.sub(r"(?i)\bbody[ \t]+parts?\b|\bbackground\b", "", first))
+        part, known = vocabulary.normalize_body_part(re.sub(r"(?i)\bbody[ \t]+parts?\b|\bbackground\b", "", first))
         if known and part != "background":
             part_raw, traits_text = part, section
     # "This is not background" is an answer to the first question, not a trait.
     items = [i for i in split_items(traits_text or "") if not (_BACKGROUND_NO.search(i) or _BACKGROUND_YES.search(i))]
     traits = [_trait_from_item(i) for i in items]
-    region = _region(is_background, part_raw)
+    region = _region(is_background, part_raw, vocabulary)
     return region, ([] if region["is_background"] else traits)
 
 
-def _from_text(text: str) -> dict:
+def _from_text(text: str, vocabulary: Vocabulary) -> dict:
     text = _clean_markdown(text)
     headers = list(_HEADER_RE.finditer(text))
     bounds = [(m, m.end(), following.start() if following else len(text))
@@ -381,17 +381,17 @@ def _from_text(text: str) -> dict:
     common_sections = [text[a:b] for m, a, b in bounds if m.group("common")]
     regions = []
     for index, section in image_sections:
-        region, traits = _section_region(section)
+        region, traits = _section_region(section, vocabulary)
         regions.append({"image": index, **region, "traits": traits})
     common, top, traits = [], None, []
     if common_sections:
         fields = _fields(common_sections[0])
         common = split_items(fields.get("traits") or fields["before labels"])
         if "body part" in fields:  # "Common traits: Body part: antenna. Traits: ..."
-            top = _section_region(common_sections[0])[0]
+            top = _section_region(common_sections[0], vocabulary)[0]
     if regions:
-        top = top or _summarise(regions)
+        top = top or _summarise(regions, vocabulary)
     else:  # no per-image sections: the text before any header is one region
-        preamble_top, traits = _section_region(text[:headers[0].start()] if headers else text)
+        preamble_top, traits = _section_region(text[:headers[0].start()] if headers else text, vocabulary)
         top = top or preamble_top
     return _result(top, traits, common, regions, "text")

@@ -22,6 +22,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from pipeline.annotation.answers import parse_answer
+from pipeline.annotation.vocabulary import INSECT, Vocabulary, load_vocabulary
 from pipeline.annotation.llm import Backend, LLMRequestFailed
 from pipeline.annotation.llm_openai import OpenAIBackend, backoff_delay_s
 from pipeline.annotation.llm_transformers import TransformersBackend
@@ -49,10 +50,12 @@ def make_backend(llm: LLMConfig, max_in_flight: int = 32) -> Backend | None:
     raise ValueError(f"annotate.llm.kind: {llm.kind!r} has no local backend")
 
 
-def unit_prompt_version(llm: LLMConfig, render: str, n_images: int, include_taxon: bool) -> str:
+def unit_prompt_version(llm: LLMConfig, render: str, n_images: int, include_taxon: bool,
+                        vocabulary: Vocabulary = INSECT) -> str:
     """The version a describer records for a prompt of ``n_images`` (``render`` as the prompt is worded:
     :attr:`Rendering.prompt_render`), known before asking."""
-    return TEMPLATE_VERSION if llm.kind == "none" else prompt_version(render, n_images, include_taxon=include_taxon)
+    return TEMPLATE_VERSION if llm.kind == "none" else prompt_version(render, n_images, include_taxon=include_taxon,
+                                                                      vocabulary=vocabulary)
 
 
 class TraitDescriber:
@@ -60,33 +63,37 @@ class TraitDescriber:
     description of the measurements for kind none)."""
 
     def __init__(self, llm: LLMConfig, *, render: str = "overlay", include_taxon: bool = False,
-                 max_in_flight: int = 32, backend: Backend | None = None):
-        self.llm, self.render, self.include_taxon = llm, render, include_taxon
+                 vocabulary: str = "insect", max_in_flight: int = 32, backend: Backend | None = None):
+        self.llm, self.render, self.include_taxon, self.vocabulary = llm, render, include_taxon, vocabulary
         self.backend = backend if backend is not None else make_backend(llm, max_in_flight)
         self.model = self.backend.model if self.backend is not None else "none"
 
     async def describe(self, images: list[bytes], *, species: str | None = None, genus: str | None = None,
                        measurements: list[list[dict]] | None = None, request_id: str | None = None,
-                       render: str | None = None, include_taxon: bool | None = None) -> Annotation:
+                       render: str | None = None, include_taxon: bool | None = None,
+                       vocabulary: str | None = None) -> Annotation:
         """``measurements`` per image feed the templated description of kind none. ``render`` (as
-        the prompt is worded: overlay, crop or mllm_only) and ``include_taxon`` override this
-        describer's settings for the call (a build that renders its own images says how, so a
-        shared Serve deployment words the prompt to match)."""
+        the prompt is worded: overlay, crop or mllm_only), ``include_taxon`` and ``vocabulary`` (a
+        name or file, see annotate.vocabulary) override this describer's settings for the call (a
+        build that renders its own images says how, so a shared Serve deployment words the prompt
+        and reads the answer to match)."""
         if self.backend is None:
             text = " ".join(describe_measurements(None, m) for m in measurements or [])
             return Annotation(status="ok", description=text or None, model="none", prompt_version=TEMPLATE_VERSION,
                               latency_s=0.0, attempts=0)
         render = render or self.render
         include_taxon = self.include_taxon if include_taxon is None else include_taxon
-        version = unit_prompt_version(self.llm, render, len(images), include_taxon)
+        words = load_vocabulary(vocabulary or self.vocabulary)
+        version = unit_prompt_version(self.llm, render, len(images), include_taxon, words)
         request = build_request(images, render=render, species=species, genus=genus, include_taxon=include_taxon,
-                                json_schema=self.llm.json_schema, max_tokens=self.llm.max_tokens, request_id=request_id)
+                                json_schema=self.llm.json_schema, max_tokens=self.llm.max_tokens, request_id=request_id,
+                                vocabulary=words)
         try:
             result = await self.backend.complete(request)
         except LLMRequestFailed as exc:
             return Annotation.failed(exc.reason, model=self.model, prompt_version=version, attempts=exc.attempts,
                                      detail=exc.detail)
-        answer = parse_answer(result.text, len(images))
+        answer = parse_answer(result.text, len(images), words)
         status = ("unparsed" if answer["parsed_as"] == "unparsed" else
                   "background" if answer["is_background"] else "ok")
         return Annotation(**{k: answer[k] for k in ANSWER_FIELDS}, status=status,

@@ -32,7 +32,7 @@ import json
 from dataclasses import dataclass
 
 from pipeline.annotation.llm import ChatRequest
-from pipeline.annotation.vocabulary import ATTRIBUTES
+from pipeline.annotation.vocabulary import ATTRIBUTES, INSECT, Vocabulary
 
 TEMPERATURE = 0.01
 # The paper's budgets were for free text; JSON (keys, quotes, braces) costs more tokens for the
@@ -79,7 +79,7 @@ def response_format(images_per_prompt: int) -> dict:
 
 # --- the prompts ----------------------------------------------------------------------------
 
-_ROLE = "You are annotating the morphology of insect specimens in photographs for a trait database."
+_ROLE = "You are annotating the morphology of {organism} specimens in photographs for a trait database."
 _NO_OUTSIDE = ("Describe only what is visible in the image{s}. Do not use outside knowledge about the species, "
                "its relatives or its habits, and do not guess at anything you cannot see.")
 _ONE_JSON = ('Answer with one JSON object and nothing else:\n'
@@ -98,7 +98,7 @@ _MLLM_ONLY_ONE_JSON = ('Answer with one JSON object and nothing else:\n'
                        '{{"is_background": false, "body_part": "whole body", '
                        '"traits": [{{"attribute": "shape|size|colour|texture|marking|other", '
                        '"value": "<body part>: <a few words>"}}]}}\n'
-                       'Set is_background to true only if no insect is visible. Give at most 10 traits.')
+                       'Set is_background to true only if no {organism} is visible. Give at most 10 traits.')
 _MLLM_ONLY_MANY_JSON = ('Answer with one JSON object and nothing else:\n'
                         '{{"regions": [{{"image": <1 to {n}>, "is_background": false, "body_part": "whole body", '
                         '"traits": [{{"attribute": "shape|size|colour|texture|marking|other", '
@@ -116,18 +116,28 @@ class Prompt:
     """Hand-written name and design generation, e.g. ``single-v1``; bumped on a redesign."""
     text: str
     """Instruction template; ``{n}``, ``{count}`` and ``{all_n}`` are the number of images as a
-    digit, a word and "both"/"all three"."""
+    digit, a word and "both"/"all three"; ``{organism}`` / ``{an_organism}`` the vocabulary's group."""
     images_per_prompt: int
     """1 or 3: which answer schema the prompt asks for (crop-consensus also takes 2 images)."""
 
+    def worded_for(self, vocabulary: Vocabulary) -> str:
+        """The template naming ``vocabulary``'s organism ("an insect specimen", "a bird specimen")."""
+        return self.text.replace("{organism}", vocabulary.organism).replace("{an_organism}", vocabulary.an_organism)
+
+    def version_for(self, vocabulary: Vocabulary) -> str:
+        """label.hash of the worded template and the answer schema (insect wording: the versions
+        recorded before other vocabularies existed)."""
+        schema = json.dumps(answer_schema(self.images_per_prompt), sort_keys=True)
+        return f"{self.label}.{_short_hash(self.worded_for(vocabulary) + schema)}"
+
     @property
     def version(self) -> str:
-        schema = json.dumps(answer_schema(self.images_per_prompt), sort_keys=True)
-        return f"{self.label}.{_short_hash(self.text + schema)}"
+        return self.version_for(INSECT)
 
-    def instruction(self, n_images: int) -> str:
+    def instruction(self, n_images: int, vocabulary: Vocabulary = INSECT) -> str:
         count = COUNT_WORDS[n_images]
-        return self.text.format(n=n_images, count=count, all_n="both" if n_images == 2 else f"all {count}")
+        return self.worded_for(vocabulary).format(n=n_images, count=count,
+                                                  all_n="both" if n_images == 2 else f"all {count}")
 
 
 def _short_hash(text: str) -> str:
@@ -137,10 +147,10 @@ def _short_hash(text: str) -> str:
 PROMPTS: dict[str, Prompt] = {p.name: p for p in [
     Prompt("single", "single-v1", "\n".join([
         _ROLE,
-        "The image below shows an insect specimen. Red outlines mark one region of the image (it may be drawn as "
+        "The image below shows {an_organism} specimen. Red outlines mark one region of the image (it may be drawn as "
         "several outlined patches).",
         "First decide whether the outlined region is background (the surface or backdrop around the specimen) "
-        "rather than part of the insect. If it is part of the insect, name the body part inside the red outlines "
+        "rather than part of the {organism}. If it is part of the {organism}, name the body part inside the red outlines "
         "and describe that region: its shape, size, colour, texture and markings. Do not describe the red outlines themselves.",
         _NO_OUTSIDE.format(s=""),
         _ONE_JSON]), 1),
@@ -149,7 +159,7 @@ PROMPTS: dict[str, Prompt] = {p.name: p for p in [
         "The {count} images below show {count} specimens of the same species. In each image, red outlines mark "
         "a region where the same visual feature was detected.",
         "For each image, decide whether the outlined region is background (the surface or backdrop around the "
-        "specimen) rather than part of the insect; if it is part of the insect, name the body part inside the outline "
+        "specimen) rather than part of the {organism}; if it is part of the {organism}, name the body part inside the outline "
         "and describe that region: its shape, size, colour, texture and markings. Do not describe the red outlines.",
         "Then list the traits that are common to {all_n} regions. The common traits are the annotation, "
         "so include a trait only if you can see it in every image.",
@@ -157,11 +167,11 @@ PROMPTS: dict[str, Prompt] = {p.name: p for p in [
         _MANY_JSON]), 3),
     Prompt("crop-single", "crop-single-v1", "\n".join([
         _ROLE,
-        "The image below is a close-up crop of one region of an insect specimen photograph; there is no outline. "
+        "The image below is a close-up crop of one region of {an_organism} specimen photograph; there is no outline. "
         "The region fills the image; a small margin around it may show neighbouring parts, so describe what is "
         "at the centre.",
         "First decide whether the region is background (the surface or backdrop around the specimen) rather than "
-        "part of the insect. If it is part of the insect, name the body part and describe it: its shape, size, "
+        "part of the {organism}. If it is part of the {organism}, name the body part and describe it: its shape, size, "
         "colour, texture and markings.",
         _NO_OUTSIDE.format(s=""),
         _ONE_JSON]), 1),
@@ -172,7 +182,7 @@ PROMPTS: dict[str, Prompt] = {p.name: p for p in [
         "outlines: each region fills its image, and a small margin may show neighbouring parts, so describe what "
         "is at the centre.",
         "For each image, decide whether the region is background (the surface or backdrop around the specimen) "
-        "rather than part of the insect; if it is part of the insect, name the body part and describe it: its "
+        "rather than part of the {organism}; if it is part of the {organism}, name the body part and describe it: its "
         "shape, size, colour, texture and markings.",
         "Then list the traits that are common to {all_n} regions. The common traits are the annotation, "
         "so include a trait only if you can see it in every image.",
@@ -180,7 +190,7 @@ PROMPTS: dict[str, Prompt] = {p.name: p for p in [
         _MANY_JSON]), 3),
     Prompt("mllm-only", "mllm-only-v1", "\n".join([
         _ROLE,
-        "The image below shows an insect specimen.",
+        "The image below shows {an_organism} specimen.",
         "Describe the visible morphological traits of the specimen: the body parts you can see and their shape, "
         "size, colour, texture and markings.",
         _NO_OUTSIDE.format(s=""),
@@ -220,9 +230,10 @@ def select_prompt(render: str, n_images: int) -> Prompt:
     return PROMPTS[PROMPT_FOR[render, n_images]]
 
 
-def prompt_version(render: str = "overlay", n_images: int = 1, *, include_taxon: bool = False) -> str:
+def prompt_version(render: str = "overlay", n_images: int = 1, *, include_taxon: bool = False,
+                   vocabulary: Vocabulary = INSECT) -> str:
     """The version recorded with an annotation (``traits.prompt_version``)."""
-    version = select_prompt(render, n_images).version
+    version = select_prompt(render, n_images).version_for(vocabulary)
     return f"{version}+{TAXON_HINT_VERSION}" if include_taxon else version
 
 
@@ -257,7 +268,8 @@ def _taxon_phrase(species: str | None, genus: str | None) -> str:
 
 def build_request(images: list[bytes], *, render: str = "overlay", species: str | None = None,
                   genus: str | None = None, include_taxon: bool = False, json_schema: bool = True,
-                  max_tokens: int | None = None, request_id: str | None = None) -> ChatRequest:
+                  max_tokens: int | None = None, request_id: str | None = None,
+                  vocabulary: Vocabulary = INSECT) -> ChatRequest:
     """One chat request: instruction text, then the images (``Image k:`` labels between them when
     there are several, so the answer's ``image`` numbers mean something), then the taxon hint.
 
@@ -266,7 +278,7 @@ def build_request(images: list[bytes], *, render: str = "overlay", species: str 
     196 (one image) / 256 (several)."""
     images = list(images)
     prompt = select_prompt(render, len(images))
-    parts: list[dict] = [{"type": "text", "text": prompt.instruction(len(images))}]
+    parts: list[dict] = [{"type": "text", "text": prompt.instruction(len(images), vocabulary)}]
     for k, data in enumerate(images, 1):
         if len(images) > 1:
             parts.append({"type": "text", "text": f"Image {k}:"})

@@ -23,6 +23,7 @@ from pipeline.annotation.describer import RemoteDescriber, TraitDescriber, unit_
 from pipeline.annotation.measurements import regions_and_measurements
 from pipeline.annotation.record import Annotation, annotations_table
 from pipeline.annotation.renderings import Rendering
+from pipeline.annotation.vocabulary import load_vocabulary
 from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
 from pipeline.contract import RENDERINGS_FIELD
 from pipeline.errors import ImageRejected, Rejected, error_detail
@@ -50,7 +51,8 @@ def annotation_units(candidates: list[dict], images_per_prompt: int) -> list[dic
 
 def prompt_version_for(cfg: AnnotateConfig, n_images: int) -> str:
     """The version the describer will record for a unit of ``n_images``, known before asking it."""
-    return unit_prompt_version(cfg.llm, Rendering.of(cfg).prompt_render, n_images, cfg.include_taxon)
+    return unit_prompt_version(cfg.llm, Rendering.of(cfg).prompt_render, n_images, cfg.include_taxon,
+                               load_vocabulary(cfg.vocabulary))
 
 
 def unit_annotation_id(cfg: AnnotateConfig, unit: dict) -> str:
@@ -75,7 +77,7 @@ class AnnotateUnits:
         self.describer = (RemoteDescriber(cfg.llm.app_name, in_flight, cfg.llm.max_retries, cfg.llm.backoff_s)
                           if cfg.llm.kind == "serve" else
                           TraitDescriber(cfg.llm, render=self.rendering.prompt_render, include_taxon=cfg.include_taxon,
-                                         max_in_flight=in_flight))
+                                         vocabulary=cfg.vocabulary, max_in_flight=in_flight))
 
     def load_rgb(self, row: dict) -> np.ndarray:
         try:
@@ -117,8 +119,8 @@ class AnnotateUnits:
                              **described)
             return failed, [], Rejected(stage="annotate", reason=reason, detail=failed.error, image_id=image_ids[0],
                                         annotation_id=aid)
-        kwargs = {"render": self.rendering.prompt_render, "include_taxon": self.cfg.include_taxon} \
-            if self.cfg.llm.kind == "serve" else {}
+        kwargs = {"render": self.rendering.prompt_render, "include_taxon": self.cfg.include_taxon,
+                  "vocabulary": self.cfg.vocabulary} if self.cfg.llm.kind == "serve" else {}
         answer = await self.describer.describe(images, species=unit["species"], genus=unit["genus"],
                                                measurements=described["measurements"], request_id=aid, **kwargs)
         # A deployment that failed to answer names no prompt version: the one asked for.

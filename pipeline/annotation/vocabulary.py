@@ -1,7 +1,10 @@
-"""The controlled vocabulary of insect anatomy and of trait attributes.
+"""The controlled vocabularies of body parts (insect anatomy by default; birds and vascular
+plants bundled too, in ``pipeline/vocabularies/``; ``annotate.vocabulary`` chooses) and of trait
+attributes.
 
-Body parts are mapped onto a small vocabulary (:func:`normalize_body_part`) so annotations can be
-grouped and counted; the model's own words are kept in ``body_part_raw``. Decisions:
+Body parts are mapped onto a small vocabulary (:meth:`Vocabulary.normalize_body_part`) so
+annotations can be grouped and counted; the model's own words are kept in ``body_part_raw``.
+Decisions (the examples are insect anatomy):
 - a phrase is matched by the vocabulary term it contains ("the left antenna" → antenna), the
   longest term winning, ties going to the later one (English puts the head noun last:
   "forewing venation" → wing venation); in "X of Y" the X part is tried first ("femur of the hind
@@ -16,55 +19,18 @@ grouped and counted; the model's own words are kept in ``body_part_raw``. Decisi
 
 from __future__ import annotations
 
+import functools
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
 
 ATTRIBUTES = ("shape", "size", "colour", "texture", "marking", "other")
 
 # --- controlled vocabulary ------------------------------------------------------------------
 
-BODY_PARTS: dict[str, list[str]] = {
-    "head": ["head", "heads", "head capsule", "cephalic", "face", "frons", "vertex", "gena", "genae", "clypeus"],
-    "compound eye": ["compound eye", "eye", "ocular"],
-    "ocellus": ["ocellus", "ocelli", "ocellar", "simple eye", "ocellar triangle"],
-    "antenna": ["antenna", "antennae", "antennas", "antennal", "scape", "flagellum", "antennomere", "antennal club"],
-    "mouthparts": ["mouthparts", "mouthpart", "mouth parts", "mouth", "labium", "labrum", "maxilla", "maxillae"],
-    "mandible": ["mandible", "mandibles", "mandibular", "jaw", "jaws"],
-    "palp": ["palp", "palps", "palpus", "palpi", "maxillary palp", "labial palp"],
-    "proboscis": ["proboscis", "proboscises", "proboscides", "beak", "labellum", "labella"],
-    "thorax": ["thorax", "thoraces", "thoracic", "thoracic segment", "prothorax", "mesothorax", "metathorax",
-               "mesosoma", "alitrunk", "propodeum"],
-    "pronotum": ["pronotum", "pronota", "pronotal"],
-    # The scutum most insects show dorsally is the mesoscutum, the main plate of the mesonotum.
-    "mesonotum": ["mesonotum", "mesonota", "scutum", "mesoscutum"],
-    "scutellum": ["scutellum", "scutella", "scutellar"],
-    "forewing": ["forewing", "fore wing", "front wing", "anterior wing", "tegmen", "tegmina"],
-    "hindwing": ["hindwing", "hind wing", "rear wing", "posterior wing"],
-    "wing": ["wing", "wing membrane", "wing tip", "wing margin"],
-    "elytron": ["elytron", "elytra", "elytral", "wing cover", "wing case"],
-    "hemelytron": ["hemelytron", "hemelytra", "hemielytron", "hemielytra"],
-    "haltere": ["haltere", "halter", "halteres"],
-    "wing venation": ["wing venation", "venation", "wing vein", "vein", "pterostigma", "stigma"],
-    "leg": ["leg", "foreleg", "fore leg", "front leg", "midleg", "mid leg", "middle leg", "hindleg", "hind leg",
-            "rear leg"],
-    "coxa": ["coxa", "coxae", "coxal"],
-    "trochanter": ["trochanter", "trochanters"],
-    "femur": ["femur", "femora", "femoral", "hind femur"],
-    "tibia": ["tibia", "tibiae", "tibias", "tibial", "tibial spur"],
-    "tarsus": ["tarsus", "tarsi", "tarsal", "tarsomere", "tarsal segment"],
-    "claw": ["claw", "tarsal claw", "unguis", "ungues"],
-    "abdomen": ["abdomen", "abdomens", "abdominal", "abdominal segment", "metasoma", "gaster", "petiole",
-                "opisthosoma"],
-    "tergite": ["tergite", "tergum", "terga", "abdominal tergite", "dorsal plate"],
-    "sternite": ["sternite", "sternum", "sterna", "abdominal sternite", "ventral plate"],
-    "ovipositor": ["ovipositor", "sting"],
-    "genitalia": ["genitalia", "genital", "terminalia", "hypopygium", "aedeagus"],
-    "cercus": ["cercus", "cerci"],
-    "setae": ["setae", "seta", "hair", "bristle", "chaetae", "pubescence", "pilosity"],
-    "whole body": ["whole body", "entire body", "body", "whole specimen", "entire specimen", "specimen", "insect",
-                   "habitus"],
-    "background": ["background", "backdrop", "substrate", "mounting surface", "scale bar"],
-}
-_WEAK = {"whole body"}  # only wins when no specific part is named ("the insect's thorax" → thorax)
+VOCABULARIES = Path(__file__).resolve().parents[1] / "vocabularies"  # the bundled ones: <name>.yaml
 EMPTY_PART = {"", "none", "n/a", "na", "null", "unknown", "-", "not applicable"}
 
 
@@ -75,19 +41,77 @@ def _plural(phrase: str) -> str | None:
     return phrase + ("es" if phrase.endswith(("x", "ch", "sh")) else "s")
 
 
-def _synonym_table() -> dict[str, str]:
-    """phrase → canonical term, with regular plurals of each phrase's last word added."""
-    table = {}
-    for canonical, synonyms in BODY_PARTS.items():
-        for phrase in [canonical, *synonyms]:
-            for form in (phrase, _plural(phrase)):
-                if form:
-                    table.setdefault(form, canonical)
-    return table
+@dataclass(frozen=True)
+class Vocabulary:
+    """A group's body parts (canonical term → synonyms), read from a YAML file: ``name``,
+    ``organism`` (the word the prompts use: "an insect specimen"), ``parts`` (with ``background``
+    among them) and ``weak`` (terms that win only when nothing more specific is named)."""
+
+    name: str
+    organism: str
+    parts: dict[str, list[str]]
+    weak: frozenset[str]
+    synonyms: dict[str, str] = field(init=False, repr=False, compare=False)
+    pattern: re.Pattern = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        table = {}  # phrase → canonical term, with regular plurals of each phrase's last word added
+        for canonical, synonyms in self.parts.items():
+            for phrase in [canonical, *synonyms]:
+                for form in (phrase, _plural(phrase)):
+                    if form:
+                        table.setdefault(form, canonical)
+        object.__setattr__(self, "synonyms", table)
+        object.__setattr__(self, "pattern", re.compile(
+            r"\b(?:" + "|".join(sorted(map(re.escape, table), key=len, reverse=True)) + r")\b"))
+
+    @property
+    def an_organism(self) -> str:
+        return f"{'an' if self.organism[:1] in 'aeiou' else 'a'} {self.organism}"
+
+    def best_match(self, phrase: str) -> str | None:
+        best = None  # (specific, length, position) — see the module docstring
+        for m in self.pattern.finditer(phrase):
+            canonical = self.synonyms[m.group()]
+            key = (canonical not in self.weak, len(m.group()), m.start())
+            if best is None or key > best[0]:
+                best = (key, canonical)
+        return best[1] if best else None
+
+    def normalize_body_part(self, term: str | None) -> tuple[str, bool]:
+        """(canonical term, True) when the phrase names a vocabulary term, else (the phrase stripped,
+        False). "Antennae" → ("antenna", True); "the left hind leg" → ("leg", True)."""
+        raw = (term or "").strip().strip(".,;:*_\"'`").strip()
+        simple = simplify(raw)
+        if not simple:
+            return raw, False
+        head = simple.split(" of ", 1)[0] if " of " in simple else None
+        canonical = (self.best_match(head) if head else None) or self.best_match(simple)
+        return (canonical, True) if canonical else (raw, False)
 
 
-_SYNONYMS = _synonym_table()
-_SYNONYM_RE = re.compile(r"\b(?:" + "|".join(sorted(map(re.escape, _SYNONYMS), key=len, reverse=True)) + r")\b")
+@functools.lru_cache(maxsize=16)
+def load_vocabulary(name_or_path: str) -> Vocabulary:
+    """A bundled vocabulary by name (insect, bird, plant) or a YAML file of the same shape."""
+    path = VOCABULARIES / f"{name_or_path}.yaml" if "/" not in name_or_path and not name_or_path.endswith(
+        (".yaml", ".yml")) else Path(name_or_path)
+    if not path.is_file():
+        bundled = sorted(p.stem for p in VOCABULARIES.glob("*.yaml"))
+        raise ValueError(f"no vocabulary {name_or_path!r}: name one of {bundled} or a YAML file")
+    data = yaml.safe_load(path.read_text()) or {}
+    parts = data.get("parts")
+    if not isinstance(parts, dict) or "background" not in parts or not all(
+            isinstance(v, list) and all(isinstance(w, str) for w in v) for v in parts.values()):
+        raise ValueError(f"vocabulary {path}: parts must map each term to a list of synonyms, background included")
+    weak = frozenset(data.get("weak") or ())
+    if not weak <= set(parts):
+        raise ValueError(f"vocabulary {path}: weak terms {sorted(weak - set(parts))} are not among its parts")
+    return Vocabulary(name=str(data.get("name") or path.stem), organism=str(data.get("organism") or path.stem),
+                      parts={k: list(v) for k, v in parts.items()}, weak=weak)
+
+
+INSECT = load_vocabulary("insect")  # the default (the paper's BIOSCAN-5M insects)
+BODY_PARTS = INSECT.parts
 
 
 def simplify(term: str) -> str:
@@ -95,26 +119,9 @@ def simplify(term: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9]+", " ", term.lower()).split())
 
 
-def _best_match(phrase: str) -> str | None:
-    best = None  # (specific, length, position) — see the module docstring
-    for m in _SYNONYM_RE.finditer(phrase):
-        canonical = _SYNONYMS[m.group()]
-        key = (canonical not in _WEAK, len(m.group()), m.start())
-        if best is None or key > best[0]:
-            best = (key, canonical)
-    return best[1] if best else None
-
-
-def normalize_body_part(term: str | None) -> tuple[str, bool]:
-    """(canonical term, True) when the phrase names a vocabulary term, else (the phrase stripped,
-    False). "Antennae" → ("antenna", True); "the left hind leg" → ("leg", True)."""
-    raw = (term or "").strip().strip(".,;:*_\"'`").strip()
-    simple = simplify(raw)
-    if not simple:
-        return raw, False
-    head = simple.split(" of ", 1)[0] if " of " in simple else None
-    canonical = (_best_match(head) if head else None) or _best_match(simple)
-    return (canonical, True) if canonical else (raw, False)
+def normalize_body_part(term: str | None, vocabulary: Vocabulary = INSECT) -> tuple[str, bool]:
+    """:meth:`Vocabulary.normalize_body_part` of ``vocabulary`` (insect anatomy by default)."""
+    return vocabulary.normalize_body_part(term)
 
 
 # --- trait attributes -----------------------------------------------------------------------
