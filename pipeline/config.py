@@ -526,6 +526,58 @@ class TrainSAEConfig(Section):
         return self
 
 
+# --------------------------------------------------------------------------- exports of a finished build
+
+class ExportConfig(Section):
+    """``python -m pipeline.export``: a finished build's traits/ as a Hugging Face dataset folder (hf)
+    or a Darwin Core Archive (dwca). The build is only read; its source images are reached with the
+    build's own config (manifest.json)."""
+    build: str
+    """The finished build's output folder (local path or fsspec URL, e.g. s3://bucket/builds/run1)."""
+    format: Literal["hf", "dwca"]
+    """hf: a folder that datasets.load_dataset reads as it is (Parquet data files and a dataset card),
+    ready for push_to_hub; dwca: a Darwin Core Archive (a .zip: Occurrence core, MeasurementOrFact extension)."""
+    out: str
+    """hf: the dataset folder; dwca: the .zip file. Local path or fsspec URL."""
+    overwrite: bool = False
+    """Replace what is at out; otherwise an existing file or non-empty folder there is refused."""
+    include_background: bool = False
+    """Also export annotations with status background (the model called the zone background)."""
+    include_failed: bool = False
+    """Also export annotations with status failed (no answer after the retries: no description)."""
+    image: Literal["rendering", "crop"] = "rendering"
+    """hf: what the image columns hold. rendering: the images the model was sent (from traits/ when the
+    build saved them with annotate.save_renderings, else made again from the source images by the
+    annotate stage's code); crop: each image cropped around its boxes (annotate.crop_margin), no outline."""
+    rows_per_file: int = Field(default=1000, ge=1)
+    """hf: annotations per Parquet data file (the hub's viewer and streaming like files of a few hundred MB)."""
+    threads: int = Field(default=8, ge=1)
+    """hf: threads reading and rendering source images, when they are made again."""
+    title: str | None = None
+    """The dataset's title (card and EML); null: "sae-traits trait annotations of <the source root's name>"."""
+    license: str = "unknown"
+    """A placeholder until set: the licence, as a Hugging Face hub licence id (cc-by-4.0, cc0-1.0, ...),
+    written in the card's YAML and the EML's intellectualRights."""
+    creator: str | None = None
+    """dwca: the EML's creator and contact (a person or organisation); null: a placeholder."""
+    basis_of_record: Literal["PreservedSpecimen", "FossilSpecimen", "LivingSpecimen", "MaterialSample",
+                             "MaterialEntity", "MaterialCitation", "HumanObservation", "MachineObservation",
+                             "Occurrence"] = "PreservedSpecimen"
+    """dwca: the occurrences' basisOfRecord (Darwin Core vocabulary; BIOSCAN's specimens are preserved)."""
+    media_base_url: str | None = Field(default=None, pattern=r"^https?://")
+    """dwca: the public http(s) URL of the build's source.root, for associatedMedia (this URL + the image's
+    path under source.root); null: only images the build read from a store (s3://, https://) get one."""
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """How s3:// build and out paths are reached (the source images: the build's own storage section)."""
+
+    @field_validator("out")
+    @classmethod
+    def _archive_is_a_zip(cls, out: str, info) -> str:
+        if info.data.get("format") == "dwca" and not out.lower().endswith(".zip"):  # format is validated first
+            raise ValueError(f"a Darwin Core Archive is one .zip file (got {out})")
+        return out
+
+
 # --------------------------------------------------------------------------- the annotator Serve app
 
 class AnnotatorAppConfig(Section):
