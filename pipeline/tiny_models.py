@@ -77,20 +77,28 @@ def qwen_token_ids(tokenizer) -> dict[str, int]:
             "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
 
 
-def make_tiny_qwen2_5_vl(folder: str | Path, *, seed: int = 0) -> Path:
+def make_tiny_qwen2_5_vl(folder: str | Path, *, seed: int = 0, head_dim: int = 16) -> Path:
     """A random-weight Qwen2.5-VL (text: hidden 64, 2 layers; vision: hidden 32, 2 blocks) with the real
     patch 14 / merge 2 / temporal patch 2, its BPE tokenizer, chat template and a PIL
     ``Qwen2VLImageProcessor`` capped at 112×112 px (≤ 16 image tokens). Loads offline with
-    ``AutoTokenizer`` / ``AutoImageProcessor`` / ``AutoModelForImageTextToText.from_pretrained(folder)``."""
+    ``AutoTokenizer`` / ``AutoImageProcessor`` / ``AutoModelForImageTextToText.from_pretrained(folder)``.
+
+    ``head_dim`` is the text attention's head size (64 // head_dim query heads, half as many KV heads):
+    16 by default; vLLM's CPU attention backend takes only 32 or more (``head_dim=32``: 2 heads, 1 KV head)."""
+    if head_dim not in (16, 32, 64):
+        raise ValueError(f"head_dim must be 16, 32 or 64 (a divisor of the hidden size 64), got {head_dim}")
     folder = Path(folder)
+    heads = 64 // head_dim
+    # head_dim/2 rotary frequencies split over (t, h, w) like Qwen's [16, 24, 24] of 64: [2, 3, 3] for 16
+    t_freqs = head_dim // 8
+    mrope_section = [t_freqs, (head_dim // 2 - t_freqs) // 2, (head_dim // 2 - t_freqs) // 2]
     torch.manual_seed(seed)
     tokenizer = make_qwen_bpe_tokenizer()
     eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         # head_dim 16 → 8 rotary frequencies split over (t, h, w) like Qwen's [16, 24, 24] of 64
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": mrope_section},
                          bos_token_id=pad, eos_token_id=eos, pad_token_id=pad),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,

@@ -26,10 +26,18 @@ python -m pip install --quiet --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet "torch==2.13.0"
 fi
-python -m pip install --quiet -e ".[dev]"
+python -m pip install --quiet -e ".[dev,cpu-engine]"
+# vLLM's CPU build behind the tests' Ray Serve LLM app (production GPUs use the CUDA vLLM of the gpu
+# extra). It pins transformers<5.20, fastapi<0.137 and setuptools==78.1.1 (numpy<2.4 through
+# mistral_common). Its torchaudio/torchcodec are CUDA builds that cannot load beside the CPU torch
+# (and break transformers' AutoProcessor): only images are used, so they go.
+python -m pip uninstall --quiet -y torchaudio torchcodec 2>/dev/null || true
 # Real ecosystem packages the tests check our files against, without their declared dependencies
 # (those would pull another torch and CUDA packages over the CPU build): saev 0.1.0's nn module
 # needs only torch, beartype, einops and jaxtyping; the original DINOv2 code only torch.
 python -m pip install --quiet --no-deps "saev==0.1.0" "dinov2==0.0.1.dev2" "beartype>=0.19" "einops>=0.8" \
     "jaxtyping>=0.2.34" "wadler-lindig>=0.1"
-python -c "import ray, torch, transformers; print(f'sae-traits env: ray {ray.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')"
+# torchvision exists for torch 2.13 only as a CUDA build: guard the two fake-op registrations that
+# assume its compiled ops loaded (a no-op where they do).
+python scripts/vllm_cpu_fixups.py
+python -c "import ray, torch, transformers, vllm; print(f'sae-traits env: ray {ray.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}')"

@@ -41,6 +41,12 @@ TEMPERATURE = 0.01
 MAX_TOKENS_ONE_IMAGE = 196
 MAX_TOKENS_SEVERAL_IMAGES = 256
 RENDERS = ("overlay", "crop", "mllm_only")
+# Bounds in the answer schema. An engine that enforces the schema (vLLM's guided decoding) needs
+# them to end an answer whose model never stops on its own (random weights do not), and they cap a
+# real model's answer at what the prompts ask for (at most 8 traits alone, 10 for the MLLM-only
+# baseline that shares its schema; 5 per region and 5 common traits in a consensus).
+MAX_BODY_PART_CHARS, MAX_TRAIT_CHARS, MAX_COMMON_TRAIT_CHARS = 40, 60, 80
+MAX_TRAITS_ONE_IMAGE, MAX_TRAITS_PER_REGION, MAX_COMMON_TRAITS = 10, 5, 5
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 
 
@@ -57,17 +63,24 @@ def answer_schema(images_per_prompt: int) -> dict:
     Property order is generation order: describe each region before summarising."""
     if images_per_prompt not in (1, 2, 3):
         raise ValueError(f"images_per_prompt must be 1, 2 or 3, got {images_per_prompt}")
-    trait = _closed_object({"attribute": {"type": "string", "enum": list(ATTRIBUTES)}, "value": {"type": "string"}})
-    region = {"is_background": {"type": "boolean"}, "body_part": {"type": "string"},
-              "traits": {"type": "array", "items": trait}}
+    trait = _closed_object({"attribute": {"type": "string", "enum": list(ATTRIBUTES)},
+                            "value": {"type": "string", "maxLength": MAX_TRAIT_CHARS}})
+    part = {"type": "string", "maxLength": MAX_BODY_PART_CHARS}
+
+    def region(max_traits: int) -> dict:
+        return {"is_background": {"type": "boolean"}, "body_part": part,
+                "traits": {"type": "array", "items": trait, "maxItems": max_traits}}
+
     if images_per_prompt == 1:
-        return _closed_object(region)
-    indexed = _closed_object({"image": {"type": "integer", "enum": list(range(1, images_per_prompt + 1))}, **region})
+        return _closed_object(region(MAX_TRAITS_ONE_IMAGE))
+    indexed = _closed_object({"image": {"type": "integer", "enum": list(range(1, images_per_prompt + 1))},
+                              **region(MAX_TRAITS_PER_REGION)})
     return _closed_object({
         "regions": {"type": "array", "items": indexed, "minItems": images_per_prompt, "maxItems": images_per_prompt},
         "is_background": {"type": "boolean"},
-        "body_part": {"type": "string"},
-        "common_traits": {"type": "array", "items": {"type": "string"}},
+        "body_part": part,
+        "common_traits": {"type": "array", "items": {"type": "string", "maxLength": MAX_COMMON_TRAIT_CHARS},
+                          "maxItems": MAX_COMMON_TRAITS},
     })
 
 
