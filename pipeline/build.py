@@ -370,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # the store out of reach once retries are spent (in the driver or a Ray task)
+        if (unavailable := storage.unavailable_error(exc)) is None:
+            raise
+        print(f"error: storage unreachable: {unavailable.message}\n  the build of {cfg.output} stopped; what it wrote "
+              "is kept: rerun the same command once the store answers again and it resumes", file=sys.stderr)
+        return 3  # not 1 (a crash) nor 2 (a config to fix): the same command may work later
     print(json.dumps({"output": cfg.output, "stages": manifest["stages"], "wall_s": manifest["wall_s"]}, indent=2))
     return 0
 

@@ -83,10 +83,31 @@ class StorageConfig(Section):
     """Name of the environment variable holding the secret access key (with key_env)."""
     token_env: str | None = None
     """Name of the environment variable holding a session token (temporary credentials), if any."""
+    max_attempts: int = Field(default=8, ge=1)
+    """Attempts per s3 request, the first one included. A failed attempt — a 5xx answer (500
+    InternalError, 503 SlowDown, ...), throttling, a connection refused, dropped or cut off — is
+    retried after an exponential backoff with jitter (a random share of 1, 2, 4, 8, 16, 20, 20 s);
+    an answer about the object (404, 403, ...) is not. Each retry is logged (``[sae-traits]
+    retrying s3 ...``, logger pipeline.storage, WARNING). A request whose attempts are all spent
+    ends the build with an error naming its s3:// path; what was written stays, and rerunning the
+    command resumes. With 8, a store failing one request in ten in every way it can (500, 503,
+    connection dropped, answer cut off) leaves the build as it would be (tests/test_s3_faults.py)."""
+    retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
+    """botocore's retry mode: standard (as above), adaptive (standard plus client-side rate
+    limiting after throttling), legacy (botocore's older rules). Set here rather than by
+    AWS_RETRY_MODE / AWS_MAX_ATTEMPTS or ~/.aws/config on each node, so every process of a build
+    retries alike."""
+    give_up_after_s: float = Field(default=30.0, gt=0)
+    """An outage, not a hiccup: once every s3 request of a process to the store has failed for
+    this long in a row (no answer, or 5xx; not one answered in between), failed attempts are no
+    longer retried, so an unreachable store ends the build in about this time (plus the backoff
+    in progress) with an error naming the path, instead of after every request's attempts. Raise
+    it to ride out longer outages (with max_attempts high enough to last them)."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Further s3fs keyword arguments, applied last (e.g. {config_kwargs: {connect_timeout: 5}},
-    {client_kwargs: {verify: false}}). Values here are written to the build's manifest: keep
-    real credentials in the *_env variables."""
+    {client_kwargs: {verify: false}}; a config_kwargs.retries given here replaces max_attempts and
+    retry_mode). Values here are written to the build's manifest: keep real credentials in the
+    *_env variables."""
 
     @field_validator("endpoint_url")
     @classmethod
@@ -107,7 +128,9 @@ class StorageConfig(Section):
 def fsspec_options(storage_section: Any, url: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """fsspec keyword arguments for opening ``url``: the storage section (a StorageConfig, its
     dict, or None) turned into s3fs arguments for an s3:// URL — nothing for any other URL — then
-    ``overrides`` (e.g. ``source.storage_options``) over them. Credentials named by
+    ``overrides`` (e.g. ``source.storage_options``) over them. The retry policy (max_attempts,
+    retry_mode) becomes botocore's ``config_kwargs.retries``, give_up_after_s an argument of
+    :class:`pipeline.storage.S3FileSystem` (the s3fs every s3:// path is opened with). Credentials named by
     ``key_env`` / ``secret_env`` / ``token_env`` are read from this process's environment now."""
     out: dict[str, Any] = {}
     if storage.protocol(url) in storage.S3_PROTOCOLS:
@@ -122,6 +145,9 @@ def fsspec_options(storage_section: Any, url: str, overrides: dict[str, Any] | N
                 out["client_kwargs"] = {"region_name": cfg.region}
             if cfg.anon:
                 out["anon"] = True
+            if "retries" not in (cfg.options.get("config_kwargs") or {}):
+                out["config_kwargs"] = {"retries": {"mode": cfg.retry_mode, "total_max_attempts": cfg.max_attempts}}
+            out["give_up_after_s"] = cfg.give_up_after_s  # an argument of storage.S3FileSystem
             for field, kwarg in (("key_env", "key"), ("secret_env", "secret"), ("token_env", "token")):
                 name = getattr(cfg, field)
                 if name:

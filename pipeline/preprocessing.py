@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from pipeline.config import PreprocessConfig
+from pipeline.storage import StorageUnavailable
 from pipeline.contract import GEOMETRY_SCHEMA, INDEX_SCHEMA
 from pipeline.errors import ImageRejected, Rejected, error_detail
 
@@ -170,6 +171,8 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, reader,
         except ImageRejected as exc:
             rejected.append(Rejected(stage="decode", reason=exc.reason, detail=exc.detail, image_id=row["image_id"]))
             continue
+        except StorageUnavailable:  # the store, not this image: stop (a rerun resumes), never reject it
+            raise
         except Exception as exc:  # anything else about this one image must not kill the batch
             rejected.append(Rejected(stage="decode", reason="decode_failed",
                                      detail=error_detail(exc), image_id=row["image_id"]))

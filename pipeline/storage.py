@@ -9,21 +9,28 @@ from it offline (``HF_HUB_OFFLINE=1``). No project imports: every other module m
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import re
 import shutil
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import fsspec
 import huggingface_hub
 import huggingface_hub.errors
 import pyarrow as pa
 import pyarrow.parquet as pq
+import s3fs
+from fsspec.asyn import sync_wrapper
 from pyarrow.fs import FSSpecHandler, LocalFileSystem, PyFileSystem
 
 S3_PROTOCOLS = ("s3", "s3a")
@@ -33,6 +40,7 @@ HUB_ERRORS = (huggingface_hub.errors.EntryNotFoundError, huggingface_hub.errors.
               huggingface_hub.errors.RepositoryNotFoundError, huggingface_hub.errors.RevisionNotFoundError,
               huggingface_hub.errors.GatedRepoError, huggingface_hub.errors.HFValidationError)
 LOCAL_PROTOCOLS = (None, "file", "local")
+logger = logging.getLogger(__name__)
 
 
 def protocol(url: str) -> str | None:
@@ -148,9 +156,216 @@ def _download(fs: fsspec.AbstractFileSystem, path: str, dest: Path, url: str) ->
 
 
 def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``url`` and the path within it."""
+    """The fsspec filesystem for ``url`` and the path within it (an s3:// URL: :class:`S3FileSystem`)."""
+    if protocol(url) in S3_PROTOCOLS:
+        fs = S3FileSystem(**(storage_options or {}))
+        return fs, fs._strip_protocol(str(url))
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     return fs, path
+
+
+# --------------------------------------------------------------------------- s3:// requests: retries and failures
+
+class StorageUnavailable(Exception):
+    """An s3:// request that still failed once its retries were spent: the store could not be
+    reached, or answered with a server error (5xx) every time. ``message`` names the s3:// path,
+    the request and the last failure. Whatever the build wrote before stays: a rerun resumes.
+    Not an OSError on purpose: code that takes an OSError for a bad file (a cut-off Parquet file
+    deleted on resume, a truncated tar shard) must not take an unreachable store for one."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message  # str(self) may grow: Ray Data appends its own notes to args[0]
+
+    def __reduce__(self):
+        return type(self), (self.message,)
+
+
+def unavailable_error(exc: BaseException | None) -> StorageUnavailable | None:
+    """The StorageUnavailable behind ``exc`` — itself, its cause or context, or (raised in a Ray
+    task) the task error's cause — if that is what ended it; else None."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError: the task's own exception
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        if isinstance(exc, StorageUnavailable):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+# What a request ends with when its retries met a store that is down or failing, not an answer
+# about the object (no such key, access denied, ...).
+_UNREACHABLE = (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
+
+
+class _Outages:
+    """Per process and store (endpoint host): since when every attempt has failed, not one answered."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._since: dict[str, float] = {}
+
+    def answered(self, store: str) -> None:
+        with self._lock:
+            self._since.pop(store, None)
+
+    def failing_for(self, store: str) -> float:
+        """Seconds since the first of the failures in a row (0 for the first one)."""
+        with self._lock:
+            now = time.monotonic()
+            return now - self._since.setdefault(store, now)
+
+
+_OUTAGES = _Outages()
+
+
+def _operation(method: str) -> str:
+    return "".join(word.title() for word in method.split("_"))  # get_object → GetObject
+
+
+def _s3_url(params: dict[str, Any]) -> str:
+    return f"s3://{params.get('Bucket', '')}/{params.get('Key') or params.get('Prefix') or ''}"
+
+
+def _status(status: int, code: str | None) -> str:
+    """'HTTP 503 SlowDown'; 'HTTP 500' for an answer without an error code (HEAD has no body)."""
+    return f"HTTP {status}" + (f" {code}" if code and code != str(status) else "")
+
+
+def _server_error(exc: BaseException) -> botocore.exceptions.ClientError | None:
+    """The 5xx ClientError behind an error s3fs translated (into an OSError), if that is what it is."""
+    cause = exc.__cause__
+    if isinstance(cause, botocore.exceptions.ClientError) and \
+            cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) >= 500:
+        return cause
+    return None
+
+
+class S3FileSystem(s3fs.S3FileSystem):
+    """s3fs for every s3:// path of the project (see :func:`filesystem`), retrying as the storage
+    section says and telling what happens:
+
+    - botocore retries each request (``config_kwargs.retries``: storage.max_attempts, retry_mode);
+      every retry is logged (logger ``pipeline.storage``, WARNING): ``[sae-traits] retrying s3
+      GetObject s3://bucket/key (attempt 2 of 8) after HTTP 503 SlowDown``; a GetObject answer that
+      breaks off mid-body (read again by s3fs) likewise;
+    - once every request of this process to the store has failed for ``give_up_after_s`` seconds
+      in a row (no answer, or 5xx; storage.give_up_after_s), failed attempts are no longer retried:
+      an outage ends the build in about that time instead of after every request's backoffs;
+    - a request that fails once its retries are spent raises :class:`StorageUnavailable` naming
+      its s3:// path (not the raw botocore error, and not retried again by an outer s3fs loop).
+
+    Pickles like s3fs (Ray tasks get it through :func:`arrow_filesystem`); its hooks are put on
+    each client it makes, in whichever process."""
+
+    def __init__(self, *args, give_up_after_s: float = 30.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.give_up_after_s = give_up_after_s
+
+    async def set_session(self, refresh=False, kwargs={}):
+        client = await super().set_session(refresh=refresh, kwargs=kwargs)
+        events = client.meta.events
+        events.register("before-parameter-build.s3", _note_url, unique_id="sae-traits-note-url")
+        events.register_first("needs-retry.s3", functools.partial(_after_attempt, give_up_after_s=self.give_up_after_s),
+                              unique_id="sae-traits-after-attempt")
+        events.register("request-created.s3", _log_retry, unique_id="sae-traits-log-retry")
+        return client
+
+    async def _call_s3(self, method, *akwarglist, **kwargs):
+        params = {k: v for a in akwarglist for k, v in a.items()} | kwargs
+        try:
+            resp = await super()._call_s3(method, *akwarglist, **kwargs)
+        except _UNREACHABLE as exc:
+            raise StorageUnavailable(f"{_s3_url(params)}: no answer to {_operation(method)} "
+                                     f"({type(exc).__name__}: {exc}), retries spent") from exc
+        except OSError as exc:
+            if (error := _server_error(exc)) is None:
+                raise
+            status = _status(error.response["ResponseMetadata"]["HTTPStatusCode"], error.response["Error"].get("Code"))
+            raise StorageUnavailable(f"{_s3_url(params)}: {_operation(method)} answered {status} ({exc}), "
+                                     "retries spent") from exc
+        if method == "get_object" and "Body" in resp:
+            resp["Body"] = _WatchedBody(resp["Body"], _s3_url(params))
+        return resp
+
+    async def _mkdir(self, path, *args, **kwargs):
+        # s3fs probes the bucket first and takes a failed probe for no bucket: the request that
+        # fails is then CreateBucket, which names no more than the bucket. Name the folder too.
+        try:
+            return await super()._mkdir(path, *args, **kwargs)
+        except StorageUnavailable as exc:
+            raise StorageUnavailable(f"creating s3://{self._strip_protocol(path)}: {exc.message}") from exc
+
+    mkdir = sync_wrapper(_mkdir)  # s3fs binds its own _mkdir to mkdir
+
+
+class _WatchedBody:
+    """A GetObject body whose failed read is logged: the answer broke off after its headers (s3fs's
+    own retry loop then asks for the object again)."""
+
+    def __init__(self, body, url: str):
+        self._body, self._url = body, url
+
+    def __getattr__(self, name):
+        return getattr(self._body, name)
+
+    async def read(self, *args, **kwargs):
+        try:
+            return await self._body.read(*args, **kwargs)
+        except Exception as exc:
+            logger.warning("[sae-traits] retrying s3 GetObject %s: the answer broke off (%s)", self._url,
+                           type(exc).__name__)
+            raise
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return await self._body.__aexit__(*exc)
+
+
+def _note_url(params, context, **_):
+    """before-parameter-build: the s3:// path of the request, for the log lines."""
+    context["sae_traits_url"] = _s3_url(params)
+
+
+def _after_attempt(request_dict, response=None, caught_exception=None, endpoint=None, operation=None,
+                   give_up_after_s=30.0, **_):
+    """needs-retry, first of its handlers (after each attempt, before botocore decides): note what
+    the attempt got; veto the retry (False) once the store has failed for give_up_after_s."""
+    store = getattr(endpoint, "host", "")
+    if caught_exception is None and (response is None or response[0].status_code < 500):
+        _OUTAGES.answered(store)  # an answer, if only a 404: the store is there
+        return None
+    if caught_exception is not None:
+        failure = type(caught_exception).__name__
+    else:
+        failure = _status(response[0].status_code, response[1].get("Error", {}).get("Code"))
+    context = request_dict["context"]
+    context["sae_traits_failure"] = failure
+    failing = _OUTAGES.failing_for(store)
+    if failing < give_up_after_s:
+        return None
+    logger.warning("[sae-traits] not retrying s3 %s %s: every request to %s has failed for %.0f s "
+                   "(storage.give_up_after_s), this one with %s", getattr(operation, "name", ""),
+                   context.get("sae_traits_url", ""), store, failing, failure)
+    return False
+
+
+def _log_retry(request, operation_name, **_):
+    """request-created (each attempt): a second or later attempt is a retry, logged."""
+    context = getattr(request, "context", None) or {}
+    retries = context.get("retries") or {}
+    attempt = retries.get("attempt", 1)
+    if attempt > 1:
+        most = f" of {retries['max']}" if retries.get("max") else ""
+        logger.warning("[sae-traits] retrying s3 %s %s (attempt %d%s) after %s", operation_name,
+                       context.get("sae_traits_url", request.url), attempt, most,
+                       context.get("sae_traits_failure", "a failed attempt"))
 
 
 def join(*parts: str) -> str:

@@ -15,30 +15,18 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-import s3fs
 
 from pipeline import storage
 from pipeline.config import BuildConfig, ConfigError, fsspec_options, load_config, validate
-from tests.s3_server import FAKE_KEY, FAKE_SECRET
+from tests.s3_server import FAKE_KEY, FAKE_SECRET, client, demo_on_s3, storage_keys, upload
 
 MINIMAL = {"source": {"format": "bioscan", "root": "s3://data/bioscan"}, "sae": {"checkpoint": "s3://models/sae"},
            "output": "s3://builds/run1"}
 
 
-def client(endpoint: str) -> s3fs.S3FileSystem:
-    """The test's own view of the server (no instance or listing cache: it must see what Ray workers wrote)."""
-    return s3fs.S3FileSystem(endpoint_url=endpoint, key=FAKE_KEY, secret=FAKE_SECRET,
-                             skip_instance_cache=True, use_listings_cache=False)
-
-
 def section(endpoint: str) -> dict:
     """The storage section a test build uses: endpoint and fake credentials as config keys."""
     return {"endpoint_url": endpoint, "options": {"key": FAKE_KEY, "secret": FAKE_SECRET}}
-
-
-def upload(fs: s3fs.S3FileSystem, local: Path, remote: str) -> None:
-    for path in sorted(p for p in local.rglob("*") if p.is_file()):
-        fs.put_file(str(path), f"{remote}/{path.relative_to(local).as_posix()}")
 
 
 @pytest.fixture
@@ -58,11 +46,20 @@ def test_storage_section_becomes_s3fs_arguments(monkeypatch):
     cfg = {"endpoint_url": "http://127.0.0.1:9000", "region": "eu-west-1", "key_env": "MY_S3_KEY",
            "secret_env": "MY_S3_SECRET", "token_env": "MY_S3_TOKEN",
            "options": {"client_kwargs": {"verify": False}, "config_kwargs": {"connect_timeout": 5}}}
+    retries = {"retries": {"mode": "standard", "total_max_attempts": 8}}  # the section's default retry policy
     assert fsspec_options(cfg, "s3://bucket/key") == {
         "use_listings_cache": False, "endpoint_url": "http://127.0.0.1:9000",
-        "client_kwargs": {"region_name": "eu-west-1", "verify": False}, "config_kwargs": {"connect_timeout": 5},
+        "client_kwargs": {"region_name": "eu-west-1", "verify": False},
+        "config_kwargs": {"connect_timeout": 5, **retries}, "give_up_after_s": 30.0,
         "key": "AKIA-from-env", "secret": "secret-from-env", "token": "token-from-env"}
-    assert fsspec_options({"anon": True}, "s3://public/x") == {"use_listings_cache": False, "anon": True}
+    assert fsspec_options({"anon": True}, "s3://public/x") == {"use_listings_cache": False, "anon": True,
+                                                               "config_kwargs": retries, "give_up_after_s": 30.0}
+    policy = fsspec_options({"max_attempts": 3, "retry_mode": "adaptive", "give_up_after_s": 5}, "s3://b/x")
+    assert policy["config_kwargs"] == {"retries": {"mode": "adaptive", "total_max_attempts": 3}}
+    assert policy["give_up_after_s"] == 5
+    # botocore's own retries config in the options replaces the policy (not merged into it).
+    mine = {"options": {"config_kwargs": {"retries": {"max_attempts": 2}}}}
+    assert fsspec_options(mine, "s3://b/x")["config_kwargs"] == {"retries": {"max_attempts": 2}}
     # Only s3:// URLs get s3 options: local paths, hub ids and other stores get none.
     for url in ("/data/x", "file:///data/x", "facebook/dinov2-base", "gs://bucket/x", "memory://x"):
         assert fsspec_options(cfg, url) == {}, url
@@ -296,22 +293,13 @@ def test_demo_build_reads_from_and_writes_to_s3_like_the_local_build(demo_dir, d
     clean_out, clean_manifest = demo_build
     fs = client(s3_server)
     run = uuid.uuid4().hex[:8]  # fresh paths: local_copy's node cache is keyed by URL
-    for name in ("demo-data", "demo-models", "builds"):
-        if not fs.exists(name):
-            fs.mkdir(name)
-    upload(fs, demo_dir / "data", f"demo-data/{run}/data")
-    upload(fs, demo_dir / "models" / "sae", f"demo-models/{run}/sae")
-    upload(fs, demo_dir / "models" / "dinov2-tiny", f"demo-models/{run}/dinov2-tiny")
 
     from pipeline.build import Build
     from pipeline.demo import demo_build_config
 
     output = f"s3://builds/{run}/demo"
-    cfg = demo_build_config(demo_dir, [
-        f"source.root=s3://demo-data/{run}/data", f"backbone.model=s3://demo-models/{run}/dinov2-tiny",
-        f"sae.checkpoint=s3://demo-models/{run}/sae", f"output={output}",
-        "encoder.num_gpus=1", "encoder.num_cpus=0.25",
-        f"storage.endpoint_url={s3_server}", f"storage.options.key={FAKE_KEY}", f"storage.options.secret={FAKE_SECRET}"])
+    cfg = demo_build_config(demo_dir, [*demo_on_s3(fs, demo_dir, run), f"output={output}",
+                                       "encoder.num_gpus=1", "encoder.num_cpus=0.25", *storage_keys(s3_server)])
     start = time.perf_counter()
     manifest = Build(cfg).run()
     print(f"\nS3 demo build: {time.perf_counter() - start:.1f} s")

@@ -113,6 +113,8 @@ class AnnotateUnits:
                          latent=unit["latent"], boxes=[r["boxes"] for r in members], measurements=[[] for _ in members])
         try:  # in a thread: rendering is CPU work, and the event loop must keep the requests moving
             images, described["boxes"], described["measurements"] = await asyncio.to_thread(self.prepare, unit)
+        except storage.StorageUnavailable:  # the store, not this unit: stop (a rerun resumes)
+            raise
         except Exception as exc:  # one unreadable image fails its unit, not the batch
             reason = exc.reason if isinstance(exc, ImageRejected) else "annotate_failed"
             failed = replace(Annotation.failed(reason, model=None, prompt_version=version, detail=error_detail(exc)),
