@@ -193,8 +193,18 @@ def unavailable_error(exc: BaseException | None) -> StorageUnavailable | None:
             continue
         if isinstance(exc, StorageUnavailable):
             return exc
+        if isinstance(exc, _UNREACHABLE):  # one that met no project hook (botocore's retries are spent)
+            return StorageUnavailable(f"{_s3_url_of_endpoint(exc)}: no answer ({type(exc).__name__}: {exc}), "
+                                      "retries spent")
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _s3_url_of_endpoint(exc: BaseException) -> str:
+    """s3://bucket/key of the path-style endpoint URL a botocore connection error names."""
+    url = str(getattr(exc, "kwargs", {}).get("endpoint_url") or "")
+    path = url.split("://", 1)[-1].split("/", 1)[1] if url.count("/") >= 3 else ""
+    return f"s3://{path.split('?', 1)[0]}" if path else "s3://(the store)"
 
 
 # What a request ends with when its retries met a store that is down or failing, not an answer
@@ -291,6 +301,8 @@ class S3FileSystem(s3fs.S3FileSystem):
         if method == "get_object" and "Body" in resp:
             resp["Body"] = _WatchedBody(resp["Body"], _s3_url(params))
         return resp
+
+    call_s3 = sync_wrapper(_call_s3)  # s3fs binds its own _call_s3 to call_s3, which its files use (writes)
 
     async def _mkdir(self, path, *args, **kwargs):
         # s3fs probes the bucket first and takes a failed probe for no bucket: the request that
