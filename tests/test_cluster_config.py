@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.cluster_check import (hosting, llm_configs, llm_problems, main, node_problems, replica_bundles,
-                                    validate_cluster)
+                                    replicas_per_node, validate_cluster)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -196,3 +196,72 @@ def test_cli_fails_on_a_cluster_that_cannot_host(tmp_path, cluster):
     broken = tmp_path / "cluster.yaml"
     broken.write_text(yaml.safe_dump(cluster))
     assert main([str(broken), str(QWEN_YAML)]) == 1
+
+
+# --------------------------------------------------------------------------- the 32B and 7B configs
+
+SERVE_CONFIGS = {name: ROOT / "serve_configs" / f"{name}.yaml" for name in ("qwen2_5_vl_72b", "qwen2_5_vl_32b", "qwen2_5_vl_7b")}
+LLM = "applications[llm].args.llm_configs[0]"
+# What may differ between the three files: the model and how many GPUs a replica and a node take.
+MODEL_KEYS = {f"{LLM}.model_loading_config.model_id", f"{LLM}.model_loading_config.model_source",
+              f"{LLM}.engine_kwargs.tensor_parallel_size", f"{LLM}.deployment_config.autoscaling_config.max_replicas",
+              "applications[annotator].args.annotate.llm.model"}
+
+
+def _leaves(node, path: str = "") -> dict:
+    """{dotted path: value} of every leaf; the applications by name, other lists by index."""
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _leaves(sub, f"{path}.{key}" if path else key).items()}
+    if isinstance(node, list):
+        named = all(isinstance(i, dict) and "name" in i for i in node) and node
+        return {k: v for n, sub in enumerate(node)
+                for k, v in _leaves(sub, f"{path}[{sub['name'] if named else n}]").items()}
+    return {path: node}
+
+
+def test_the_serve_configs_differ_only_in_the_model_and_its_gpus():
+    """Equal outside MODEL_KEYS, so a fix to one file that is not made to the others fails here."""
+    leaves = {name: _leaves(yaml.safe_load(path.read_text())) for name, path in SERVE_CONFIGS.items()}
+    base = leaves["qwen2_5_vl_72b"]
+    for name, other in leaves.items():
+        assert other.keys() == base.keys(), (name, other.keys() ^ base.keys())
+        differing = {k for k in base if other[k] != base[k]}
+        assert differing <= MODEL_KEYS, (name, differing - MODEL_KEYS)
+        assert other[f"{LLM}.model_loading_config.model_id"] == other["applications[annotator].args.annotate.llm.model"]
+    assert [leaves[n][f"{LLM}.engine_kwargs.tensor_parallel_size"] for n in SERVE_CONFIGS] == [4, 2, 1]
+
+
+@pytest.mark.parametrize("name, per_node", [("qwen2_5_vl_72b", 2), ("qwen2_5_vl_32b", 4), ("qwen2_5_vl_7b", 8)])
+def test_cluster_hosts_each_serve_config(cluster, name, per_node):
+    """Ray's own schemas accept the file; on cluster.yaml's 8×H100 nodes a replica fits, `per_node`
+    replicas share a node (TP 4, 2, 1) and max_replicas fits one node's worth."""
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig as ServeLLMConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(SERVE_CONFIGS[name].read_text())
+    ServeDeploySchema.model_validate(config)
+    (llm,) = llm_configs(config)
+    ServeLLMConfig.model_validate(llm)
+    prepared = validate_cluster(cluster)
+    assert llm_problems(prepared, llm) == []
+    hosts, capacity = hosting(prepared, llm)
+    assert list(hosts) == ["gpu_worker"]
+    assert replicas_per_node(prepared["available_node_types"]["gpu_worker"], llm) == per_node
+    assert llm["deployment_config"]["autoscaling_config"]["max_replicas"] == per_node <= capacity
+    assert main([str(CLUSTER_YAML), str(SERVE_CONFIGS[name])]) == 0
+
+
+def test_on_smaller_nodes_the_check_names_max_replicas_to_edit(cluster):
+    """One 4-GPU node (e.g. 4×L40S): a replica of each still fits — the 7B four to the node, the 32B
+    two, the 72B one — but each file's max_replicas (one 8-GPU node's worth) does not, and the check
+    says so with the number that fits."""
+    prepared = validate_cluster(cluster)
+    node = prepared["available_node_types"]["gpu_worker"]
+    node["resources"].update(GPU=4, CPU=48)
+    node["max_workers"] = 1
+    for name, per_node in {"qwen2_5_vl_72b": 1, "qwen2_5_vl_32b": 2, "qwen2_5_vl_7b": 4}.items():
+        (llm,) = llm_configs(yaml.safe_load(SERVE_CONFIGS[name].read_text()))
+        assert replicas_per_node(node, llm) == per_node
+        max_replicas = llm["deployment_config"]["autoscaling_config"]["max_replicas"]
+        assert llm_problems(prepared, llm) == [f"max_replicas {max_replicas} > {per_node}, the replicas node types "
+                                               "['gpu_worker'] hold at their max_workers"]
