@@ -3,7 +3,7 @@
     index (driver) → _build/index/
     index shards → decode (tasks) → encode (GPU actor pool) → activations/    [resumed by image_id]
     activations/ → partial counts (tasks) → groupby-sum (shuffle) → counts/
-    counts/ → select_latents (driver; counts are sparse) → selected/
+    counts/ → select_latents (tasks, one contrast group each) → selected/
     activations/ → find_candidates (tasks) → top images per (species, latent) (groupby) → candidates/
     candidates/ → unit shards (driver) → annotate (actor pool) → traits/      [resumed by annotation_id]
     rejected rows anywhere → errors/ (de-duplicated at the end; present, maybe empty, in every build)
@@ -31,6 +31,7 @@ import platform
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata
 from typing import NamedTuple
@@ -48,7 +49,7 @@ from pipeline import storage
 from pipeline.annotation.stage import annotation_units, unit_annotation_id
 from pipeline.candidates import find_candidates, keep_top_images
 from pipeline.config import BuildConfig, ConfigError, add_config_arguments, config_changes, load_config, runtime_keys
-from pipeline.contract import ERRORS, STAGE, STAGES, STATE, TABLES, TRAITS_SCHEMA
+from pipeline.contract import ERRORS, SELECTED_SCHEMA, STAGE, STAGES, STATE, TABLES, TRAITS_SCHEMA
 from pipeline.counting import reduce_counts, taxonomy_codes
 from pipeline.encoding import backbone_patch_px
 from pipeline.errors import compact_errors, write_errors
@@ -56,10 +57,11 @@ from pipeline.execution import (SHARD_BATCHES, PoolAsk, cluster_cpus, encode_ima
                                 in_shards, in_tasks, init_ray)
 from pipeline.report import write_report
 from pipeline.sae import sae_metadata
-from pipeline.selection import select_latents, taxonomy_of_species
+from pipeline.selection import select_by_contrast_group, taxonomy_of_species
 from pipeline.sources import build_index
 
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+RESUME_READ_THREADS = 16  # output files whose resume keys are read at once (object-store latency, not CPU)
 # Keys a resume may change: where and how fast it runs (and where the folder now is), never what it computes.
 RESUMABLE_KEYS = runtime_keys(BuildConfig)
 
@@ -143,26 +145,33 @@ class Build:
         self.stages[name] = record
         print(f"[sae-traits] stage {name}: {record['rows']} rows in {wall:.1f} s", flush=True)
 
-    def written_ids(self, name: str) -> set[str]:
+    def written_ids(self, name: str) -> pa.Array:
         """Row ids already in stage ``name``'s output from a killed run. Parquet writes its footer last and an S3
         object appears only once complete, so a file whose footer reads is whole: its rows count
-        as done. A file cut off mid-write is deleted (its rows are redone)."""
-        done, stage = set(), STAGE[name]
-        for path in storage.parquet_files(self.fs, self.path(stage.output)):
+        as done. A file cut off mid-write is deleted (its rows are redone). The files are read
+        in parallel (thousands of object-store reads at full size) and the ids kept as Arrow."""
+        key = STAGE[name].resume_key
+
+        def ids_of(path: str) -> pa.ChunkedArray | None:
             try:
                 with self.fs.open(path, "rb") as f:
-                    done.update(pq.read_table(f, columns=[stage.resume_key]).column(0).to_pylist())
+                    return pq.read_table(f, columns=[key]).column(0)
             except (pa.ArrowInvalid, OSError):
                 self.fs.rm(path)
-        return done
+                return None
+
+        with ThreadPoolExecutor(RESUME_READ_THREADS) as pool:
+            chunks = [c for ids in pool.map(ids_of, storage.parquet_files(self.fs, self.path(STAGE[name].output)))
+                      if ids is not None for c in ids.chunks]
+        return pc.unique(pa.chunked_array(chunks, pa.string())).combine_chunks() if chunks else pa.array([], pa.string())
 
     def pending(self, name: str, rows: pa.Table, shard_rows: int):
         """The stage's input rows not yet written (all of them on a first run), as a Ray Dataset of
         one block per shard of ``shard_rows``; None when nothing is left."""
         done = self.written_ids(name)
-        if done:
+        if len(done):
             key = STAGE[name].resume_key
-            rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=pa.array(list(done), pa.string()))))
+            rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=done)))
             print(f"[sae-traits] stage {name}: resuming, {len(done)} rows written earlier, {rows.num_rows} to do", flush=True)
         if not rows.num_rows:
             return None
@@ -197,9 +206,10 @@ class Build:
                                  num_partitions=ctx.n_cpus), "counts")
 
     def stage_select(self, ctx: RunContext) -> None:
-        counts = storage.read_table(self.fs, self.path("counts"))
-        selected = select_latents(counts, taxonomy_of_species(self.index()), self.cfg.contrast)
-        storage.write_table(self.fs, self.path("selected/selected.parquet"), selected)
+        self.write(select_by_contrast_group(self.read("counts"), taxonomy_of_species(self.index()), self.cfg.contrast,
+                                            num_partitions=ctx.n_cpus), "selected")
+        if not storage.parquet_files(self.fs, self.path("selected")):  # nothing selected: the contract's empty table
+            storage.write_table(self.fs, self.path("selected/empty.parquet"), SELECTED_SCHEMA.empty_table())
 
     def stage_candidates(self, ctx: RunContext) -> None:
         cfg = self.cfg

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray.data
 
 from pipeline.config import ContrastConfig
 from pipeline.contract import SELECTED_SCHEMA
@@ -63,16 +64,24 @@ def _score(f_s: np.ndarray, f_p: np.ndarray, kind: str) -> np.ndarray:
     raise ValueError(f"contrast.score: unknown score {kind!r}")
 
 
+def contrasted_with_family(taxonomy: pa.Table, cfg: ContrastConfig) -> np.ndarray:
+    """Per taxonomy row: whether that species is contrasted against its family, not its genus
+    (``contrast.lone_species: family``, a species alone in its genus whose family is known)."""
+    if cfg.lone_species != "family":
+        return np.zeros(taxonomy.num_rows, bool)
+    return (taxonomy["lone"].fill_null(False).to_numpy(zero_copy_only=False)
+            & pc.is_valid(taxonomy["family"]).to_numpy(zero_copy_only=False))
+
+
 def select_latents(counts: pa.Table, taxonomy: pa.Table, cfg: ContrastConfig) -> pa.Table:
     """counts/ rows + species taxonomy → selected/ rows, best score first within each species.
-    Integer-coded: each species row finds its parent's f by binary search on (code, latent)."""
+    Integer-coded: each species row finds its parent's f by binary search on (code, latent).
+    Works on any subset of counts/ that holds, for each of its species, the parent's rows too
+    (what :func:`select_by_contrast_group` hands it)."""
     species_names, s_code, latent, f_s = rank_frequencies(counts, "species")
     tax = taxonomy.select(["species", "genus", "family", "lone"])
     tax = tax.take(pc.index_in(species_names, tax["species"]))  # aligned with species codes
-    use_family = np.zeros(len(species_names), bool)
-    if cfg.lone_species == "family":
-        use_family = (tax["lone"].fill_null(False).to_numpy(zero_copy_only=False)
-                      & pc.is_valid(tax["family"]).to_numpy(zero_copy_only=False))
+    use_family = contrasted_with_family(tax, cfg)
     m = int(latent.max()) + 1 if len(latent) else 1
     f_parent = np.zeros(len(f_s))
     for rank, uses in (("genus", ~use_family), ("family", use_family)):
@@ -104,3 +113,46 @@ def select_latents(counts: pa.Table, taxonomy: pa.Table, cfg: ContrastConfig) ->
         "contrast_taxon": pc.if_else(family_row, tax["family"].take(sp), tax["genus"].take(sp)),
         "score": score, "rank_in_species": pa.array(rank_in_species, pa.int32()),
     }, schema=SELECTED_SCHEMA)
+
+
+# --------------------------------------------------------------------------- in Ray tasks
+
+GROUP_KEY = ["contrast_rank", "contrast_taxon"]
+
+
+def species_contrast_groups(taxonomy: pa.Table, cfg: ContrastConfig) -> pa.Table:
+    """Per labelled species, the taxon it is contrasted against: (species, contrast_rank, contrast_taxon)."""
+    family = pa.array(contrasted_with_family(taxonomy, cfg))
+    return pa.table({"species": taxonomy["species"], "contrast_rank": pc.if_else(family, "family", "genus"),
+                     "contrast_taxon": pc.if_else(family, taxonomy["family"], taxonomy["genus"])})
+
+
+def tag_contrast_group(counts: pa.Table, groups: pa.Table, ranks: tuple[str, ...]) -> pa.Table:
+    """counts/ rows with the contrast group they belong to: a species row joins its parent's group,
+    a genus or family row is its own; ranks no species is contrasted against are dropped."""
+    counts = counts.filter(pc.is_in(counts["rank"], pa.array(["species", *ranks])))
+    is_species = pc.equal(counts["rank"], "species")
+    own = counts.filter(pc.invert(is_species))
+    own = own.append_column("contrast_rank", own["rank"]).append_column("contrast_taxon", own["taxon"])
+    species = counts.filter(is_species)
+    at = pc.index_in(species["taxon"], groups["species"])
+    species = species.append_column("contrast_rank", groups["contrast_rank"].take(at)) \
+                     .append_column("contrast_taxon", groups["contrast_taxon"].take(at))
+    return pa.concat_tables([species, own])
+
+
+def select_by_contrast_group(counts: ray.data.Dataset, taxonomy: pa.Table, cfg: ContrastConfig,
+                             num_partitions: int | None = None) -> ray.data.Dataset:
+    """counts/ as a Ray Dataset → selected/ rows, selected in tasks, one contrast group (a genus,
+    or the family of lone species) at a time: nothing on the driver grows with counts/, only the
+    per-species ``taxonomy`` (:func:`taxonomy_of_species`) travels to the tasks."""
+    groups = species_contrast_groups(taxonomy, cfg)
+    ranks = ("genus", "family") if cfg.lone_species == "family" else ("genus",)
+    return (counts.map_batches(tag_contrast_group, batch_format="pyarrow",
+                               fn_kwargs={"groups": groups, "ranks": ranks})
+            .groupby(GROUP_KEY, num_partitions=num_partitions)
+            .map_groups(_select_group, batch_format="pyarrow", fn_kwargs={"taxonomy": taxonomy, "cfg": cfg}))
+
+
+def _select_group(group: pa.Table, taxonomy: pa.Table, cfg: ContrastConfig) -> pa.Table:
+    return select_latents(group.drop_columns(GROUP_KEY), taxonomy, cfg)

@@ -142,3 +142,21 @@ def test_distributed_reduce_equals_direct_computation(ray_local):
                                    .iter_batches(batch_format="pyarrow")))
     assert as_dict(counts) == direct_counts(table, "patches")
     assert len(counts) == len(set(as_dict(counts)))  # one row per key: fully reduced
+
+
+@pytest.mark.parametrize("lone", ["none", "family"])
+def test_selection_in_tasks_equals_selection_on_the_whole_table(ray_local, lone):
+    """select_by_contrast_group (one contrast group per task, counts/ never on the driver) selects
+    exactly what select_latents selects over all of counts/, with the same scores and ranks."""
+    import ray.data
+    from pipeline.selection import select_by_contrast_group
+
+    counts = counts_in_batches(random_activations(seed=4), "patches")
+    cfg = ContrastConfig(t_freq=3e-3, lone_species=lone, max_latents_per_species=N_LATENTS)
+    whole = select_latents(counts, taxonomy(), cfg)
+    blocks = [counts.slice(i, 40) for i in range(0, counts.num_rows, 40)]  # taxa split across blocks
+    in_tasks = pa.concat_tables(list(select_by_contrast_group(ray.data.from_arrow(blocks), taxonomy(), cfg,
+                                                              num_partitions=3).iter_batches(batch_format="pyarrow")))
+    key = lambda r: (r["species"], r["latent"])  # noqa: E731
+    assert len(whole) > 5 and sorted(in_tasks.to_pylist(), key=key) == sorted(whole.to_pylist(), key=key)
+    assert ("G3 a" in set(in_tasks["species"].to_pylist())) == (lone == "family")
