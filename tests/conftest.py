@@ -10,6 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Ray Train's controller polls its workers every 2 s by default; the tests' runs last seconds.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray exports metrics (vLLM's prefix-cache counters among them, tests/test_vllm_serving.py) every
+# 10 s by default; the tests read them after a few seconds of traffic.
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 
 @pytest.fixture(scope="session")

