@@ -9,9 +9,7 @@ Chromium is required (scripts/setup.sh installs Debian's package): without it th
 import csv
 import json
 import shutil
-import subprocess
 import time
-import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -21,14 +19,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from websockets.sync.client import connect
 
 from pipeline.demo import planted_part_overlap
 from pipeline.errors import Rejected, write_errors
 from pipeline.report import OUTLINE_PX, OUTLINE_RGB, main, species_file, write_report
 from pipeline.selection import going_forward
+from tests.browser import Browser
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PAGE_INFO = """(() => ({
   images: Array.from(document.images, i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0]),
   links: Array.from(document.querySelectorAll('a[href], link[href]'), a => a.href),
@@ -37,69 +34,6 @@ PAGE_INFO = """(() => ({
   scripts: document.scripts.length,
   text: document.body.innerText,
 }))()"""
-
-
-class Browser:
-    """Headless Chromium driven over the DevTools protocol (one tab)."""
-
-    def __init__(self, profile: Path):
-        assert CHROMIUM, "chromium is not installed: scripts/setup.sh installs it (apt-get install chromium)"
-        self.proc = subprocess.Popen(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
-             "--remote-debugging-port=0", "--allow-file-access-from-files", "--hide-scrollbars", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
-            while not (port_file.exists() and port_file.read_text().count("\n")):
-                assert time.monotonic() < deadline and self.proc.poll() is None, "chromium did not start"
-                time.sleep(0.1)
-            port = int(port_file.read_text().split()[0])
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-                tab = next(t for t in json.load(r) if t["type"] == "page")
-            self.ws = connect(tab["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
-        except BaseException:
-            self.proc.kill()
-            raise
-        self.next_id, self.events = 0, []
-        self.send("Page.enable")
-        self.send("Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False)
-
-    def send(self, method: str, **params) -> dict:
-        self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=60))
-            if msg.get("id") == self.next_id:
-                assert "error" not in msg, (method, msg["error"])
-                return msg["result"]
-            self.events.append(msg.get("method"))
-
-    def goto(self, url: str) -> str | None:
-        """Load ``url`` and wait for its load event (all images loaded or failed); the error, if any."""
-        self.events = []
-        error = self.send("Page.navigate", url=url).get("errorText")
-        while not error and "Page.loadEventFired" not in self.events:
-            self.events.append(json.loads(self.ws.recv(timeout=60)).get("method"))
-        return error or None
-
-    def eval(self, expression: str):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True)
-        assert "exceptionDetails" not in result, result
-        return result["result"]["value"]
-
-    def screenshot(self, x: float, y: float, w: float, h: float) -> np.ndarray:
-        """uint8 [h, w, 3] of a region of the page, in page (document) CSS pixels."""
-        import base64
-        import io
-
-        shot = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True,
-                         clip={"x": x, "y": y, "width": w, "height": h, "scale": 1})
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(shot["data"]))).convert("RGB"))
-
-    def close(self) -> None:
-        self.ws.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")
