@@ -163,7 +163,7 @@ class Build:
         with ThreadPoolExecutor(RESUME_READ_THREADS) as pool:
             chunks = [c for ids in pool.map(ids_of, storage.parquet_files(self.fs, self.path(STAGE[name].output)))
                       if ids is not None for c in ids.chunks]
-        return pc.unique(pa.chunked_array(chunks, pa.string())).combine_chunks() if chunks else pa.array([], pa.string())
+        return pc.unique(pa.chunked_array(chunks, pa.string())) if chunks else pa.array([], pa.string())
 
     def pending(self, name: str, rows: pa.Table, shard_rows: int):
         """The stage's input rows not yet written (all of them on a first run), as a Ray Dataset of
