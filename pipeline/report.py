@@ -29,6 +29,7 @@ import sys
 import threading
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,7 @@ from pipeline.boxes import zones_to_boxes
 from pipeline.config import BuildConfig, validate
 from pipeline.contract import CANDIDATES_SCHEMA, ERRORS, IMAGE_COLUMNS, TRAITS_SCHEMA
 from pipeline.preprocessing import Geometry, decode_image
+from pipeline.review.pointers import read_pointers
 from pipeline.selection import going_forward
 from pipeline.sources import ImageReader
 
@@ -253,6 +255,7 @@ class BuildData:
         self.candidates = read_rows(fs, path("candidates"), CANDIDATE_COLUMNS)
         self.traits = read_rows(fs, path("traits"), TRAITS_COLUMNS)
         self.errors = read_rows(fs, path(ERRORS))
+        self.reviews = read_pointers(fs, root)  # written by python -m pipeline.review score
         self.genus_counts = read_rows(fs, path("counts"), ["rank", "taxon", "latent", "count"], lambda t: pc.and_(
             pc.equal(t["rank"], "genus"), pc.is_in(t["latent"], wanted.cast(t["latent"].type))))
 
@@ -373,6 +376,13 @@ class Report:
             self.traits_of[r["species"], r["latent"]].append(r)
             self.statuses[r["species"]][r["status"]] += 1
         self.all_statuses = sum(self.statuses.values(), Counter())
+        # Per latent, once: the latent pages must not each scan every selected pair and genus count.
+        self.selected_for, self.genus_counts_of = defaultdict(list), defaultdict(list)
+        for r in d.selected:
+            self.selected_for[r["latent"]].append(r)
+        for r in d.genus_counts:
+            self.genus_counts_of[r["latent"]].append(r)
+        self.annotated = Counter(t["latent"] for t in d.traits)
 
     def write(self, name: str, text: str) -> None:
         with self.fs.open(storage.join(self.folder, name), "w", encoding="utf-8") as f:
@@ -427,13 +437,9 @@ class Report:
         d, per = self.data, self.max_species_per_page
         latents, n_pages = d.latents, max(1, -(-len(d.latents) // per))
         shown = latents[i * per:(i + 1) * per]
-        where, firings, annotated = defaultdict(list), Counter(), Counter()
-        for r in d.selected:
-            where[r["latent"]].append(r["species"])
-        for r in d.genus_counts:
-            firings[r["latent"]] += r["count"]
-        for t in d.traits:
-            annotated[t["latent"]] += 1
+        where = {z: [r["species"] for r in self.selected_for[z]] for z in shown}
+        firings = {z: sum(r["count"] for r in self.genus_counts_of[z]) for z in shown}
+        annotated = self.annotated
         rows = [[f'<a href="{latent_file(z)}">{z}</a>', num(len(where[z])),
                  ", ".join(f'<a href="{species_file(s)}"><i>{esc(s)}</i></a>' for s in sorted(where[z])[:5])
                  + (f" and {len(where[z]) - 5} more" if len(where[z]) > 5 else ""),
@@ -532,7 +538,7 @@ class Report:
 
     def latent_page(self, z: int) -> str:
         d = self.data
-        where = sorted((r for r in d.selected if r["latent"] == z), key=lambda r: r["species"])
+        where = sorted(self.selected_for[z], key=lambda r: r["species"])
         rows = [[f'<a href="{species_file(r["species"])}#z{z}"><i>{esc(r["species"])}</i></a>', esc(r["genus"]),
                  num(r["f_species"]), num(r["f_genus"]), num(r.get("score")), num(r.get("rank_in_species"))] for r in where]
         body = ("<h2>Selected for</h2>" + table(["Species", "Genus", "f_species", "f_genus", "Score", "Rank in species"],
@@ -553,7 +559,7 @@ class Report:
         body += (f"<h2>Strongest-firing images</h2><p class=small>The {len(gallery)} images with the highest summed "
                  f"activation of this latent{among}, cropped around its firing patches (outlined).</p>"
                  f'<div class="images gallery">{"".join(figures) or "<p class=muted>none</p>"}</div>')
-        counts = sorted((r for r in d.genus_counts if r["latent"] == z), key=lambda r: (-r["count"], r["taxon"] or ""))
+        counts = sorted(self.genus_counts_of[z], key=lambda r: (-r["count"], r["taxon"] or ""))
         top = counts[0]["count"] if counts else 1
         rows = [[esc(r["taxon"]), num(r["count"]), f'<span class="bar" style="width: {150 * r["count"] / top:.0f}px"></span>']
                 for r in counts[:self.max_rows]]
@@ -604,9 +610,28 @@ class Report:
                 ["Stage", "Reason", "Image", "Annotation", "Detail"],
                 [[esc(e.get("stage")), esc(e.get("reason")), esc(e.get("image_id")), esc(e.get("annotation_id")),
                   esc((e.get("detail") or "")[:300])] for e in shown]))
+        body += self.reviews_section()
         body += "<h2>Versions</h2>" + table(None, [[esc(k), esc(v)] for k, v in (m.get("versions") or {}).items()])
         body += f"<details><summary>Resolved config</summary><pre>{esc(json.dumps(m.get('config'), indent=2))}</pre></details>"
         return page("Build summary", body)
+
+    def reviews_section(self) -> str:
+        """The expert reviews that sampled this build: each one's scores, this build's row in bold."""
+        if not self.data.reviews:
+            return ""
+        body = "<h2 id=reviews>Expert reviews</h2>"
+        for rv in self.data.reviews:
+            where = (f'<a href="{esc(Path(rv["scores"]).as_uri())}">{esc(rv["scores"])}</a>'
+                     if rv["scores"].startswith("/") else esc(rv["scores"]))
+            rows = [[(f"<b>{esc(b['label'])}</b> (this build)" if k == rv["this_build"] else esc(b["label"])),
+                     f"{b['items_rated']}/{b['items']}", num(b["raw_mean"]), num(b["normalised_mean"]),
+                     "–" if b["raw_ci"][0] is None else f"{b['raw_ci'][0]:.2f}–{b['raw_ci'][1]:.2f}", num(b["alpha"])]
+                    for k, b in enumerate(rv["builds"])]
+            body += (f"<p class=small>{rv['reviewers']} reviewers, scored {esc(rv['scored_at'])}; α (ordinal) over the "
+                     f"review {num(rv['alpha'])}. Scores: {where}</p>"
+                     + table(["Build", "Items rated", "Mean (raw)", "Mean (normalised)",
+                              f"{rv['level']:.0%} interval (raw)", "α"], rows, numeric={1, 2, 3, 5}))
+        return body
 
 
 def write_report(output: str, storage_options: dict | None = None, log=print, *, max_species_per_page: int = 100,

@@ -1,0 +1,76 @@
+"""Expert review of trait datasets: sample a blinded set, serve the rating page, score it.
+
+    python -m pipeline.review sample --build OUT [--build OUT2 ...] [--label NAME ...] --per-build 30 --seed S --out REVIEW
+    python -m pipeline.review serve REVIEW [--port 8765]
+    python -m pipeline.review score REVIEW
+
+Each subcommand also takes ``--config FILE.yaml`` and ``--set key=value`` (its config:
+:mod:`pipeline.review.config`); the flags are keys like any other, applied last."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import ConfigError, add_config_arguments, load_config
+from pipeline.review.config import (
+    ReviewSampleConfig,
+    ReviewScoreConfig,
+    ReviewServeConfig,
+)
+from pipeline.review.sample import sample
+from pipeline.review.score import markdown_table, score, table_rows
+from pipeline.review.server import serve
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline.review", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("sample", help="draw a blinded review set from finished builds")
+    s.add_argument("--build", dest="builds", action="append", help="a finished build's output folder (repeatable; key builds)")
+    s.add_argument("--label", dest="labels", action="append", help="what the scores call that build (repeatable; key labels)")
+    s.add_argument("--per-build", dest="per_build", type=int, help="annotations drawn from each build (key per_build)")
+    s.add_argument("--seed", type=int, help="seed of the draw and the shuffle (key seed)")
+    s.add_argument("--out", help="the review folder to write (key out)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing review folder (key overwrite)")
+    v = sub.add_parser("serve", help="serve the rating page of a review folder")
+    v.add_argument("review", nargs="?", help="the review folder (key review)")
+    v.add_argument("--host", help="address to listen on (key host)")
+    v.add_argument("--port", type=int, help="port to listen on (key port)")
+    c = sub.add_parser("score", help="score a review: per build means, intervals, agreement, flags")
+    c.add_argument("review", nargs="?", help="the review folder (key review)")
+    for each in (s, v, c):
+        add_config_arguments(each)
+    return p
+
+
+COMMANDS = {"sample": (ReviewSampleConfig, ("builds", "labels", "per_build", "seed", "out")),
+            "serve": (ReviewServeConfig, ("review", "host", "port")),
+            "score": (ReviewScoreConfig, ("review",))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    model, keys = COMMANDS[args.command]
+    # Each flag as a JSON value (valid YAML: a string stays a string), after the --set overrides.
+    flags = [f"{k}={json.dumps(getattr(args, k))}" for k in keys if getattr(args, k) is not None]
+    flags += ["overwrite=true"] if getattr(args, "overwrite", False) else []
+    def log(line: str) -> None:  # progress on stderr
+        print(line, file=sys.stderr, flush=True)
+    try:
+        cfg = load_config(model, args.config, [*args.overrides, *flags])
+        if args.command == "sample":
+            print(json.dumps(sample(cfg, log=log), indent=2))
+        elif args.command == "serve":
+            serve(cfg, log=log)
+        else:
+            print(markdown_table(*table_rows(score(cfg, log=log))))  # the table alone on stdout
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
