@@ -11,7 +11,8 @@ from pipeline.errors import write_errors
 
 
 class AnnotateActor:
-    """A batch of units (with their annotation_id) → traits/ rows."""
+    """A batch of units (with their annotation_id) → traits/ rows. Ray Data calls it from up to
+    ``annotate.max_concurrent_batches`` threads at once; the stage overlaps those batches."""
 
     def __init__(self, cfg: BuildConfig, max_in_flight: int):
         self.cfg = cfg

@@ -238,9 +238,14 @@ class Build:
         table = pa.Table.from_pylist([{"annotation_id": unit_annotation_id(ann, u), **u} for u in units])
         if (todo := self.pending("annotate", table, batch)) is None:
             return
+        # An LLM kind's actor is called from max_concurrent_batches threads at once: the batches
+        # overlap on the stage's one event loop and share its max_in_flight requests.
+        overlap = 1 if ann.llm.kind == "none" else ann.max_concurrent_batches
         traits = todo.map_batches(
             AnnotateActor, batch_size=batch, batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=actors), num_gpus=ann.num_gpus, num_cpus=ann.num_cpus,
+            compute=ActorPoolStrategy(min_size=1, max_size=actors, max_concurrent_calls_per_actor=overlap,
+                                      enable_true_multi_threading=True),
+            num_gpus=ann.num_gpus, num_cpus=ann.num_cpus,
             fn_constructor_kwargs={"cfg": self.cfg, "max_in_flight": share})
         self.write(traits, "traits", rows_per_file=batch)
 

@@ -364,6 +364,10 @@ class AnnotateConfig(Section):
     same shape, readable on every node."""
     max_in_flight: int = runtime(default=32, ge=1)
     """LLM requests outstanding at once over the whole annotate stage (the Serve app: per describer replica)."""
+    max_concurrent_batches: int = runtime(default=4, ge=1)
+    """Batches each annotate actor works on at once (as in Ray Data LLM): their units share the
+    actor's max_in_flight requests, so while one batch's last requests back off and retry the
+    next batch's keep the server busy. 1: one batch at a time, each a barrier."""
     num_actors: int = runtime(default=1, ge=1)
     """Annotate actors for the LLM kinds (each holds max_in_flight / num_actors requests; with
     transformers each loads the model). kind none uses one actor per CPU."""

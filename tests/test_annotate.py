@@ -1,9 +1,14 @@
 """The annotate stage without Ray: units, the openai backend against a faulty test server
 (retried, then recorded; nothing lost, nothing duplicated), the transformers backend with a tiny
-random Qwen2.5-VL, and the MLLM-only baseline switch."""
+random Qwen2.5-VL, and the MLLM-only baseline switch. Batches overlap (no batch is a barrier for
+the others), in the stage called from two threads and in the build's annotate pool on Ray, with the
+same rows as one batch at a time."""
 
+import asyncio
 import io
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,8 +16,10 @@ import pytest
 from PIL import Image
 
 from pipeline.annotation.stage import AnnotateUnits, annotation_id, annotation_units, prompt_version_for, unit_annotation_id
+from pipeline.build import Build, RunContext
 from pipeline.config import AnnotateConfig, validate
 from pipeline.demo import demo_build_config
+from pipeline.storage import StorageUnavailable
 from tests.fake_openai_server import FakeOpenAIServer
 
 CONSENSUS_ANSWER = json.dumps({
@@ -114,3 +121,97 @@ def test_transformers_backend_in_the_stage(demo_dir, units, tmp_path_factory):
     for r in rows:  # random weights say nothing sensible: unparsed is the honest status
         assert r["status"] in ("ok", "background", "unparsed") and r["raw_answer"] is not None
         assert r["model"] == str(model) and r["completion_tokens"] > 0 and r["prompt_version"].startswith("crop-")
+
+
+# --------------------------------------------------------------------------- batches overlap
+
+class HoldingServer(FakeOpenAIServer):
+    """Holds its answer to the first request that arrives until ``others`` other requests have
+    been answered (or ``hold_s`` have passed: a client that keeps batches apart asks nothing of
+    its next batch while one request of the current batch is unanswered)."""
+
+    def __init__(self, others: int, hold_s: float = 10, **kwargs):
+        super().__init__(answer=fake_answer, **kwargs)
+        self.others, self.hold_s = others, hold_s
+        self.answered_while_held: int | None = None
+
+    def answered(self) -> int:
+        return sum(r.outcome == "answered" for r in self.received[1:])
+
+    async def _respond(self, request, fault, marker, text, body):
+        if self.received[0].marker == marker:
+            deadline = time.monotonic() + self.hold_s
+            while self.answered() < self.others and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            self.answered_while_held = self.answered()
+        return await super()._respond(request, fault, marker, text, body)
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Rows by annotation_id, without the one field that differs between two runs (wall times)."""
+    return sorted(({k: v for k, v in r.items() if k != "latency_s"} for r in rows), key=lambda r: r["annotation_id"])
+
+
+def openai_build(demo_dir, base_url: str, overrides: list[str]):
+    return demo_build_config(demo_dir, ["annotate.llm.kind=openai", "annotate.llm.model=fake-vlm",
+                                        f"annotate.llm.base_url={base_url}", "annotate.llm.backoff_s=0.01",
+                                        "annotate.max_in_flight=2", *overrides])
+
+
+def test_batches_called_at_once_overlap_and_share_the_request_slots(demo_dir, units):
+    """Batch A's first request is held by the server until the rest of A and all of batch B are
+    answered: with the stage called from two threads (as the annotate actor is), they go through
+    the one request slot A leaves free. The rows are those of the batches one after the other."""
+    a, b = pa.Table.from_pylist(units[:4]), pa.Table.from_pylist(units[4:8])
+    with FakeOpenAIServer(answer=fake_answer) as server:
+        cfg = openai_build(demo_dir, server.base_url, [])
+        st = AnnotateUnits(cfg.annotate, cfg.source, cfg.preprocess)
+        one_at_a_time = [row for batch in (a, b) for row in st(batch)[0].to_pylist()]
+    with HoldingServer(others=3 + 4) as server:
+        cfg = openai_build(demo_dir, server.base_url, [])
+        st = AnnotateUnits(cfg.annotate, cfg.source, cfg.preprocess)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(st, a)
+            while not server.received:  # A holds a slot before B is called
+                time.sleep(0.01)
+            second = pool.submit(st, b)
+            overlapped = [row for call in (first, second) for row in call.result()[0].to_pylist()]
+        answered_while_held, max_open = server.answered_while_held, server.max_open
+    assert answered_while_held == 7, "batch B waited for batch A's held request: batches are barriers again"
+    assert max_open <= 2  # annotate.max_in_flight holds over both batches, not per batch
+    assert comparable(overlapped) == comparable(one_at_a_time) and len(overlapped) == 8
+
+
+def test_annotate_pool_overlaps_batches_in_one_actor(demo_dir, demo_build, tmp_path):
+    """The build's annotate pool on Ray (one actor, max_concurrent_batches 2, batches of 8, 3 of
+    them): while the server holds the first request, a whole other batch is answered. traits/
+    holds the rows the stage gives for those units in one call."""
+    clean, _ = demo_build
+    out = tmp_path / "build"
+    candidates = pq.read_table(clean / "candidates")
+    some = {(r["image_id"], r["latent"]) for u in annotation_units(candidates.to_pylist(), 3)[:24] for r in u["members"]}
+    (out / "candidates").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([r for r in candidates.to_pylist() if (r["image_id"], r["latent"]) in some],
+                                        candidates.schema), out / "candidates" / "part.parquet")
+    units = annotation_units(pq.read_table(out / "candidates").to_pylist(), images_per_prompt=3)
+    overrides = [f"output={out}", "annotate.batch_size=8", "annotate.max_concurrent_batches=2"]
+    with FakeOpenAIServer(answer=fake_answer) as server:
+        cfg = openai_build(demo_dir, server.base_url, overrides)
+        expected, _ = AnnotateUnits(cfg.annotate, cfg.source, cfg.preprocess)(pa.Table.from_pylist(units))
+    assert expected.num_rows == 24
+    with HoldingServer(others=8) as server:
+        Build(openai_build(demo_dir, server.base_url, overrides)).stage_annotate(RunContext(n_cpus=2, patch_px=None))
+        answered_while_held, max_open = server.answered_while_held, server.max_open
+    assert answered_while_held >= 8, "the actor waited for the held request's batch: batches are barriers again"
+    assert max_open <= 2
+    assert comparable(pq.read_table(out / "traits").to_pylist()) == comparable(expected.to_pylist())
+
+
+def test_an_unreachable_store_stops_the_batch(demo_dir, units, monkeypatch):
+    st = stage(demo_dir, llm={"kind": "none"})
+
+    def read(path, *args):
+        raise StorageUnavailable(f"s3://bucket/{path}: no answer")
+    monkeypatch.setattr(st.reader, "read", read)
+    with pytest.raises(StorageUnavailable, match="no answer"):
+        st(pa.Table.from_pylist(units[:3]))

@@ -71,7 +71,8 @@ def test_resume_may_change_only_the_keys_marked_runtime():
     assert set(runtime_keys(BuildConfig)) == {
         "output", "ray.", "storage.", "report", "source.storage_options", "preprocess.batch_size",
         "encoder.batch_size", "encoder.num_gpus", "encoder.num_cpus", "encoder.min_actors", "encoder.max_actors",
-        "encoder.fail_once_after_batches", "annotate.max_in_flight", "annotate.num_actors", "annotate.num_gpus",
+        "encoder.fail_once_after_batches", "annotate.max_in_flight", "annotate.max_concurrent_batches",
+        "annotate.num_actors", "annotate.num_gpus",
         "annotate.num_cpus", "annotate.batch_size", "annotate.llm.base_url", "annotate.llm.api_key_env",
         "annotate.llm.timeout_s", "annotate.llm.max_retries", "annotate.llm.backoff_s", "annotate.llm.app_name"}
     # The trainer's encoder pool and preprocessing are fixed: their batch sizes shape the shuffled batches.

@@ -6,12 +6,21 @@ is 3, else one candidate image. :class:`AnnotateUnits` is the per-batch callable
 it loads the images, measures the zones, renders them (:class:`~pipeline.annotation.renderings.Rendering`)
 and asks its describer — a :class:`~pipeline.annotation.describer.TraitDescriber` in this process
 (kinds none, openai, transformers) or the annotator Serve app through a
-:class:`~pipeline.annotation.describer.RemoteDescriber` (kind serve). All units of a batch are in
-flight together, bounded by the describer's share of ``annotate.max_in_flight``."""
+:class:`~pipeline.annotation.describer.RemoteDescriber` (kind serve).
+
+The stage's units all run on one long-lived event loop of its own (a daemon thread, started on the
+first batch), bounded by the describer's share of ``annotate.max_in_flight``. The callable may be
+called from several threads at once — as the annotate actor is, ``annotate.max_concurrent_batches``
+calls at a time — and then the batches' units share that one pool of request slots: while one
+batch's last requests back off and retry, the next batch's keep the server busy. A batch is never
+a barrier for the others."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import weakref
 from collections import defaultdict
 from dataclasses import replace
 
@@ -64,7 +73,8 @@ def unit_annotation_id(cfg: AnnotateConfig, unit: dict) -> str:
 
 
 class AnnotateUnits:
-    """Callable over a batch of units (pyarrow, from :func:`annotation_units`) → (traits rows, rejected)."""
+    """Callable over a batch of units (pyarrow, from :func:`annotation_units`) → (traits rows, rejected).
+    Thread-safe: concurrent calls overlap on the stage's one event loop (see the module docstring)."""
 
     def __init__(self, cfg: AnnotateConfig, source: SourceConfig, preprocess: PreprocessConfig,
                  max_in_flight: int | None = None):
@@ -78,6 +88,8 @@ class AnnotateUnits:
                           if cfg.llm.kind == "serve" else
                           TraitDescriber(cfg.llm, render=self.rendering.prompt_render, include_taxon=cfg.include_taxon,
                                          vocabulary=cfg.vocabulary, max_in_flight=in_flight))
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
 
     def load_rgb(self, row: dict) -> np.ndarray:
         try:
@@ -135,11 +147,50 @@ class AnnotateUnits:
         return annotation, images, rejected
 
     async def annotate_all(self, units: list[dict]):
-        return await asyncio.gather(*(self.annotate_unit(u) for u in units))
+        tasks = [asyncio.ensure_future(self.annotate_unit(u)) for u in units]
+        try:
+            return await asyncio.gather(*tasks)
+        except BaseException:  # StorageUnavailable (or a bug): the rest of this batch stops asking too
+            for task in tasks:
+                task.cancel()
+            raise
+
+    def request_loop(self) -> asyncio.AbstractEventLoop:
+        """The stage's event loop, on a daemon thread of its own from the first call on. One loop
+        for every batch, so the describer's in-flight slots (one semaphore per loop) and its HTTP
+        connections are shared by all the batches in flight; stopped, with the describer's
+        connections closed, when the stage is collected."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=run_until_stopped, args=(self._loop,), name="annotate-requests",
+                                 daemon=True).start()
+                weakref.finalize(self, stop_loop, self._loop, self.describer)
+        return self._loop
 
     def __call__(self, batch: pa.Table) -> tuple[pa.Table, list[Rejected]]:
-        results = asyncio.run(self.annotate_all(batch.to_pylist()))
+        results = asyncio.run_coroutine_threadsafe(self.annotate_all(batch.to_pylist()), self.request_loop()).result()
         table = annotations_table([a for a, _, _ in results])
         if self.cfg.save_renderings:
             table = table.append_column(RENDERINGS_FIELD, pa.array([p for _, p, _ in results], RENDERINGS_FIELD.type))
         return table, [rej for _, _, rej in results if rej is not None]
+
+
+def run_until_stopped(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_forever()
+    finally:
+        loop.close()
+
+
+def stop_loop(loop: asyncio.AbstractEventLoop, describer: TraitDescriber | RemoteDescriber) -> None:
+    """Close the describer's connections on its loop, then stop the loop (its thread closes it)."""
+    async def close_then_stop():
+        try:
+            if isinstance(describer, TraitDescriber):
+                await describer.close()
+        finally:
+            loop.stop()
+    with contextlib.suppress(RuntimeError):  # closed already (at interpreter exit)
+        asyncio.run_coroutine_threadsafe(close_then_stop(), loop)
