@@ -122,7 +122,7 @@ def stage_candidates(folder: Path, images_per_species: int, seed: int = 0) -> li
 
 def stage_units(candidates: list[dict], images_per_prompt: int, n: int) -> list[dict]:
     """n annotation units: the demo's units repeated, each copy under a new latent (a new annotation id)."""
-    from pipeline.annotation.stage import annotation_units
+    from pipeline.annotation.units import annotation_units
 
     base = annotation_units(candidates, images_per_prompt)
     return [{**u, "latent": k // len(base)} for k, u in ((k, base[k % len(base)]) for k in range(n))]

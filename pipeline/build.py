@@ -46,7 +46,7 @@ from ray.data import ActorPoolStrategy
 from actors.annotate import AnnotateActor
 from actors.encoder import EncodeActor
 from pipeline import storage
-from pipeline.annotation.stage import annotation_units, unit_annotation_id
+from pipeline.annotation.units import unit_table, with_annotation_ids
 from pipeline.candidates import find_candidates, keep_top_images
 from pipeline.config import BuildConfig, ConfigError, add_config_arguments, config_changes, load_config, runtime_keys
 from pipeline.contract import ERRORS, SELECTED_SCHEMA, STAGE, STAGES, STATE, TABLES, TRAITS_SCHEMA
@@ -224,8 +224,8 @@ class Build:
     def stage_annotate(self, ctx: RunContext) -> None:
         ann = self.cfg.annotate
         candidates = storage.read_table(self.fs, self.path("candidates")) if self.fs.exists(self.path("candidates")) else None
-        units = annotation_units(candidates.to_pylist() if candidates else [], ann.images_per_prompt)
-        if not units:  # nothing selected: still leave an empty traits/ with the contract's schema
+        units = unit_table(candidates, ann.images_per_prompt) if candidates is not None and candidates.num_rows else None
+        if units is None:  # nothing selected: still leave an empty traits/ with the contract's schema
             storage.write_table(self.fs, self.path("traits/empty.parquet"), TRAITS_SCHEMA.empty_table())
             return
         # kind none is CPU work: one actor per CPU. An LLM kind is waiting on the model:
@@ -235,8 +235,7 @@ class Build:
         batch = ann.batch_size if ann.llm.kind == "none" else max(ann.batch_size, 4 * share)
         # Shards of one batch (so every actor gets work), keyed by annotation_id: a resumed build
         # sends only the units whose answers were never written.
-        table = pa.Table.from_pylist([{"annotation_id": unit_annotation_id(ann, u), **u} for u in units])
-        if (todo := self.pending("annotate", table, batch)) is None:
+        if (todo := self.pending("annotate", with_annotation_ids(ann, units), batch)) is None:
             return
         # An LLM kind's actor is called from max_concurrent_batches threads at once: the batches
         # overlap on the stage's one event loop and share its max_in_flight requests.

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.annotation.stage import AnnotateUnits, annotation_id, annotation_units, prompt_version_for, unit_annotation_id
+from pipeline.annotation.stage import AnnotateUnits
+from pipeline.annotation.units import annotation_id, annotation_units, prompt_version_for, unit_annotation_id
 from pipeline.build import Build, RunContext
 from pipeline.config import AnnotateConfig, validate
 from pipeline.demo import demo_build_config
@@ -167,7 +168,8 @@ def test_batches_called_at_once_overlap_and_share_the_request_slots(demo_dir, un
         cfg = openai_build(demo_dir, server.base_url, [])
         st = AnnotateUnits(cfg.annotate, cfg.source, cfg.preprocess)
         one_at_a_time = [row for batch in (a, b) for row in st(batch)[0].to_pylist()]
-    with HoldingServer(others=3 + 4) as server:
+    # latency: each answered request holds its slot a while, so batches with slots of their own would show
+    with HoldingServer(others=3 + 4, latency_s=0.1) as server:
         cfg = openai_build(demo_dir, server.base_url, [])
         st = AnnotateUnits(cfg.annotate, cfg.source, cfg.preprocess)
         with ThreadPoolExecutor(2) as pool:

@@ -313,7 +313,8 @@ def test_the_stage_at_the_llm_app_and_a_request_the_engine_rejects(serving, demo
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.annotation.stage import AnnotateUnits, annotation_units
+    from pipeline.annotation.stage import AnnotateUnits
+    from pipeline.annotation.units import annotation_units
     from pipeline.demo import demo_build_config
 
     units = annotation_units(pq.read_table(demo_build[0] / "candidates").to_pylist(), 3)

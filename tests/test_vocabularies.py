@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.annotation.answers import parse_answer
 from pipeline.annotation.prompts import PROMPTS, build_request, select_prompt
-from pipeline.annotation.stage import AnnotateUnits, annotation_units
+from pipeline.annotation.stage import AnnotateUnits
+from pipeline.annotation.units import annotation_units
 from pipeline.annotation.vocabulary import INSECT, VOCABULARIES, load_vocabulary
 from pipeline.config import AnnotateConfig, ConfigError, validate
 from pipeline.demo import demo_build_config

@@ -21,18 +21,17 @@ import asyncio
 import contextlib
 import threading
 import weakref
-from collections import defaultdict
 from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.annotation.describer import RemoteDescriber, TraitDescriber, unit_prompt_version
+from pipeline.annotation.describer import RemoteDescriber, TraitDescriber
 from pipeline.annotation.measurements import regions_and_measurements
 from pipeline.annotation.record import Annotation, annotations_table
 from pipeline.annotation.renderings import Rendering
-from pipeline.annotation.vocabulary import load_vocabulary
+from pipeline.annotation.units import prompt_version_for, unit_annotation_id
 from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
 from pipeline.contract import RENDERINGS_FIELD
 from pipeline.errors import ImageRejected, Rejected, error_detail
@@ -40,40 +39,8 @@ from pipeline.preprocessing import Geometry, decode_image
 from pipeline.sources import ImageReader
 
 
-def annotation_id(prompt_version: str, species: str, latent: int, image_ids: list[str]) -> str:
-    """Stable across runs: the same request always has the same id (resume, de-duplication)."""
-    return storage.stable_digest([prompt_version, species, str(latent), *image_ids])
-
-
-def annotation_units(candidates: list[dict], images_per_prompt: int) -> list[dict]:
-    """Candidate rows → units {species, genus, latent, members: [rows, strongest first]}: one per
-    complete consensus group when ``images_per_prompt`` is 3, one per remaining candidate."""
-    groups, units = defaultdict(list), []
-    for row in candidates:
-        if images_per_prompt > 1 and row.get("consensus_group") is not None:
-            groups[row["species"], row["latent"], row["consensus_group"]].append(row)
-        else:
-            units.append([row])
-    units += [sorted(g, key=lambda r: r["image_rank"]) for _, g in sorted(groups.items())]
-    return [{"species": m[0]["species"], "genus": m[0]["genus"], "latent": m[0]["latent"], "members": m} for m in units]
-
-
-def prompt_version_for(cfg: AnnotateConfig, n_images: int) -> str:
-    """The version the describer will record for a unit of ``n_images``, known before asking it."""
-    return unit_prompt_version(cfg.llm, Rendering.of(cfg).prompt_render, n_images, cfg.include_taxon,
-                               load_vocabulary(cfg.vocabulary))
-
-
-def unit_annotation_id(cfg: AnnotateConfig, unit: dict) -> str:
-    """A unit's annotation_id: the build writes it next to the unit (its resume key), the stage
-    recomputes it for its rows; both through here."""
-    members = unit["members"]
-    return annotation_id(prompt_version_for(cfg, len(members)), unit["species"], unit["latent"],
-                         [r["image_id"] for r in members])
-
-
 class AnnotateUnits:
-    """Callable over a batch of units (pyarrow, from :func:`annotation_units`) → (traits rows, rejected).
+    """Callable over a batch of units (pyarrow, from :func:`~pipeline.annotation.units.unit_table`) → (traits rows, rejected).
     Thread-safe: concurrent calls overlap on the stage's one event loop (see the module docstring)."""
 
     def __init__(self, cfg: AnnotateConfig, source: SourceConfig, preprocess: PreprocessConfig,
