@@ -41,7 +41,7 @@ from pipeline import storage
 from pipeline.annotation.renderings import crop_box
 from pipeline.boxes import zones_to_boxes
 from pipeline.config import BuildConfig, validate
-from pipeline.contract import CANDIDATES_SCHEMA, ERRORS, IMAGE_COLUMNS, TRAITS_SCHEMA
+from pipeline.contract import CANDIDATES_SCHEMA, COUNTS_SCHEMA, ERRORS, IMAGE_COLUMNS, TRAITS_SCHEMA
 from pipeline.preprocessing import Geometry, decode_image
 from pipeline.review.pointers import read_pointers
 from pipeline.selection import going_forward
@@ -236,6 +236,40 @@ def strongest_zones(batch: pa.Table, latents: pa.Array, k: int) -> pa.Table:
                           .append_column("value_sum", zones["value_sum"]), k)
 
 
+class GenusCounts:
+    """counts/ genus rows of the selected latents, kept in Arrow (genera × latents: millions of rows at
+    BIOSCAN size), sorted by latent, then count (highest first), so that each latent's are one slice."""
+
+    COLUMNS = ["rank", "taxon", "latent", "count"]
+
+    def __init__(self, tables: list[pa.Table]):
+        t = pa.concat_tables([t.select(self.COLUMNS[1:]) for t in tables]) if tables else \
+            COUNTS_SCHEMA.empty_table().select(self.COLUMNS[1:])
+        self.table = t.sort_by([("latent", "ascending"), ("count", "descending"), ("taxon", "ascending")])
+        latent = self.table["latent"].to_numpy()
+        self.latents, self.starts = np.unique(latent, return_index=True)
+        self.ends = np.r_[self.starts[1:], len(latent)].astype(np.int64)
+        count = self.table["count"].to_numpy()
+        self.totals = np.add.reduceat(count, self.starts) if len(count) else np.zeros(0, np.int64)
+
+    def _at(self, z: int) -> int | None:
+        i = int(np.searchsorted(self.latents, z))
+        return i if i < len(self.latents) and self.latents[i] == z else None
+
+    def total(self, z: int) -> int:
+        """Latent z's firings over all genera."""
+        i = self._at(z)
+        return 0 if i is None else int(self.totals[i])
+
+    def strongest(self, z: int, k: int) -> tuple[list[dict], int]:
+        """Latent z's ``k`` genera with the most firings (as rows), and how many genera it fires in."""
+        i = self._at(z)
+        if i is None:
+            return [], 0
+        start, end = int(self.starts[i]), int(self.ends[i])
+        return self.table.slice(start, min(k, end - start)).to_pylist(), end - start
+
+
 class BuildData:
     """What the pages need from a build, read once: small tables as rows, activations/ streamed."""
 
@@ -256,8 +290,8 @@ class BuildData:
         self.traits = read_rows(fs, path("traits"), TRAITS_COLUMNS)
         self.errors = read_rows(fs, path(ERRORS))
         self.reviews = read_pointers(fs, root)  # written by python -m pipeline.review score
-        self.genus_counts = read_rows(fs, path("counts"), ["rank", "taxon", "latent", "count"], lambda t: pc.and_(
-            pc.equal(t["rank"], "genus"), pc.is_in(t["latent"], wanted.cast(t["latent"].type))))
+        self.genus_counts = GenusCounts([t.filter(pc.and_(pc.equal(t["rank"], "genus"), pc.is_in(
+            t["latent"], wanted.cast(t["latent"].type)))) for t in read_tables(fs, path("counts"), GenusCounts.COLUMNS)])
 
         # activations/, file by file: images per species and firings per image from two small columns;
         # each latent's strongest images from the firings themselves only while that scan stays
@@ -377,11 +411,9 @@ class Report:
             self.statuses[r["species"]][r["status"]] += 1
         self.all_statuses = sum(self.statuses.values(), Counter())
         # Per latent, once: the latent pages must not each scan every selected pair and genus count.
-        self.selected_for, self.genus_counts_of = defaultdict(list), defaultdict(list)
+        self.selected_for = defaultdict(list)
         for r in d.selected:
             self.selected_for[r["latent"]].append(r)
-        for r in d.genus_counts:
-            self.genus_counts_of[r["latent"]].append(r)
         self.annotated = Counter(t["latent"] for t in d.traits)
 
     def write(self, name: str, text: str) -> None:
@@ -438,7 +470,7 @@ class Report:
         latents, n_pages = d.latents, max(1, -(-len(d.latents) // per))
         shown = latents[i * per:(i + 1) * per]
         where = {z: [r["species"] for r in self.selected_for[z]] for z in shown}
-        firings = {z: sum(r["count"] for r in self.genus_counts_of[z]) for z in shown}
+        firings = {z: d.genus_counts.total(z) for z in shown}
         annotated = self.annotated
         rows = [[f'<a href="{latent_file(z)}">{z}</a>', num(len(where[z])),
                  ", ".join(f'<a href="{species_file(s)}"><i>{esc(s)}</i></a>' for s in sorted(where[z])[:5])
@@ -559,11 +591,11 @@ class Report:
         body += (f"<h2>Strongest-firing images</h2><p class=small>The {len(gallery)} images with the highest summed "
                  f"activation of this latent{among}, cropped around its firing patches (outlined).</p>"
                  f'<div class="images gallery">{"".join(figures) or "<p class=muted>none</p>"}</div>')
-        counts = sorted(self.genus_counts_of[z], key=lambda r: (-r["count"], r["taxon"] or ""))
+        counts, n_genera = d.genus_counts.strongest(z, self.max_rows)
         top = counts[0]["count"] if counts else 1
         rows = [[esc(r["taxon"]), num(r["count"]), f'<span class="bar" style="width: {150 * r["count"] / top:.0f}px"></span>']
-                for r in counts[:self.max_rows]]
-        more = f" (the top {self.max_rows} of {len(counts)} genera)" if len(counts) > self.max_rows else ""
+                for r in counts]
+        more = f" (the top {self.max_rows} of {n_genera} genera)" if n_genera > self.max_rows else ""
         body += (f"<h2>Firings by genus</h2><p class=small>counts/ (unit: {esc(d.cfg.counting.unit)}){more}</p>"
                  + table(["Genus", "Count", ""], rows, numeric={1}))
         return page(f"Latent {z}", body)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.demo import planted_part_overlap
 from pipeline.errors import Rejected, write_errors
-from pipeline.report import OUTLINE_PX, OUTLINE_RGB, main, species_file, write_report
+from pipeline.report import OUTLINE_PX, OUTLINE_RGB, GenusCounts, main, species_file, write_report
 from pipeline.selection import going_forward
 from tests.browser import Browser
 
@@ -294,3 +294,18 @@ def test_latent_galleries_of_a_large_build_come_from_candidates(demo_build):
         assert sums == sorted(sums, reverse=True) and all(candidates[r["image_id"], z] == r["value_sum"] for r in rows)
         best = max(v for (_, latent), v in candidates.items() if latent == z)
         assert sums[0] == best and scanned.gallery[z][0]["value_sum"] >= best * (1 - 1e-5)
+
+
+def test_genus_counts_per_latent_equal_a_direct_sort():
+    """The latent pages' "firings by genus": each latent's strongest genera and total, from the
+    Arrow slices, equal sorting and summing the rows directly; split across files like counts/."""
+    rng = np.random.default_rng(0)
+    rows = [{"rank": "genus", "taxon": f"G{g}", "latent": int(z), "count": int(rng.integers(1, 50))}
+            for g in range(30) for z in rng.choice(12, 6, replace=False)]
+    counts = GenusCounts([pa.Table.from_pylist(rows[:70]), pa.Table.from_pylist(rows[70:])])
+    for z in range(13):
+        mine = sorted((r for r in rows if r["latent"] == z), key=lambda r: (-r["count"], r["taxon"]))
+        top, n = counts.strongest(z, 5)
+        assert top == [{k: r[k] for k in ("taxon", "latent", "count")} for r in mine[:5]] and n == len(mine)
+        assert counts.total(z) == sum(r["count"] for r in mine)
+    assert GenusCounts([]).strongest(3, 5) == ([], 0) and GenusCounts([]).total(3) == 0
