@@ -3,6 +3,7 @@
 
     python benchmarks/bench_llm_client.py [--latency 0.5] [--capacity 16] [-n 400] [--serial-n 20] [--fault-rate 0]
     python benchmarks/bench_llm_client.py --stage [--stage-n 200] [--stage-serial-n 6]   # the annotate stage only
+    python benchmarks/bench_llm_client.py --overlap --latency 1 [--overlap-n 331] [--overlap-faults 0.1] [--overlap-repeats 3]
 
 The fake server (tests/fake_openai_server.py) answers each request after ``latency`` seconds and
 processes at most ``capacity`` at once, so no client can beat capacity / latency requests/s.
@@ -27,6 +28,14 @@ under new latents), for images_per_prompt 1 and 3:
 When the best ratio is under 0.8 it prints where the time goes: the stage's per-unit preparation
 (load / measure / render) and request building, measured apart, one thread and with the stage's
 thread pool. The last line is ``RESULT annotate_stage: ratio=X (target >= 0.8) PASS|FAIL``.
+
+With --overlap: one annotate actor as Ray Data drives it (the stage called from
+annotate.max_concurrent_batches threads at once, batches of the build's size) on --overlap-n
+single-image units, without faults and with --overlap-faults of the arrivals answered 500 or 429,
+for max_concurrent_batches 1 (each batch a barrier: the stage before batches overlapped) and the
+default, best of --overlap-repeats interleaved rounds (the machine may be shared: every round
+is printed too). Target: >= 0.85 of C / L with 10 % faults; the last line is
+``RESULT annotate_overlap: ratio=X with 10% faults (target >= 0.85) PASS|FAIL (barrier: Y)``.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.annotation.llm_openai import OpenAIBackend  # noqa: E402
 from pipeline.annotation.llm import ChatRequest, ChatResult  # noqa: E402
+from pipeline.config import AnnotateConfig  # noqa: E402
 from pipeline.preprocessing import GEOMETRY_COLUMNS  # noqa: E402
 from tests.fake_openai_server import FakeOpenAIServer  # noqa: E402
 
@@ -128,11 +138,11 @@ def stage_units(candidates: list[dict], images_per_prompt: int, n: int) -> list[
     return [{**u, "latent": k // len(base)} for k, u in ((k, base[k % len(base)]) for k in range(n))]
 
 
-def make_stage(server: FakeOpenAIServer, root: Path, images_per_prompt: int, in_flight: int):
+def make_stage(server: FakeOpenAIServer, root: Path, images_per_prompt: int, in_flight: int, backoff_s: float = 0.1):
     from pipeline.annotation.stage import AnnotateUnits
-    from pipeline.config import AnnotateConfig, LLMConfig, PreprocessConfig, SourceConfig
+    from pipeline.config import LLMConfig, PreprocessConfig, SourceConfig
 
-    llm = LLMConfig(kind="openai", base_url=server.base_url, model="fake-vlm", backoff_s=0.1)
+    llm = LLMConfig(kind="openai", base_url=server.base_url, model="fake-vlm", backoff_s=backoff_s)
     cfg = AnnotateConfig(llm=llm, images_per_prompt=images_per_prompt, max_in_flight=in_flight)
     return AnnotateUnits(cfg, SourceConfig(format="bioscan", root=str(root)), PreprocessConfig(),
                               max_in_flight=in_flight)
@@ -170,7 +180,7 @@ def prepare_profile(server: FakeOpenAIServer, root: Path, units: list[dict], ima
             t1 = time.perf_counter()
             regions, _ = regions_and_measurements(rgb, row["patches"], Geometry.from_row(row))
             t2 = time.perf_counter()
-            images += stage.annotator.render(rgb, regions, max_crops=3 if len(unit["members"]) == 1 else 1)
+            images += stage.rendering.images(rgb, regions, max_crops=3 if len(unit["members"]) == 1 else 1)
             t3 = time.perf_counter()
             parts["load"] += t1 - t0
             parts["measure"] += t2 - t1
@@ -243,6 +253,72 @@ def stage_benchmark(L: float, C: int, n: int, serial_n: int, images_per_species:
           f"ipp=3 {best[3] / serial[3]:.1f}x)")
 
 
+# --------------------------------------------------------------------------- overlapping batches under faults
+
+def run_actor(stage, units: list[dict], batch_rows: int, concurrent_batches: int) -> tuple[float, Counter]:
+    """Seconds for ``units`` through one annotate actor as Ray Data drives it: batches of
+    ``batch_rows``, the stage called from ``concurrent_batches`` threads at once
+    (annotate.max_concurrent_batches; 1 = each batch a barrier, the stage before overlap)."""
+    import pyarrow as pa
+
+    batches = [pa.Table.from_pylist(units[i:i + batch_rows]) for i in range(0, len(units), batch_rows)]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(concurrent_batches) as pool:
+        tables = [table for table, _ in pool.map(stage, batches)]
+    seconds = time.perf_counter() - start
+    return seconds, Counter(s for t in tables for s in t["status"].to_pylist())
+
+
+def overlap_benchmark(L: float, C: int, n: int, fault_rate: float, concurrent: list[int], images_per_species: int,
+                      repeats: int) -> None:
+    """The annotate stage (one actor, images_per_prompt 1, llm defaults: max_retries 5, backoff 1 s)
+    at in_flight 2C with the build's batch size (4 x in_flight), without and with ``fault_rate``
+    of the arrivals answered 500 or 429 (Retry-After: 1, half each), for each number of
+    concurrent batches; ``repeats`` rounds over all of them, interleaved so that a burst of load
+    from elsewhere on the machine hits every row alike. Faults answer at once (they take no
+    server slot), so the ideal stays C / L."""
+    ideal, in_flight = C / L, 2 * C
+    batch_rows = 4 * in_flight  # pipeline.build: max(annotate.batch_size, 4 x the actor's share)
+    seconds = defaultdict(list)  # (fault rate, concurrent batches) -> seconds of each round
+    faulted, failed, busy = {}, Counter(), {}
+    with tempfile.TemporaryDirectory(prefix="bench_annotate_") as tmp:
+        root = Path(tmp)
+        units = stage_units(stage_candidates(root, images_per_species), 1, n)
+        for _ in range(repeats):
+            for rate in (0.0, fault_rate):
+                for k in concurrent:
+                    rng = random.Random(0)
+                    faults = lambda index, marker, body: (  # noqa: E731
+                        None if rng.random() >= rate else "http_500" if rng.random() < 0.5 else "http_429")
+                    with FakeOpenAIServer(latency_s=L, capacity=C, answer=lambda marker, text, body: STAGE_ANSWER,
+                                          faults=faults) as server:
+                        stage = make_stage(server, root, 1, in_flight, backoff_s=1.0)
+                        took, statuses = run_actor(stage, units, batch_rows, k)
+                        seconds[rate, k].append(took)
+                        faulted[rate, k] = sum(r.fault != "ok" for r in server.received)
+                        failed[rate, k] += statuses.get("failed", 0)
+                        busy[rate, k] = max(busy.get((rate, k), 0), server.max_processing)
+    print(f"\nannotate stage, one actor, overlapping batches: {n} units (images_per_prompt 1), in_flight {in_flight}, "
+          f"batches of {batch_rows}; fake server latency {L} s, capacity {C} -> ideal {ideal:.1f} req/s; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; best of {repeats} rounds")
+    print(f"{'faults':>6} {'concurrent_batches':>18} {'seconds':>8} {'req/s':>7} {'vs ideal':>8} {'median':>6} "
+          f"{'faulted':>7} {'failed':>6} {'busy':>5}  every round (vs ideal)")
+    best = {}
+    for (rate, k), runs in seconds.items():
+        best[rate, k] = n / min(runs) / ideal
+        median = n / sorted(runs)[len(runs) // 2] / ideal
+        print(f"{rate:>6.0%} {k:>18} {min(runs):>8.2f} {n / min(runs):>7.1f} {best[rate, k]:>8.2f} {median:>6.2f} "
+              f"{faulted[rate, k]:>7} {failed[rate, k]:>6} {busy[rate, k]:>5}  "
+              + " ".join(f"{n / s / ideal:.2f}" for s in runs))
+    print("concurrent_batches = annotate.max_concurrent_batches (1: each batch a barrier); faulted = attempts answered "
+          "500/429 (last round); failed = units still failing after the retries (all rounds); busy = most requests "
+          "processed at once")
+    ratio = max(v for (rate, _), v in best.items() if rate == fault_rate)
+    barrier = best.get((fault_rate, 1))
+    print(f"RESULT annotate_overlap: ratio={ratio:.2f} with {fault_rate:.0%} faults (target >= 0.85) "
+          f"{'PASS' if ratio >= 0.85 else 'FAIL'}" + (f" (barrier: {barrier:.2f})" if barrier is not None else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--latency", type=float, default=0.5, help="server seconds per request (L)")
@@ -255,8 +331,19 @@ def main() -> None:
     parser.add_argument("--stage-n", type=int, default=200, help="requests per annotate stage row")
     parser.add_argument("--stage-serial-n", type=int, default=6, help="requests for the stage's serial rows")
     parser.add_argument("--images-per-species", type=int, default=6, help="demo dataset size for the stage rows")
+    parser.add_argument("--overlap", action="store_true",
+                        help="only the overlapping-batches rows (with --overlap-faults and without)")
+    parser.add_argument("--overlap-n", type=int, default=331, help="units per overlapping-batches row")
+    parser.add_argument("--overlap-faults", type=float, default=0.1, help="share of arrivals answered 500/429 there")
+    parser.add_argument("--overlap-repeats", type=int, default=3, help="rounds over the overlapping-batches rows")
+    parser.add_argument("--concurrent-batches", type=int, nargs="+", default=[1, AnnotateConfig().max_concurrent_batches],
+                        help="annotate.max_concurrent_batches values compared (1: each batch a barrier)")
     args = parser.parse_args()
     L, C = args.latency, args.capacity
+    if args.overlap:
+        overlap_benchmark(L, C, args.overlap_n, args.overlap_faults, args.concurrent_batches, args.images_per_species,
+                          args.overlap_repeats)
+        return
     if not args.stage:
         client_benchmark(args)
     if not args.no_stage:
