@@ -49,10 +49,9 @@ def unit_table(candidates: pa.Table, images_per_prompt: int) -> pa.Table:
     order = np.r_[singles, grouped["_row"].to_numpy()].astype(np.int64)
     offsets = np.r_[np.arange(len(singles) + 1), len(singles) + ends]
     members = candidates.take(pa.array(order)).to_struct_array().combine_chunks()
-    first = pa.array(offsets[:-1])
-    return pa.table({"species": candidates["species"].take(pa.array(order)).take(first),
-                     "genus": candidates["genus"].take(pa.array(order)).take(first),
-                     "latent": candidates["latent"].take(pa.array(order)).take(first),
+    first = pa.array(order[offsets[:-1]])  # each unit's first member, as a candidates/ row
+    return pa.table({"species": candidates["species"].take(first), "genus": candidates["genus"].take(first),
+                     "latent": candidates["latent"].take(first),
                      "members": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), members)})
 
 
