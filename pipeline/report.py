@@ -41,7 +41,8 @@ from pipeline import storage
 from pipeline.annotation.renderings import crop_box
 from pipeline.boxes import zones_to_boxes
 from pipeline.config import BuildConfig, validate
-from pipeline.contract import CANDIDATES_SCHEMA, COUNTS_SCHEMA, ERRORS, IMAGE_COLUMNS, TRAITS_SCHEMA
+from pipeline.contract import (CANDIDATES_SCHEMA, COUNTS_SCHEMA, ERRORS, ERRORS_SCHEMA, IMAGE_COLUMNS, SELECTED_SCHEMA,
+                               TRAITS_SCHEMA)
 from pipeline.preprocessing import Geometry, decode_image
 from pipeline.review.pointers import read_pointers
 from pipeline.selection import going_forward
@@ -214,12 +215,13 @@ def read_batches(fs, path: str, columns: list[str], batch_rows: int = 1 << 16):
                 yield pa.Table.from_batches([batch])
 
 
-def read_rows(fs, path: str, columns: list[str] | None = None, keep=None) -> list[dict]:
-    """The rows of :func:`read_tables`, those where ``keep(table)`` (a mask) holds."""
-    rows = []
-    for t in read_tables(fs, path, columns):
-        rows += (t.filter(keep(t)) if keep is not None and t.num_rows else t).to_pylist()
-    return rows
+def read_table(fs, path: str, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
+    """All of :func:`read_tables` as one table (``schema``'s empty table, projected, when there is none)."""
+    tables = list(read_tables(fs, path, columns))
+    if tables:
+        return pa.concat_tables(tables, promote_options="default")
+    empty = schema.empty_table() if schema is not None else pa.table({})
+    return empty.select([c for c in columns if c in empty.column_names]) if columns else empty
 
 
 def top_per_latent(t: pa.Table, k: int) -> pa.Table:
@@ -247,42 +249,61 @@ def strongest_zones(batch: pa.Table, latents: pa.Array, k: int) -> pa.Table:
                           .append_column("value_sum", zones["value_sum"]), k)
 
 
-class GenusCounts:
-    """counts/ genus rows of the selected latents, kept in Arrow (genera × latents: millions of rows at
-    BIOSCAN size), sorted by latent, then count (highest first), so that each latent's are one slice."""
+class RowsBy:
+    """An Arrow table sorted by ``key`` (then ``order``), each key's rows one slice. Python rows are made
+    one key at a time — a page's worth — never for the whole table: a BIOSCAN-size build's candidates
+    and traits are ~50 KB per annotation as Python rows, a few KB in Arrow."""
+
+    def __init__(self, table: pa.Table, key: str, order: list[tuple[str, str]] = ()):
+        self.table = table.sort_by([(key, "ascending"), *order]) if table.num_rows else table
+        # Sorted, so each key's dictionary index is one run; the dictionary lists the keys in order.
+        encoded = pc.dictionary_encode(self.table[key].combine_chunks(), null_encoding="encode")
+        index = encoded.indices.to_numpy(zero_copy_only=False)
+        starts = np.r_[0, np.flatnonzero(index[1:] != index[:-1]) + 1] if len(index) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(index)]
+        self.keys: list = encoded.dictionary.to_pylist()
+        self.span = {k: (int(a), int(b)) for k, a, b in zip(self.keys, starts, ends)}
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def count(self, key) -> int:
+        a, b = self.span.get(key, (0, 0))
+        return b - a
+
+    def slice(self, key, limit: int | None = None) -> pa.Table:
+        a, b = self.span.get(key, (0, 0))
+        return self.table.slice(a, b - a if limit is None else min(limit, b - a))
+
+    def rows(self, key, limit: int | None = None) -> list[dict]:
+        return self.slice(key, limit).to_pylist()
+
+
+class GenusCounts(RowsBy):
+    """counts/ genus rows of the selected latents (genera × latents: millions of rows at BIOSCAN size)
+    by latent, highest count first."""
 
     COLUMNS = ["rank", "taxon", "latent", "count"]
 
     def __init__(self, tables: list[pa.Table]):
         t = pa.concat_tables([t.select(self.COLUMNS[1:]) for t in tables]) if tables else \
             COUNTS_SCHEMA.empty_table().select(self.COLUMNS[1:])
-        self.table = t.sort_by([("latent", "ascending"), ("count", "descending"), ("taxon", "ascending")])
-        latent = self.table["latent"].to_numpy()
-        self.latents, self.starts = np.unique(latent, return_index=True)
-        self.ends = np.r_[self.starts[1:], len(latent)].astype(np.int64)
-        count = self.table["count"].to_numpy()
-        self.totals = np.add.reduceat(count, self.starts) if len(count) else np.zeros(0, np.int64)
-
-    def _at(self, z: int) -> int | None:
-        i = int(np.searchsorted(self.latents, z))
-        return i if i < len(self.latents) and self.latents[i] == z else None
+        super().__init__(t, "latent", [("count", "descending"), ("taxon", "ascending")])
+        totals = t.group_by("latent").aggregate([("count", "sum")])
+        self.totals = dict(zip(totals["latent"].to_pylist(), totals["count_sum"].to_pylist()))
 
     def total(self, z: int) -> int:
         """Latent z's firings over all genera."""
-        i = self._at(z)
-        return 0 if i is None else int(self.totals[i])
+        return self.totals.get(z, 0)
 
     def strongest(self, z: int, k: int) -> tuple[list[dict], int]:
         """Latent z's ``k`` genera with the most firings (as rows), and how many genera it fires in."""
-        i = self._at(z)
-        if i is None:
-            return [], 0
-        start, end = int(self.starts[i]), int(self.ends[i])
-        return self.table.slice(start, min(k, end - start)).to_pylist(), end - start
+        return self.rows(z, k), self.count(z)
 
 
 class BuildData:
-    """What the pages need from a build, read once: small tables as rows, activations/ streamed."""
+    """What the pages need from a build, read once: the tables in Arrow, each by the key its pages
+    look it up by (:class:`RowsBy`); activations/ streamed."""
 
     def __init__(self, fs, root: str, max_gallery: int, max_scan_images: int = MAX_SCAN_IMAGES):
         def path(name):
@@ -291,15 +312,18 @@ class BuildData:
             self.manifest = json.load(f)
         self.cfg: BuildConfig = validate(BuildConfig, self.manifest["config"])
         # The selected latents that went forward to candidates (selected/ holds every selected pair).
-        cap = self.cfg.contrast.max_latents_per_species
-        tables = list(read_tables(fs, path("selected")))
-        self.selected = [r for t in tables for r in going_forward(t, cap).to_pylist()]
-        self.n_selected = sum(t.num_rows for t in tables)
-        self.latents = sorted({r["latent"] for r in self.selected})
+        selected = read_table(fs, path("selected"), schema=SELECTED_SCHEMA)
+        self.n_selected = selected.num_rows
+        selected = going_forward(selected, self.cfg.contrast.max_latents_per_species)
+        self.selected_of = RowsBy(selected, "species", [("rank_in_species", "ascending"), ("latent", "ascending")])
+        self.selected_for = RowsBy(selected, "latent", [("species", "ascending")])
+        self.latents = self.selected_for.keys
         wanted = pa.array(self.latents, pa.int32())
-        self.candidates = read_rows(fs, path("candidates"), CANDIDATE_COLUMNS)
-        self.traits = read_rows(fs, path("traits"), TRAITS_COLUMNS)
-        self.errors = read_rows(fs, path(ERRORS))
+        candidates = read_table(fs, path("candidates"), CANDIDATE_COLUMNS, CANDIDATES_SCHEMA)
+        self.candidates = RowsBy(candidates, "species")
+        traits = read_table(fs, path("traits"), TRAITS_COLUMNS, TRAITS_SCHEMA)
+        self.traits = RowsBy(traits, "species")
+        self.errors = read_table(fs, path(ERRORS), schema=ERRORS_SCHEMA)
         self.reviews = read_pointers(fs, root)  # written by python -m pipeline.review score
         self.genus_counts = GenusCounts([t.filter(pc.and_(pc.equal(t["rank"], "genus"), pc.is_in(
             t["latent"], wanted.cast(t["latent"].type)))) for t in read_batches(fs, path("counts"), GenusCounts.COLUMNS)])
@@ -324,15 +348,15 @@ class BuildData:
                 found = strongest_zones(batch, wanted, max_gallery)
                 top = found if top is None else top_per_latent(
                     pa.concat_tables([top, found], promote_options="default"), max_gallery)
-        if self.latents and not self.gallery_scanned and self.candidates:
-            top = top_per_latent(pa.Table.from_pylist([{**r, "value_sum": r["activation_sum"]} for r in self.candidates]),
-                                 max_gallery)
+        if self.latents and not self.gallery_scanned and candidates.num_rows:
+            top = top_per_latent(candidates.append_column("value_sum", candidates["activation_sum"]), max_gallery)
         self.firings = np.concatenate(firings) if firings else np.zeros(0, int)
-        self.gallery = defaultdict(list)
-        for r in top.to_pylist() if top is not None else []:
-            self.gallery[r["latent"]].append(r)
-        for r in self.selected + self.candidates + self.traits:  # species known only downstream (should not happen)
-            self.taxon.setdefault(r["species"], (r["genus"], None))
+        self.gallery = RowsBy(top if top is not None else pa.table({"latent": pa.array([], pa.int32())}), "latent",
+                              [("value_sum", "descending"), ("image_id", "ascending")])
+        # Species known only downstream (should not happen): their genus from those tables.
+        for t in (selected, candidates, traits):
+            for r in t.group_by(["species", "genus"]).aggregate([]).to_pylist():
+                self.taxon.setdefault(r["species"], (r["genus"], None))
         self.species = sorted((s for s in self.taxon if s is not None), key=lambda s: (self.taxon[s][0] or "", s))
 
 
@@ -408,24 +432,13 @@ class Report:
             self.fs.rm(self.folder, recursive=True)
         self.thumbs = Thumbnails(self.fs, storage.join(self.folder, "thumbs"), self.data.cfg, log)
 
-        d = self.data
-        self.selected_of = defaultdict(list)
-        for r in sorted(d.selected, key=lambda r: (r.get("rank_in_species", 0), r["latent"])):
-            self.selected_of[r["species"]].append(r)
-        self.candidates_of = defaultdict(list)
-        for r in sorted(d.candidates, key=lambda r: (r.get("image_rank") or 0, r["image_id"])):
-            self.candidates_of[r["species"], r["latent"]].append(r)
-        self.traits_of = defaultdict(list)
+        traits = self.data.traits.table
         self.statuses = defaultdict(Counter)
-        for r in d.traits:
-            self.traits_of[r["species"], r["latent"]].append(r)
-            self.statuses[r["species"]][r["status"]] += 1
+        for r in traits.group_by(["species", "status"]).aggregate([("status", "count")]).to_pylist():
+            self.statuses[r["species"]][r["status"]] = r["status_count"]
         self.all_statuses = sum(self.statuses.values(), Counter())
-        # Per latent, once: the latent pages must not each scan every selected pair and genus count.
-        self.selected_for = defaultdict(list)
-        for r in d.selected:
-            self.selected_for[r["latent"]].append(r)
-        self.annotated = Counter(t["latent"] for t in d.traits)
+        annotated = traits.group_by("latent").aggregate([("latent", "count")])
+        self.annotated = Counter(dict(zip(annotated["latent"].to_pylist(), annotated["latent_count"].to_pylist())))
 
     def write(self, name: str, text: str) -> None:
         with self.fs.open(storage.join(self.folder, name), "w", encoding="utf-8") as f:
@@ -453,12 +466,12 @@ class Report:
         d = self.data
         unlabelled = d.images.get(None, 0)
         return (f"<p>{len(d.species):,} species · {sum(d.images.values()):,} images"
-                f"{f' ({unlabelled:,} unlabelled)' if unlabelled else ''} · {len(d.selected):,} selected "
+                f"{f' ({unlabelled:,} unlabelled)' if unlabelled else ''} · {len(d.selected_of):,} selected "
                 f"(species, latent) pairs over {len(d.latents):,} latents"
                 + (f" (the best {d.cfg.contrast.max_latents_per_species} per species of {d.n_selected:,} selected)"
-                   if d.n_selected > len(d.selected) else "")
+                   if d.n_selected > len(d.selected_of) else "")
                 + f" · {len(d.traits):,} annotations: "
-                f"{by_status(self.all_statuses)} · {len(d.errors):,} errors</p>")
+                f"{by_status(self.all_statuses)} · {d.errors.num_rows:,} errors</p>")
 
     def index_page(self, i: int) -> str:
         species, per = self.data.species, self.max_species_per_page
@@ -466,7 +479,7 @@ class Report:
         shown = species[i * per:(i + 1) * per]
         statuses = ordered_statuses(self.all_statuses) or list(STATUSES[:1])
         rows = [[f'<a href="{species_file(s)}"><i>{esc(s)}</i></a>', esc(self.data.taxon[s][0]),
-                 num(self.data.images.get(s, 0)), num(len(self.selected_of[s])), num(sum(self.statuses[s].values())),
+                 num(self.data.images.get(s, 0)), num(self.data.selected_of.count(s)), num(sum(self.statuses[s].values())),
                  *(num(self.statuses[s][st]) for st in statuses)] for s in shown]
         first = i * per + 1 if shown else 0
         body = (self.totals() + f'<p class="pager">Species {first:,}–{i * per + len(shown):,} of {len(species):,} · '
@@ -480,7 +493,7 @@ class Report:
         d, per = self.data, self.max_species_per_page
         latents, n_pages = d.latents, max(1, -(-len(d.latents) // per))
         shown = latents[i * per:(i + 1) * per]
-        where = {z: [r["species"] for r in self.selected_for[z]] for z in shown}
+        where = {z: d.selected_for.slice(z)["species"].to_pylist() for z in shown}
         firings = {z: d.genus_counts.total(z) for z in shown}
         annotated = self.annotated
         rows = [[f'<a href="{latent_file(z)}">{z}</a>', num(len(where[z])),
@@ -498,7 +511,8 @@ class Report:
 
     def species_page(self, s: str) -> str:
         genus, family = self.data.taxon[s]
-        selected = self.selected_of[s]
+        selected = self.data.selected_of.rows(s)
+        candidates_of, traits_of = self.rows_of(s)
         head = (f"<p>Genus <i>{esc(genus)}</i>{f' · family {esc(family)}' if family else ''} · "
                 f"{num(self.data.images.get(s, 0))} images · {len(selected)} selected latents · annotations: "
                 f"{by_status(self.statuses[s])}</p><p class=small>Activation zones are outlined in "
@@ -509,21 +523,33 @@ class Report:
         rows = [[num(r.get("rank_in_species")), (f'<a href="#z{r["latent"]}">{r["latent"]}</a> '
                                                   f'<a class=small href="{latent_file(r["latent"])}">(latent page)</a>'), num(r["f_species"]),
                  num(r["f_genus"]), num(r.get("score")), esc(r.get("contrast_rank")),
-                 num(len(self.candidates_of[s, r["latent"]])), num(len(self.traits_of[s, r["latent"]]))] for r in selected]
+                 num(len(candidates_of[r["latent"]])), num(len(traits_of[r["latent"]]))] for r in selected]
         body = head + table(["Rank", "Latent", "f_species", "f_genus", "Score", "Contrast", "Candidate images",
                              "Annotations"], rows, numeric={0, 2, 3, 4, 6, 7})
-        sections = [(sel, self.examples(s, sel["latent"])) for sel in selected]
+        sections = [(sel, self.examples(candidates_of[sel["latent"]], traits_of[sel["latent"]])) for sel in selected]
         made = self.thumbs.ensure({thumb_name(c["image_id"], sel["latent"]): (c, boxes, False, THUMB_PX)
                                    for sel, units in sections for members, _ in units for c, boxes, _ in members})
-        return page(s, body + "".join(self.latent_section(s, sel, units, made) for sel, units in sections))
+        return page(s, body + "".join(self.latent_section(sel, len(candidates_of[sel["latent"]]),
+                                                          len(traits_of[sel["latent"]]), units, made)
+                                      for sel, units in sections))
 
-    def examples(self, s: str, z: int) -> list[tuple[list, dict | None]]:
-        """The cards of (species, latent), strongest image first, at most max_images images in all: each a
-        traits row (one image, or a consensus group) or an unannotated candidate, with its images as
-        (candidate row, boxes, measurements)."""
-        candidates = {r["image_id"]: r for r in self.candidates_of[s, z]}
+    def rows_of(self, s: str) -> tuple[defaultdict, defaultdict]:
+        """Species s's candidates (strongest image first) and traits rows, each by latent: the only
+        Python rows of either table the report makes at a time."""
+        candidates_of, traits_of = defaultdict(list), defaultdict(list)
+        for r in sorted(self.data.candidates.rows(s), key=lambda r: (r.get("image_rank") or 0, r["image_id"])):
+            candidates_of[r["latent"]].append(r)
+        for r in self.data.traits.rows(s):
+            traits_of[r["latent"]].append(r)
+        return candidates_of, traits_of
+
+    def examples(self, candidate_rows: list[dict], trait_rows: list[dict]) -> list[tuple[list, dict | None]]:
+        """The cards of one (species, latent), strongest image first, at most max_images images in all:
+        each a traits row (one image, or a consensus group) or an unannotated candidate, with its images
+        as (candidate row, boxes, measurements)."""
+        candidates = {r["image_id"]: r for r in candidate_rows}
         units, covered = [], set()
-        for t in self.traits_of[s, z]:
+        for t in trait_rows:
             members = [(candidates[i], nth(t["boxes"], k) or candidates[i]["boxes"], nth(t["measurements"], k) or [])
                        for k, i in enumerate(t["image_ids"]) if i in candidates]
             covered.update(t["image_ids"])
@@ -537,12 +563,12 @@ class Report:
                 shown += len(capped[-1][0])
         return capped
 
-    def latent_section(self, s: str, sel: dict, units: list, made: dict[str, bool]) -> str:
-        z, n = sel["latent"], len(self.candidates_of[s, sel["latent"]])
+    def latent_section(self, sel: dict, n: int, n_traits: int, units: list, made: dict[str, bool]) -> str:
+        z = sel["latent"]
         shown = sum(len(members) for members, _ in units)
         cards = "".join(self.card(z, members, t, made) for members, t in units) or "<p class=muted>No images.</p>"
         return (f'<section id="z{z}"><h2>Latent <a href="{latent_file(z)}">{z}</a></h2><p>f_species {num(sel["f_species"])} · '
-                f'f_genus {num(sel["f_genus"])} · {n} candidate images · {len(self.traits_of[s, z])} annotations'
+                f'f_genus {num(sel["f_genus"])} · {n} candidate images · {n_traits} annotations'
                 f'{f" · showing {shown} of {n} images" if shown < n else ""}</p>{cards}</section>')
 
     def card(self, z: int, members: list, t: dict | None, made: dict[str, bool]) -> str:
@@ -581,12 +607,12 @@ class Report:
 
     def latent_page(self, z: int) -> str:
         d = self.data
-        where = sorted(self.selected_for[z], key=lambda r: r["species"])
+        where = d.selected_for.rows(z)  # by species
         rows = [[f'<a href="{species_file(r["species"])}#z{z}"><i>{esc(r["species"])}</i></a>', esc(r["genus"]),
                  num(r["f_species"]), num(r["f_genus"]), num(r.get("score")), num(r.get("rank_in_species"))] for r in where]
         body = ("<h2>Selected for</h2>" + table(["Species", "Genus", "f_species", "f_genus", "Score", "Rank in species"],
                                                 rows, numeric={2, 3, 4, 5}))
-        gallery = d.gallery.get(z, [])
+        gallery = d.gallery.rows(z)
         shots = {f"z{z}-{storage.stable_digest([r['image_id']], 12)}.jpg":
                  (r, zones_to_boxes(r["patches"], Geometry.from_row(r)), True, CROP_PX) for r in gallery}
         figures = []
@@ -637,19 +663,20 @@ class Report:
                                                         for a, b, h in zip(edges[:-1], edges[1:], hist)]))
         else:
             plots.append(svg_bars("Firings per image", []))
-        per_species = Counter(len(self.selected_of[s]) for s in d.species)
+        per_species = Counter(d.selected_of.count(s) for s in d.species)
         plots.append(svg_bars("Species by number of selected latents",
                               [(f"{k} latents", v) for k, v in sorted(per_species.items())]))
         plots.append(svg_bars("Annotations by status", [(s, self.all_statuses[s]) for s in ordered_statuses(self.all_statuses)]))
         plots.append(svg_bars("Stage wall time", [(n, s["wall_s"]) for n, s in stages.items() if "wall_s" in s], " s"))
         body += '<h2>Plots</h2><div class="charts">' + "".join(plots) + "</div>"
 
-        reasons = Counter((e.get("stage"), e.get("reason")) for e in d.errors)
-        body += f"<h2>Errors ({len(d.errors):,})</h2>" + table(
+        reasons = Counter({(r["stage"], r["reason"]): r["stage_count"] for r in
+                           d.errors.group_by(["stage", "reason"]).aggregate([("stage", "count")]).to_pylist()})
+        body += f"<h2>Errors ({d.errors.num_rows:,})</h2>" + table(
             ["Stage", "Reason", "Rows"], [[esc(st), esc(r), num(n)] for (st, r), n in reasons.most_common()], numeric={2})
-        if d.errors:
-            shown = d.errors[:self.max_rows]
-            body += (f"<p class=small>The first {len(shown)} of {len(d.errors):,}:</p>" + table(
+        if d.errors.num_rows:
+            shown = d.errors.slice(0, self.max_rows).to_pylist()
+            body += (f"<p class=small>The first {len(shown)} of {d.errors.num_rows:,}:</p>" + table(
                 ["Stage", "Reason", "Image", "Annotation", "Detail"],
                 [[esc(e.get("stage")), esc(e.get("reason")), esc(e.get("image_id")), esc(e.get("annotation_id")),
                   esc((e.get("detail") or "")[:300])] for e in shown]))

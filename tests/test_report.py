@@ -22,7 +22,7 @@ from PIL import Image
 
 from pipeline.demo import planted_part_overlap
 from pipeline.errors import Rejected, write_errors
-from pipeline.report import OUTLINE_PX, OUTLINE_RGB, GenusCounts, main, species_file, write_report
+from pipeline.report import OUTLINE_PX, OUTLINE_RGB, GenusCounts, RowsBy, main, species_file, write_report
 from pipeline.selection import going_forward
 from tests.browser import Browser
 
@@ -288,12 +288,13 @@ def test_latent_galleries_of_a_large_build_come_from_candidates(demo_build):
     scanned, bounded = BuildData(fs, root, 4), BuildData(fs, root, 4, max_scan_images=0)
     assert scanned.gallery_scanned and not bounded.gallery_scanned
     candidates = {(r["image_id"], r["latent"]): r["activation_sum"] for r in pq.read_table(out / "candidates").to_pylist()}
-    assert set(bounded.gallery) == set(scanned.gallery) == set(bounded.latents)
-    for z, rows in bounded.gallery.items():
+    assert set(bounded.gallery.keys) == set(scanned.gallery.keys) == set(bounded.latents)
+    for z in bounded.gallery.keys:
+        rows = bounded.gallery.rows(z)
         sums = [r["value_sum"] for r in rows]
         assert sums == sorted(sums, reverse=True) and all(candidates[r["image_id"], z] == r["value_sum"] for r in rows)
         best = max(v for (_, latent), v in candidates.items() if latent == z)
-        assert sums[0] == best and scanned.gallery[z][0]["value_sum"] >= best * (1 - 1e-5)
+        assert sums[0] == best and scanned.gallery.rows(z)[0]["value_sum"] >= best * (1 - 1e-5)
 
 
 def test_genus_counts_per_latent_equal_a_direct_sort():
@@ -309,3 +310,20 @@ def test_genus_counts_per_latent_equal_a_direct_sort():
         assert top == [{k: r[k] for k in ("taxon", "latent", "count")} for r in mine[:5]] and n == len(mine)
         assert counts.total(z) == sum(r["count"] for r in mine)
     assert GenusCounts([]).strongest(3, 5) == ([], 0) and GenusCounts([]).total(3) == 0
+
+
+def test_rows_by_key_equal_a_direct_grouping():
+    """The report's per-species (and per-latent) rows, sliced from one sorted Arrow table, equal
+    grouping and sorting the Python rows directly — a null key included, keys in sorted order."""
+    rng = np.random.default_rng(1)
+    rows = [{"species": None if k % 17 == 0 else f"S{int(rng.integers(0, 9))}", "latent": int(rng.integers(0, 5)),
+             "image_id": f"i{k:03d}"} for k in range(200)]
+    by = RowsBy(pa.Table.from_pylist(rows), "species", [("latent", "descending"), ("image_id", "ascending")])
+    names = sorted({r["species"] for r in rows if r["species"] is not None})
+    assert by.keys == [*names, None] and len(by) == len(rows)
+    for key in by.keys:
+        mine = sorted((r for r in rows if r["species"] == key), key=lambda r: (-r["latent"], r["image_id"]))
+        assert by.rows(key) == mine and by.count(key) == len(mine) and by.rows(key, 3) == mine[:3]
+    assert by.rows("absent") == [] and by.count("absent") == 0
+    assert RowsBy(pa.Table.from_pylist(rows).slice(0, 0), "species").keys == []
+
