@@ -56,6 +56,7 @@ OUTLINE_PX = 3
 THUMB_PX = 256        # longest side of an example image on a species page
 ACTIVATION_BATCH_ROWS = 256  # images (~3,000 firings each) per batch of the report's activations/ scan
 MAX_SCAN_IMAGES = 200_000  # latent galleries scan all of activations/ only up to this many images
+PASS_ROWS = 16_384    # candidates + traits rows held at once: species pages are written a pass at a time
 CROP_PX = 160         # longest side of a gallery crop on a latent page
 STATUSES = ("ok", "background", "unparsed", "failed")
 # What the pages show of traits/: every column but the bulky raw text and per-request figures.
@@ -206,22 +207,37 @@ def read_tables(fs, path: str, columns: list[str] | None = None):
 
 
 def read_batches(fs, path: str, columns: list[str], batch_rows: int = 1 << 16):
-    """The rows of a Parquet folder in small record batches, decoded in this thread: for tables read
-    only to be filtered (counts/ grows with taxa × latents). Measured on a 5.3 M-row counts/: whole
-    files +400 MiB of driver RSS, 1 M-row batches in threads +285 MiB, these +51 MiB."""
+    """The rows of a Parquet folder (those of ``columns`` each file has) in small record batches,
+    decoded in this thread: for tables read only to be filtered (counts/ grows with taxa × latents).
+    Measured on a 5.3 M-row counts/: whole files +400 MiB of driver RSS, 1 M-row batches in threads
+    +285 MiB, these +51 MiB."""
     for p in storage.parquet_files(fs, path):
         with fs.open(p, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=columns, use_threads=False):
+            pf = pq.ParquetFile(f)
+            present = [c for c in columns if c in pf.schema_arrow.names]
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=present, use_threads=False):
                 yield pa.Table.from_batches([batch])
 
 
-def read_table(fs, path: str, columns: list[str] | None = None, schema: pa.Schema | None = None) -> pa.Table:
-    """All of :func:`read_tables` as one table (``schema``'s empty table, projected, when there is none)."""
-    tables = list(read_tables(fs, path, columns))
-    if tables:
-        return pa.concat_tables(tables, promote_options="default")
-    empty = schema.empty_table() if schema is not None else pa.table({})
-    return empty.select([c for c in columns if c in empty.column_names]) if columns else empty
+def read_where(fs, path: str, columns: list[str], keep, schema: pa.Schema) -> pa.Table:
+    """The rows of a Parquet folder (all, or where ``keep(table)``, a mask, holds), read in small
+    batches; ``schema``'s empty table, projected, when there are none."""
+    kept = [t.filter(keep(t)) if keep is not None else t for t in read_batches(fs, path, columns) if t.num_rows]
+    return pa.concat_tables(kept, promote_options="default") if kept else \
+        schema.empty_table().select([c for c in columns if c in schema.names])
+
+
+def read_rows(fs, path: str, columns: list[str] | None = None, keep=None) -> list[dict]:
+    """The rows of :func:`read_tables`, those where ``keep(table)`` (a mask) holds."""
+    rows = []
+    for t in read_tables(fs, path, columns):
+        rows += (t.filter(keep(t)) if keep is not None and t.num_rows else t).to_pylist()
+    return rows
+
+
+def keep_top(top: pa.Table | None, found: pa.Table, k: int) -> pa.Table:
+    """The running ``k`` strongest rows per latent of a scan, after one more batch's ``found``."""
+    return found if top is None else top_per_latent(pa.concat_tables([top, found], promote_options="default"), k)
 
 
 def top_per_latent(t: pa.Table, k: int) -> pa.Table:
@@ -252,7 +268,7 @@ def strongest_zones(batch: pa.Table, latents: pa.Array, k: int) -> pa.Table:
 class RowsBy:
     """An Arrow table sorted by ``key`` (then ``order``), each key's rows one slice. Python rows are made
     one key at a time — a page's worth — never for the whole table: a BIOSCAN-size build's candidates
-    and traits are ~50 KB per annotation as Python rows, a few KB in Arrow."""
+    and traits are ~50 KB per annotation as Python rows, ~7 KB in Arrow."""
 
     def __init__(self, table: pa.Table, key: str, order: list[tuple[str, str]] = ()):
         self.table = table.sort_by([(key, "ascending"), *order]) if table.num_rows else table
@@ -302,28 +318,30 @@ class GenusCounts(RowsBy):
 
 
 class BuildData:
-    """What the pages need from a build, read once: the tables in Arrow, each by the key its pages
-    look it up by (:class:`RowsBy`); activations/ streamed."""
+    """What the pages need from a build, in Arrow, each table by the key its pages look it up by
+    (:class:`RowsBy`); activations/ streamed. candidates/ and traits/ grow with the annotations
+    (traits rows are ~7 KB each in Arrow): all their rows are read only a pass of species at a time
+    (:meth:`species_passes`, :meth:`rows_for`); held whole are their keys and statuses."""
 
     def __init__(self, fs, root: str, max_gallery: int, max_scan_images: int = MAX_SCAN_IMAGES):
         def path(name):
             return storage.join(root, name)
+        self.fs, self.path = fs, path
         with fs.open(path("manifest.json")) as f:
             self.manifest = json.load(f)
         self.cfg: BuildConfig = validate(BuildConfig, self.manifest["config"])
         # The selected latents that went forward to candidates (selected/ holds every selected pair).
-        selected = read_table(fs, path("selected"), schema=SELECTED_SCHEMA)
+        selected = read_where(fs, path("selected"), SELECTED_SCHEMA.names, None, SELECTED_SCHEMA)
         self.n_selected = selected.num_rows
         selected = going_forward(selected, self.cfg.contrast.max_latents_per_species)
         self.selected_of = RowsBy(selected, "species", [("rank_in_species", "ascending"), ("latent", "ascending")])
         self.selected_for = RowsBy(selected, "latent", [("species", "ascending")])
         self.latents = self.selected_for.keys
         wanted = pa.array(self.latents, pa.int32())
-        candidates = read_table(fs, path("candidates"), CANDIDATE_COLUMNS, CANDIDATES_SCHEMA)
-        self.candidates = RowsBy(candidates, "species")
-        traits = read_table(fs, path("traits"), TRAITS_COLUMNS, TRAITS_SCHEMA)
-        self.traits = RowsBy(traits, "species")
-        self.errors = read_table(fs, path(ERRORS), schema=ERRORS_SCHEMA)
+        keys = ["species", "genus", "latent"]
+        self.candidate_keys = read_where(fs, path("candidates"), keys, None, CANDIDATES_SCHEMA)
+        self.trait_keys = read_where(fs, path("traits"), [*keys, "status"], None, TRAITS_SCHEMA)
+        self.errors = read_where(fs, path(ERRORS), ERRORS_SCHEMA.names, None, ERRORS_SCHEMA)
         self.reviews = read_pointers(fs, root)  # written by python -m pipeline.review score
         self.genus_counts = GenusCounts([t.filter(pc.and_(pc.equal(t["rank"], "genus"), pc.is_in(
             t["latent"], wanted.cast(t["latent"].type)))) for t in read_batches(fs, path("counts"), GenusCounts.COLUMNS)])
@@ -345,19 +363,46 @@ class BuildData:
                 if r["species"] is not None:
                     self.taxon[r["species"]] = (r["genus"], r.get("family"))
             if self.gallery_scanned:
-                found = strongest_zones(batch, wanted, max_gallery)
-                top = found if top is None else top_per_latent(
-                    pa.concat_tables([top, found], promote_options="default"), max_gallery)
-        if self.latents and not self.gallery_scanned and candidates.num_rows:
-            top = top_per_latent(candidates.append_column("value_sum", candidates["activation_sum"]), max_gallery)
+                top = keep_top(top, strongest_zones(batch, wanted, max_gallery), max_gallery)
+        if self.latents and not self.gallery_scanned:
+            for batch in read_batches(fs, path("candidates"), CANDIDATE_COLUMNS):
+                top = keep_top(top, top_per_latent(batch.append_column("value_sum", batch["activation_sum"]),
+                                                   max_gallery), max_gallery)
         self.firings = np.concatenate(firings) if firings else np.zeros(0, int)
         self.gallery = RowsBy(top if top is not None else pa.table({"latent": pa.array([], pa.int32())}), "latent",
                               [("value_sum", "descending"), ("image_id", "ascending")])
         # Species known only downstream (should not happen): their genus from those tables.
-        for t in (selected, candidates, traits):
+        for t in (selected, self.candidate_keys, self.trait_keys):
             for r in t.group_by(["species", "genus"]).aggregate([]).to_pylist():
                 self.taxon.setdefault(r["species"], (r["genus"], None))
         self.species = sorted((s for s in self.taxon if s is not None), key=lambda s: (self.taxon[s][0] or "", s))
+
+    def species_passes(self, max_rows: int | None = None):
+        """self.species in order, in runs whose candidates and traits rows number at most ``max_rows``
+        (PASS_ROWS by default; a species with more is a run of its own)."""
+        max_rows = max_rows or PASS_ROWS
+        rows = Counter()
+        for t in (self.candidate_keys, self.trait_keys):
+            for r in t.group_by("species").aggregate([("species", "count")]).to_pylist():
+                rows[r["species"]] += r["species_count"]
+        run, size = [], 0
+        for s in self.species:
+            if run and size + rows[s] > max_rows:
+                yield run
+                run, size = [], 0
+            run.append(s)
+            size += rows[s]
+        if run:
+            yield run
+
+    def rows_for(self, species: list[str]) -> tuple[RowsBy, RowsBy]:
+        """The candidates/ and traits/ rows of these species (one pass of :meth:`species_passes`), by species."""
+        wanted = pa.array(species, pa.string())
+
+        def keep(t):
+            return pc.is_in(t["species"], wanted)
+        return (RowsBy(read_where(self.fs, self.path("candidates"), CANDIDATE_COLUMNS, keep, CANDIDATES_SCHEMA), "species"),
+                RowsBy(read_where(self.fs, self.path("traits"), TRAITS_COLUMNS, keep, TRAITS_SCHEMA), "species"))
 
 
 # --------------------------------------------------------------------------- thumbnails
@@ -432,7 +477,7 @@ class Report:
             self.fs.rm(self.folder, recursive=True)
         self.thumbs = Thumbnails(self.fs, storage.join(self.folder, "thumbs"), self.data.cfg, log)
 
-        traits = self.data.traits.table
+        traits = self.data.trait_keys
         self.statuses = defaultdict(Counter)
         for r in traits.group_by(["species", "status"]).aggregate([("status", "count")]).to_pylist():
             self.statuses[r["species"]][r["status"]] = r["status_count"]
@@ -448,8 +493,10 @@ class Report:
         self.write("style.css", CSS)
         for i in range(max(1, -(-len(self.data.species) // self.max_species_per_page))):
             self.write(index_file(i), self.index_page(i))
-        for s in self.data.species:
-            self.write(species_file(s), self.species_page(s))
+        for species in self.data.species_passes():
+            rows = self.data.rows_for(species)
+            for s in species:
+                self.write(species_file(s), self.species_page(s, rows))
         for i in range(max(1, -(-len(self.data.latents) // self.max_species_per_page))):
             self.write(index_file(i, "latents"), self.latents_page(i))
         for z in self.data.latents:
@@ -470,7 +517,7 @@ class Report:
                 f"(species, latent) pairs over {len(d.latents):,} latents"
                 + (f" (the best {d.cfg.contrast.max_latents_per_species} per species of {d.n_selected:,} selected)"
                    if d.n_selected > len(d.selected_of) else "")
-                + f" · {len(d.traits):,} annotations: "
+                + f" · {d.trait_keys.num_rows:,} annotations: "
                 f"{by_status(self.all_statuses)} · {d.errors.num_rows:,} errors</p>")
 
     def index_page(self, i: int) -> str:
@@ -509,10 +556,11 @@ class Report:
 
     # ----------------------------------------------------------------- species
 
-    def species_page(self, s: str) -> str:
+    def species_page(self, s: str, rows: tuple[RowsBy, RowsBy]) -> str:
+        """Species s's page; ``rows``: the candidates and traits of its pass (BuildData.rows_for)."""
         genus, family = self.data.taxon[s]
         selected = self.data.selected_of.rows(s)
-        candidates_of, traits_of = self.rows_of(s)
+        candidates_of, traits_of = self.rows_of(s, rows)
         head = (f"<p>Genus <i>{esc(genus)}</i>{f' · family {esc(family)}' if family else ''} · "
                 f"{num(self.data.images.get(s, 0))} images · {len(selected)} selected latents · annotations: "
                 f"{by_status(self.statuses[s])}</p><p class=small>Activation zones are outlined in "
@@ -533,13 +581,15 @@ class Report:
                                                           len(traits_of[sel["latent"]]), units, made)
                                       for sel, units in sections))
 
-    def rows_of(self, s: str) -> tuple[defaultdict, defaultdict]:
-        """Species s's candidates (strongest image first) and traits rows, each by latent: the only
-        Python rows of either table the report makes at a time."""
+    @staticmethod
+    def rows_of(s: str, rows: tuple[RowsBy, RowsBy]) -> tuple[defaultdict, defaultdict]:
+        """Species s's candidates (strongest image first) and traits rows, each by latent, from the
+        pass of species being written: the only Python rows of either table the report makes at a time."""
+        candidates, traits = rows
         candidates_of, traits_of = defaultdict(list), defaultdict(list)
-        for r in sorted(self.data.candidates.rows(s), key=lambda r: (r.get("image_rank") or 0, r["image_id"])):
+        for r in sorted(candidates.rows(s), key=lambda r: (r.get("image_rank") or 0, r["image_id"])):
             candidates_of[r["latent"]].append(r)
-        for r in self.data.traits.rows(s):
+        for r in traits.rows(s):
             traits_of[r["latent"]].append(r)
         return candidates_of, traits_of
 
