@@ -44,7 +44,7 @@ from pipeline.annotation.stage import AnnotateUnits
 from pipeline.config import (BuildConfig, ConfigError, ExportConfig, LLMConfig, add_config_arguments, fsspec_options,
                              load_config, validate)
 from pipeline.contract import IMAGE_COLUMNS, RENDERINGS_FIELD, TRAITS_SCHEMA
-from pipeline.report import read_rows, read_tables
+from pipeline.report_data import read_rows, read_tables
 
 PAPER = ('"Automatic Image-Level Morphological Trait Annotation for Organismal Images" (ICLR 2026)')
 MISSING_LOGGED = 10  # annotations without images named in the log (all are counted)

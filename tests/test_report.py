@@ -23,7 +23,8 @@ from PIL import Image
 from pipeline import storage
 from pipeline.demo import planted_part_overlap
 from pipeline.errors import Rejected, write_errors
-from pipeline.report import OUTLINE_PX, OUTLINE_RGB, GenusCounts, RowsBy, main, species_file, write_report
+from pipeline.report import OUTLINE_PX, OUTLINE_RGB, main, species_file, write_report
+from pipeline.report_data import GenusCounts, RowsBy
 from pipeline.selection import going_forward
 from tests.browser import Browser
 
@@ -281,7 +282,7 @@ def test_report_on_s3(demo_build, s3_server, browser, tmp_path):
 def test_latent_galleries_of_a_large_build_come_from_candidates(demo_build):
     """Beyond max_scan_images the report does not read every firing (10^10 for BIOSCAN-5M): a
     latent's gallery is then its strongest candidates; below it, the scan sees every image."""
-    from pipeline.report import BuildData
+    from pipeline.report_data import BuildData
 
     out, _ = demo_build
     fs, root = storage.filesystem(str(out))
@@ -332,15 +333,15 @@ def test_species_pages_written_in_passes_equal_one_pass(demo_build, tmp_path, mo
     """The species pages come from candidates/ and traits/ read a pass of species at a time (so a
     build's annotations never sit whole in the driver); with passes of a few rows the report's
     files are byte for byte those of one pass."""
-    import pipeline.report as report
+    import pipeline.report_data as report_data
 
     out, _ = demo_build
     sites = {}
     for name, pass_rows in (("one", 1 << 30), ("many", 7)):
         build = tmp_path / name
         shutil.copytree(out, build, ignore=shutil.ignore_patterns("report"))
-        monkeypatch.setattr(report, "PASS_ROWS", pass_rows)
-        data = report.BuildData(*storage.filesystem(str(build)), 4)
+        monkeypatch.setattr(report_data, "PASS_ROWS", pass_rows)
+        data = report_data.BuildData(*storage.filesystem(str(build)), 4)
         sites[name] = (len(list(data.species_passes())), write_report(str(build), log=lambda *_: None))
     assert sites["one"][0] == 1 and sites["many"][0] > 5
     one, many = (Path(sites[k][1]).parent for k in ("one", "many"))
