@@ -290,7 +290,7 @@ def bench_encode(args, scratch: Path) -> None:
     import torch
 
     from pipeline.sae import SAESpec, SparseAutoencoder, load_sae, save_sae
-    from pipeline.tiny_models import make_tiny_dinov2
+    from pipeline.demo.tiny_models import make_tiny_dinov2
 
     header("encode: Ray Data FiringEncoder pool vs a plain PyTorch loop")
     n = 384 if args.quick else 512  # t(N) - t(N1) must dwarf the ~1 s start-up jitter
@@ -427,7 +427,7 @@ def bench_encode(args, scratch: Path) -> None:
 
 # --------------------------------------------------------------------------- 2. memory
 
-DEMO_SPECIES = 8  # pipeline.synthetic.GENERA: 8 species (+ n_unlabelled=8 unlabelled images)
+DEMO_SPECIES = 8  # pipeline.demo.specimens.GENERA: 8 species (+ n_unlabelled=8 unlabelled images)
 
 
 def process_tree(root_pid: int) -> list[int]:
@@ -545,7 +545,7 @@ def _current_stage(log: Path) -> str:
 def child_build(scratch: str, overrides: list[str]) -> int:
     """--child-build: run the real build on the demo config (+ overrides) and print its manifest."""
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     cfg = demo_build_config(Path(scratch), overrides)
     if os.path.exists("/tmp/ray/ray_current_cluster") or os.environ.get("RAY_ADDRESS"):
@@ -565,8 +565,8 @@ def dir_bytes(path: Path) -> int:
 def bench_memory(args, scratch: Path) -> None:
     import pyarrow.parquet as pq
 
-    from pipeline.demo import prepare_demo
-    from pipeline.synthetic import generate_demo_dataset
+    from pipeline.demo.run import prepare_demo
+    from pipeline.demo.specimens import generate_demo_dataset
 
     header("memory: peak RSS of the build at N and 4N images (streaming)")
     n_small = 48 if args.quick else 128

@@ -283,7 +283,7 @@ def work_spread(job_id: str, nodes: dict[str, str], rows_log: Path) -> dict:
 # --------------------------------------------------------------------------- the runs
 
 def build_config(demo: Path, output: Path, address: str, args):
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     overrides = [f"output={output}", "encoder.num_gpus=1", "encoder.num_cpus=0.25", "encoder.max_actors=2",
                  f"encoder.batch_size={args.encoder_batch_size}", "report=false", f"ray.address={address}"]
@@ -475,7 +475,7 @@ def prepare(demo: Path, images_per_species: int, log: Path) -> float:
     if (demo / "models" / "sae" / "config.json").exists() and (demo / "data").exists():
         print(f"  demo data and SAE reused from {demo}", flush=True)
         return 0.0
-    from pipeline.demo import prepare_demo
+    from pipeline.demo.run import prepare_demo
 
     t = time.perf_counter()
     with captured(log):

@@ -105,7 +105,7 @@ def stage_candidates(folder: Path, images_per_species: int, seed: int = 0) -> li
     from pipeline.config import PreprocessConfig, SourceConfig
     from pipeline.preprocessing import PATCH_PX, plan_geometry
     from pipeline.sources import build_index
-    from pipeline.synthetic import generate_demo_dataset
+    from pipeline.demo.specimens import generate_demo_dataset
 
     generate_demo_dataset(folder, images_per_species=images_per_species, n_unlabelled=0, seed=seed)
     index, _ = build_index(SourceConfig(format="bioscan", root=str(folder)))

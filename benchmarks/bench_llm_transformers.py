@@ -58,7 +58,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from pipeline.annotation.llm_transformers import TransformersBackend  # noqa: E402
 from pipeline.annotation.llm import ChatRequest  # noqa: E402
-from pipeline.tiny_models import make_qwen_bpe_tokenizer, make_tiny_qwen2_5_vl, qwen_token_ids  # noqa: E402
+from pipeline.demo.tiny_models import make_qwen_bpe_tokenizer, make_tiny_qwen2_5_vl, qwen_token_ids  # noqa: E402
 
 PROMPT = ("The image shows an insect specimen with one body part inside a red box. Describe the part in the box: "
           'its colour, texture and shape. Answer as JSON: {"part": ..., "colour": ..., "texture": ..., "shape": ...}.')

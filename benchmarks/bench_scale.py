@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Scale: the build's count → select → candidates → annotate (kind none, no renderings) → report
-stages over synthetic firings at realistic density (pipeline/synthetic_firings.py: ~3,000 firings
+stages over synthetic firings at realistic density (pipeline/demo/firings.py: ~3,000 firings
 per image over 24,576 latents), at N and FACTOR·N images, each size in its own process.
 
     python benchmarks/bench_scale.py [--images N] [--factor 4] [--firings 3000] [--keep DIR]
@@ -48,7 +48,7 @@ def build_config(out: Path, sae: Path, rows_per_file: int) -> dict:
 
 
 def prepare(out: Path, n_images: int, firings: int, sae: Path) -> dict:
-    from pipeline.synthetic_firings import write_synthetic_build
+    from pipeline.demo.firings import write_synthetic_build
 
     rows_per_file = 1024
     t0 = time.perf_counter()

@@ -301,7 +301,7 @@ def kill_replica_benchmark(serving: Serving, folder: Path) -> None:
     import pyarrow.parquet as pq
 
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config, prepare_demo
+    from pipeline.demo.run import demo_build_config, prepare_demo
     from tests.fault_cluster_build import gcs_actors
 
     demo = folder / "demo_build"

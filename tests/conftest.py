@@ -31,7 +31,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def tiny_dinov2(tmp_path_factory):
-    from pipeline.tiny_models import make_tiny_dinov2
+    from pipeline.demo.tiny_models import make_tiny_dinov2
 
     return make_tiny_dinov2(tmp_path_factory.mktemp("models") / "dinov2-tiny")
 
@@ -39,7 +39,7 @@ def tiny_dinov2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_dir(ray_local, tmp_path_factory):
     """Demo data (12 images per species) + tiny backbone + demo SAE trained on Ray Train."""
-    from pipeline.demo import prepare_demo
+    from pipeline.demo.run import prepare_demo
 
     out = tmp_path_factory.mktemp("demo")
     prepare_demo(out, images_per_species=12, log=lambda *_: None)
@@ -50,7 +50,7 @@ def demo_dir(ray_local, tmp_path_factory):
 def demo_build(ray_local, demo_dir, tmp_path_factory):
     """(output folder, manifest) of a clean demo build (annotate.llm.kind none) on the session Ray."""
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     out = tmp_path_factory.mktemp("clean") / "build"
     # encoder.num_cpus below 1: decode tasks must still fit if the Serve app's tests hold part of the 2 CPUs.

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.cluster_utils import Cluster
 
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     out = Path(args.output)
     result: dict = {"ray_tmpdir": os.environ["RAY_TMPDIR"], "new_node_mode": args.new_node, "events": []}

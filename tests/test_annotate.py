@@ -19,7 +19,7 @@ from pipeline.annotation.stage import AnnotateUnits
 from pipeline.annotation.units import annotation_id, annotation_units, prompt_version_for, unit_annotation_id
 from pipeline.build import Build, RunContext
 from pipeline.config import AnnotateConfig, validate
-from pipeline.demo import demo_build_config
+from pipeline.demo.run import demo_build_config
 from pipeline.storage import StorageUnavailable
 from tests.fake_openai_server import FakeOpenAIServer
 
@@ -112,7 +112,7 @@ def test_mllm_only_baseline_sends_whole_images(demo_dir, units):
 
 
 def test_transformers_backend_in_the_stage(demo_dir, units, tmp_path_factory):
-    from pipeline.tiny_models import make_tiny_qwen2_5_vl
+    from pipeline.demo.tiny_models import make_tiny_qwen2_5_vl
 
     model = make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen") / "tiny-qwen")
     annotate = {"llm": {"kind": "transformers", "model": str(model), "max_tokens": 8}, "render": "crop"}

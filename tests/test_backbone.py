@@ -15,7 +15,7 @@ from transformers import AutoModel
 
 from pipeline.encoding import IMAGENET_MEAN, IMAGENET_STD, FiringEncoder, PatchFeatures
 from pipeline.sae import SAESpec, SparseAutoencoder, save_sae
-from pipeline.tiny_models import make_tiny_dinov2
+from pipeline.demo.tiny_models import make_tiny_dinov2
 
 LAYER = 2
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from pipeline.build import ROW_GROUP_ROWS, Build, format_summary
-from pipeline.demo import demo_build_config, planted_part_overlap
-from pipeline.synthetic import METADATA_RELPATH, image_relpath
+from pipeline.demo.run import demo_build_config, planted_part_overlap
+from pipeline.demo.specimens import METADATA_RELPATH, image_relpath
 from tests.test_contract import REQUIRED as CONTRACT  # DESIGN §5's required columns
 
 
@@ -196,7 +196,7 @@ def test_an_image_size_off_the_patch_grid_is_refused_before_anything_is_written(
 
 
 def test_a_dinov2_with_registers_builds_end_to_end(demo_dir, tmp_path):
-    from pipeline.tiny_models import make_tiny_dinov2
+    from pipeline.demo.tiny_models import make_tiny_dinov2
 
     backbone = make_tiny_dinov2(tmp_path / "dinov2-reg", registers=4)  # same width as the demo SAE's d
     out = tmp_path / "build"

@@ -66,7 +66,7 @@ def test_layer_out_of_range_names_the_key(tiny_dinov2, sae_dir):
 def test_patch_size_is_read_from_the_backbone_and_checked_against_image_size(tiny_dinov2, tmp_path):
     from pipeline.config import BackboneConfig, ConfigError, PreprocessConfig
     from pipeline.encoding import backbone_patch_px
-    from pipeline.tiny_models import make_tiny_dinov2
+    from pipeline.demo.tiny_models import make_tiny_dinov2
 
     assert backbone_patch_px(BackboneConfig(model=str(tiny_dinov2)), PreprocessConfig(image_size=224)) == 14
     with pytest.raises(ConfigError, match=r"preprocess.image_size: 230 .* patch size 14 of backbone.model .* 224 or 238"):

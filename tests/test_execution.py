@@ -68,7 +68,7 @@ def test_a_node_that_never_comes_up_stops_the_run_naming_the_keys(monkeypatch):
 
 def test_the_readmes_config_on_a_machine_without_a_gpu_stops_at_once(demo_dir, tmp_path):
     """The hang users met: encoder.num_gpus left at 1, a local Ray with no GPU."""
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     cfg = demo_build_config(demo_dir, [f"output={tmp_path / 'out'}", "encoder.num_gpus=1", "ray.num_cpus=2",
                                        "ray.num_gpus=0"])

@@ -75,7 +75,7 @@ def test_encoder_actor_dies_mid_batch(ray_local, demo_dir, demo_build, tmp_path)
     """The first encoder actor to finish its 2nd batch exits (os._exit) before returning it; Ray
     Data restarts the actor (max_restarts=-1) and retries the lost batch (max_task_retries=-1)."""
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     clean_out, clean_manifest = demo_build
     out = tmp_path / "build"

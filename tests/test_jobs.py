@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.demo import demo_build_config
-from pipeline.synthetic import METADATA_RELPATH
+from pipeline.demo.run import demo_build_config
+from pipeline.demo.specimens import METADATA_RELPATH
 from tests.ray_cluster_procs import LocalRayCluster, alive
 
 REPO = Path(__file__).resolve().parents[1]

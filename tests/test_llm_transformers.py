@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory):
-    from pipeline.tiny_models import make_tiny_qwen2_5_vl
+    from pipeline.demo.tiny_models import make_tiny_qwen2_5_vl
 
     return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("models") / "qwen2_5_vl-tiny")
 
@@ -190,7 +190,7 @@ def top_level_imports(path: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("path", ["pipeline/annotation/llm_transformers.py", "pipeline/annotation/llm.py",
-                                  "pipeline/tiny_models.py",
+                                  "pipeline/demo/tiny_models.py",
                                   "benchmarks/bench_llm_transformers.py"])
 def test_gpu_benchmark_modules_need_neither_pydantic_nor_ray(path):
     allowed = set(sys.stdlib_module_names) | {"torch", "transformers", "tokenizers", "PIL", "actors", "pipeline"}

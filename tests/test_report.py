@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from pipeline import storage
-from pipeline.demo import planted_part_overlap
+from pipeline.demo.run import planted_part_overlap
 from pipeline.errors import Rejected, write_errors
 from pipeline.report import OUTLINE_PX, OUTLINE_RGB, main, species_file, write_report
 from pipeline.report_data import GenusCounts, RowsBy

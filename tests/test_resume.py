@@ -24,7 +24,7 @@ from pipeline.build import Build
 from pipeline.contract import STATE
 from pipeline.errors import compact_errors
 from pipeline.config import ConfigError
-from pipeline.demo import demo_build_config
+from pipeline.demo.run import demo_build_config
 from pipeline.contract import ERRORS_SCHEMA
 from tests.fake_openai_server import FakeOpenAIServer
 from tests.tables import assert_same_build

@@ -265,7 +265,7 @@ def test_ray_data_parquet_round_trip_through_the_arrow_wrapper(ray_local, s3_ser
 
 
 def test_source_index_and_image_bytes_from_s3(demo_dir, s3_server, bucket):
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
     from pipeline.sources import ImageReader, build_index
 
     upload(client(s3_server), demo_dir / "data", f"{bucket}/data")
@@ -295,7 +295,7 @@ def test_demo_build_reads_from_and_writes_to_s3_like_the_local_build(demo_dir, d
     run = uuid.uuid4().hex[:8]  # fresh paths: local_copy's node cache is keyed by URL
 
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     output = f"s3://builds/{run}/demo"
     cfg = demo_build_config(demo_dir, [*demo_on_s3(fs, demo_dir, run), f"output={output}",

@@ -64,7 +64,7 @@ def retry_lines(caplog, since: dict[Path, int]) -> tuple[list[str], list[str]]:
 
 def test_demo_build_through_a_store_that_fails_one_request_in_ten(demo_dir, demo_build, s3_server, tmp_path, caplog):
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     caplog.set_level(logging.WARNING, logger="pipeline.storage")
     clean_out, clean_manifest = demo_build
@@ -110,7 +110,7 @@ def test_unreachable_store_ends_the_build_naming_the_path_and_a_rerun_resumes(ra
     requests running in each worker's fsspec thread after Ray Data has cancelled their tasks: one
     of them may write its shard once the store is back, after a rerun has listed what is written.)"""
     from pipeline.build import main
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
     from tests.ray_cluster_procs import alive, descendants
 
     clean_out, _ = demo_build

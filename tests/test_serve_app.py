@@ -183,7 +183,7 @@ def app(ray_local, tiny_dinov2, tmp_path_factory):
     from ray import serve
 
     from pipeline.sae import SAESpec, SparseAutoencoder, save_sae
-    from pipeline.tiny_models import make_tiny_qwen2_5_vl
+    from pipeline.demo.tiny_models import make_tiny_qwen2_5_vl
 
     tmp = tmp_path_factory.mktemp("serve_app")
     torch.manual_seed(0)
@@ -584,7 +584,7 @@ def serve_build(app, demo_dir, tmp_path_factory):
     """(output, manifest) of the demo build with annotate.llm.kind serve: the build's annotate actors
     call TraitDescriber through a DeploymentHandle."""
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     out = tmp_path_factory.mktemp("serve_build") / "build"
     # The app holds 0.6 of the session Ray's 2 CPUs: the build's actors take fractions so its tasks still fit.
@@ -620,7 +620,7 @@ def test_describer_replicas_killed_mid_build(app, serve_build, demo_dir, tmp_pat
     from ray import serve
 
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
     from tests.fault_cluster_build import gcs_actors
     from tests.tables import assert_same_build
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError, SourceConfig
 from pipeline.sources import ImageReader, build_index
-from pipeline.synthetic import BIOSCAN_COLUMNS, generate_demo_dataset
+from pipeline.demo.specimens import BIOSCAN_COLUMNS, generate_demo_dataset
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import (BIOSCAN_COLUMNS, GROUND_TRUTH_FILENAME, METADATA_RELPATH,
+from pipeline.demo.specimens import (BIOSCAN_COLUMNS, GROUND_TRUTH_FILENAME, METADATA_RELPATH,
                                 PART_COLOURS, generate_demo_dataset, image_relpath)
 
 

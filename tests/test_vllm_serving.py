@@ -278,7 +278,7 @@ def test_demo_build_annotates_crops_through_the_annotator_app(serving, demo_dir,
     import pyarrow.parquet as pq
 
     from pipeline.build import Build
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     out = tmp_path_factory.mktemp("vllm_build") / "build"
     start = time.monotonic()
@@ -315,7 +315,7 @@ def test_the_stage_at_the_llm_app_and_a_request_the_engine_rejects(serving, demo
 
     from pipeline.annotation.stage import AnnotateUnits
     from pipeline.annotation.units import annotation_units
-    from pipeline.demo import demo_build_config
+    from pipeline.demo.run import demo_build_config
 
     units = annotation_units(pq.read_table(demo_build[0] / "candidates").to_pylist(), 3)
     batch = [u for u in units if len(u["members"]) == 1][:3] + [u for u in units if len(u["members"]) == 3][:3]

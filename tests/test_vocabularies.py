@@ -14,7 +14,7 @@ from pipeline.annotation.stage import AnnotateUnits
 from pipeline.annotation.units import annotation_units
 from pipeline.annotation.vocabulary import INSECT, VOCABULARIES, load_vocabulary
 from pipeline.config import AnnotateConfig, ConfigError, validate
-from pipeline.demo import demo_build_config
+from pipeline.demo.run import demo_build_config
 from tests.fake_openai_server import FakeOpenAIServer
 
 

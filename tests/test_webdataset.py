@@ -16,7 +16,7 @@ from PIL import Image
 from pipeline.build import Build
 from pipeline.config import ConfigError, SourceConfig
 from pipeline.contract import STAGE
-from pipeline.demo import demo_build_config
+from pipeline.demo.run import demo_build_config
 from pipeline.sources import ImageReader, build_index
 from tests.tables import assert_same_build, sorted_rows
 

@@ -191,7 +191,7 @@ def build_test_models(folder: Path) -> dict[str, str]:
     import torch
 
     from pipeline.sae import SAESpec, SparseAutoencoder, save_sae
-    from pipeline.tiny_models import make_tiny_dinov2, make_tiny_qwen2_5_vl
+    from pipeline.demo.tiny_models import make_tiny_dinov2, make_tiny_qwen2_5_vl
 
     torch.manual_seed(0)
     (folder / "builds").mkdir(parents=True, exist_ok=True)

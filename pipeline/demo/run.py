@@ -20,8 +20,8 @@ import yaml
 
 from pipeline.build import Build
 from pipeline.config import BuildConfig, ConfigError, TrainSAEConfig, merge, parse_overrides, validate
-from pipeline.synthetic import generate_demo_dataset
-from pipeline.tiny_models import make_tiny_dinov2
+from pipeline.demo.specimens import generate_demo_dataset
+from pipeline.demo.tiny_models import make_tiny_dinov2
 from pipeline.train_sae import fit
 
 # The tiny backbone: 4 blocks of width 64; we read block 2 (its second-to-last, as the paper

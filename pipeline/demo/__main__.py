@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.demo.run import main
+
+sys.exit(main())
