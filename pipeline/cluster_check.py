@@ -12,6 +12,7 @@ config names an accelerator, and the replica actor's own {CPU: 1} added to the f
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import sys
@@ -119,8 +120,14 @@ def llm_problems(prepared_cluster: dict, llm: dict) -> list[str]:
             for key, n in wanted.items() if isinstance(n, int) and n > capacity]
 
 
-def main(argv: list[str]) -> int:
-    cluster_path, *serve_paths = argv or ["cluster.yaml", "serve_configs/qwen2_5_vl_72b.yaml"]
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m pipeline.cluster_check", description=__doc__.split("\n\n")[0],
+                                     epilog="docs: docs/cluster.md")
+    parser.add_argument("cluster", nargs="?", default="cluster.yaml", help="the Ray cluster launcher file")
+    parser.add_argument("serve_configs", nargs="*", default=["serve_configs/qwen2_5_vl_72b.yaml"],
+                        help="Serve config files whose LLM deployments must fit")
+    args = parser.parse_args(argv)
+    cluster_path, serve_paths = args.cluster, args.serve_configs
     prepared = validate_cluster(yaml.safe_load(Path(cluster_path).read_text()))
     failed = False
     for path in serve_paths:
@@ -135,4 +142,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

@@ -15,6 +15,7 @@ Whether a key may change between a run and its resume is said on the field (:fun
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from pathlib import Path
@@ -53,7 +54,7 @@ def runtime_keys(model: type[BaseModel], prefix: str = "") -> tuple[str, ...]:
     keys: list[str] = []
     for name, field in model.model_fields.items():
         marker = (field.json_schema_extra or {}).get("runtime") if isinstance(field.json_schema_extra, dict) else None
-        section = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, Section) else None
+        section = _section(field)
         if marker is True:
             keys.append(f"{prefix}{name}." if section else f"{prefix}{name}")
         elif marker is None and section:
@@ -405,6 +406,14 @@ class RayConfig(Section):
     ever hold stops the run at once."""
 
 
+class BuildRayConfig(RayConfig):
+    small_build_images: int = Field(default=5000, ge=0)
+    """A build of at most this many images runs count, select, candidates and a templated annotate
+    (llm.kind none) in its driver, on whole tables, instead of Ray Data tasks, shuffles and actor
+    pools, whose fixed costs (seconds a stage) would dominate; the same rows either way. 0: always
+    Ray. Encode (the GPU pool) and the LLM kinds always run on Ray."""
+
+
 class BuildConfig(Section):
     source: SourceConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
@@ -415,7 +424,7 @@ class BuildConfig(Section):
     contrast: ContrastConfig = Field(default_factory=ContrastConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     annotate: AnnotateConfig = Field(default_factory=AnnotateConfig)
-    ray: RayConfig = runtime(default_factory=RayConfig)
+    ray: BuildRayConfig = runtime(default_factory=BuildRayConfig)
     storage: StorageConfig = runtime(default_factory=StorageConfig)
     report: bool = runtime(default=True)
     """Write the browsable HTML report (OUT/report/, see pipeline.report) at the end of the build."""
@@ -774,7 +783,25 @@ def config_changes(old: dict, new: dict, may_change: tuple[str, ...] = ()) -> st
     return "; ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in differ)
 
 
-def add_config_arguments(parser) -> None:
+DOCS = "docs/"  # where --help sends a reader for every key's meaning
+
+
+def add_config_arguments(parser, model: type[BaseModel] | None = None, docs: str | None = None) -> None:
+    """--config and --set; with ``model``, --help ends with its sections (one line each) and the docs page."""
+    if model is not None:
+        sections = [f"  {name:<11} " + (", ".join(_section(field).model_fields) if _section(field) else
+                                         _first_line(field.description)) for name, field in model.model_fields.items()]
+        parser.epilog = "\n".join(["config keys, by section (--set SECTION.KEY=VALUE):", *sections,
+                                    f"every key, its default and meaning: {DOCS}{docs or ''} and pipeline/config.py"])
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set contrast.t_freq=0.01 (repeatable)")
+
+
+def _section(field) -> type[Section] | None:
+    return field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, Section) else None
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n")[0].split(". ")[0].rstrip(".")

@@ -463,9 +463,9 @@ def write_checkpoint(sae: SparseAutoencoder, history: list[dict], output: str | 
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train_sae", description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m pipeline.train_sae", description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser, TrainSAEConfig, "training.md")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in the output and start again")
     args = parser.parse_args(argv)
     try:

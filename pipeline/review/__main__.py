@@ -24,8 +24,8 @@ from pipeline.review.score import markdown_table, score, table_rows
 from pipeline.review.server import serve
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline.review", description=__doc__.split("\n\n")[0])
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog or "python -m pipeline.review", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="draw a blinded review set from finished builds")
     s.add_argument("--build", dest="builds", action="append", help="a finished build's output folder (repeatable; key builds)")
@@ -40,8 +40,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, help="port to listen on (key port)")
     c = sub.add_parser("score", help="score a review: per build means, intervals, agreement, flags")
     c.add_argument("review", nargs="?", help="the review folder (key review)")
-    for each in (s, v, c):
-        add_config_arguments(each)
+    for each, (model, _) in zip((s, v, c), COMMANDS.values()):
+        add_config_arguments(each, model, "review.md")
     return p
 
 
@@ -50,8 +50,8 @@ COMMANDS = {"sample": (ReviewSampleConfig, ("builds", "labels", "per_build", "se
             "score": (ReviewScoreConfig, ("review",))}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = parser(prog).parse_args(argv)
     model, keys = COMMANDS[args.command]
     # Each flag as a JSON value (valid YAML: a string stays a string), after the --set overrides.
     flags = [f"{k}={json.dumps(getattr(args, k))}" for k in keys if getattr(args, k) is not None]
