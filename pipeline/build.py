@@ -8,6 +8,10 @@
     candidates/ → unit shards (driver) → annotate (actor pool) → traits/      [resumed by annotation_id]
     rejected rows anywhere → errors/ (de-duplicated at the end; present, maybe empty, in every build)
 
+A small build (at most ``ray.small_build_images`` images) runs count, select, candidates and a
+templated annotate in the driver on whole tables, with the same library functions: Ray's fixed
+costs (planning, shuffle actors, actor starts) would otherwise be most of its time.
+
 The stages, their folders, schemas and resume keys are declared once, in :mod:`pipeline.contract`.
 Resume: the same command over the same output picks up where a killed run stopped. A finished
 stage leaves a marker (_build/stages/NAME.json) and is never redone. An unfinished count, select
@@ -26,14 +30,15 @@ pointed at an existing output is refused, naming the keys that differ.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
+import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -47,17 +52,18 @@ from actors.annotate import AnnotateActor
 from actors.encoder import EncodeActor
 from pipeline import storage
 from pipeline.annotation.units import unit_table, with_annotation_ids
-from pipeline.candidates import find_candidates, keep_top_images
+from pipeline.candidates import find_candidates, keep_top_images, top_candidates
 from pipeline.config import BuildConfig, ConfigError, add_config_arguments, config_changes, load_config, runtime_keys
+from pipeline.console import PREFIX, Progress, quiet, say
 from pipeline.contract import ERRORS, SELECTED_SCHEMA, STAGE, STAGES, STATE, TABLES, TRAITS_SCHEMA
-from pipeline.counting import reduce_counts, taxonomy_codes
+from pipeline.counting import counts_of, reduce_counts, taxonomy_codes
 from pipeline.encoding import backbone_patch_px
 from pipeline.errors import compact_errors, write_errors
 from pipeline.execution import (SHARD_BATCHES, PoolAsk, cluster_cpus, encode_images, encoder_pool, ensure_placeable,
                                 in_shards, in_tasks, init_ray)
 from pipeline.report import write_report
 from pipeline.sae import sae_metadata
-from pipeline.selection import select_by_contrast_group, taxonomy_of_species
+from pipeline.selection import select_by_contrast_group, select_latents, taxonomy_of_species
 from pipeline.sources import build_index
 
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
@@ -68,6 +74,7 @@ RESUME_READ_THREADS = 16  # output files whose resume keys are read at once (obj
 ROW_GROUP_ROWS = 65_536
 # Keys a resume may change: where and how fast it runs (and where the folder now is), never what it computes.
 RESUMABLE_KEYS = runtime_keys(BuildConfig)
+LOGS = f"{STATE}/logs"  # one log file per run of the build: what Ray and the libraries wrote
 
 
 class RunContext(NamedTuple):
@@ -87,6 +94,8 @@ class Build:
         self.arrow_fs, self.arrow_root = storage.arrow_filesystem(cfg.output, cfg.storage_options)
         self.stages: dict[str, dict] = {}
         self._index: pa.Table | None = None
+        self.progress: Progress | None = None
+        self.log_path: str | None = None
 
     def path(self, name: str) -> str:
         return storage.join(self.root, name)
@@ -102,6 +111,11 @@ class Build:
         into fewer files, and a complete file is the unit a resume keeps)."""
         ds.write_parquet(self.arrow_path(name), filesystem=self.arrow_fs, max_rows_per_file=rows_per_file,
                          row_group_size=min(ROW_GROUP_ROWS, rows_per_file or ROW_GROUP_ROWS))
+
+    def write_whole(self, table: pa.Table, name: str) -> None:
+        """A table made in the driver, as one file (a small build's count, select and candidates)."""
+        storage.write_table(self.fs, self.path(f"{name}/part-00000.parquet"), table,
+                            row_group_size=ROW_GROUP_ROWS)
 
     def remove(self, name: str) -> None:
         if self.fs.exists(self.path(name)):
@@ -135,20 +149,36 @@ class Build:
         done = self.finished_stage(name)
         if done is not None:
             self.stages[name] = {**done, "resumed": True}
-            print(f"[sae-traits] stage {name}: done in an earlier run ({done['rows']} rows)", flush=True)
+            say(f"{PREFIX} stage {name}: done in an earlier run ({done['rows']} rows)")
             return
-        print(f"[sae-traits] stage {name} ...", flush=True)
+        say(f"{PREFIX} stage {name} ...")
         stage = STAGE[name]
         if stage.resume_key is None:  # a partial output of a killed run is cleared; these stages are cheap
             self.remove(stage.output)
         start = time.perf_counter()
         run = getattr(self, f"stage_{name}")
-        extra = (run() if ctx is None else run(ctx)) or {}
+        with Progress(name, "rows", None, self.rows_written(name)) as self.progress:
+            extra = (run() if ctx is None else run(ctx)) or {}
         wall = time.perf_counter() - start
-        record = {"rows": storage.count_rows(self.fs, self.path(stage.output)), "wall_s": round(wall, 3), **extra}
+        record = {"rows": storage.count_rows(self.fs, self.path(stage.output)), "wall_s": round(wall, 3),
+                  **({} if name == "index" else {"runs_on": "driver" if self.in_driver(name) else "ray"}), **extra}
         storage.write_json(self.fs, self.path(f"{STATE}/stages/{name}.json"), record)  # done from here on
         self.stages[name] = record
-        print(f"[sae-traits] stage {name}: {record['rows']} rows in {wall:.1f} s", flush=True)
+        say(f"{PREFIX} stage {name}: {record['rows']} rows in {wall:.1f} s")
+
+    def rows_written(self, name: str):
+        """Rows in the complete files of stage ``name``'s output so far (each file's footer read once)."""
+        seen: dict[str, int] = {}
+
+        def count() -> int:
+            for path in storage.parquet_files(self.fs, self.path(STAGE[name].output)):
+                if path not in seen:
+                    try:
+                        seen[path] = pq.ParquetFile(self.fs.open(path, "rb")).metadata.num_rows
+                    except (pa.ArrowInvalid, OSError):  # still being written
+                        pass
+            return sum(seen.values())
+        return count
 
     def written_ids(self, name: str) -> pa.Array:
         """Row ids already in stage ``name``'s output from a killed run. Parquet writes its footer last and an S3
@@ -170,17 +200,27 @@ class Build:
                       if ids is not None for c in ids.chunks]
         return pc.unique(pa.chunked_array(chunks, pa.string())) if chunks else pa.array([], pa.string())
 
-    def pending(self, name: str, rows: pa.Table, shard_rows: int):
-        """The stage's input rows not yet written (all of them on a first run), as a Ray Dataset of
-        one block per shard of ``shard_rows``; None when nothing is left."""
+    def pending(self, name: str, rows: pa.Table, unit: str) -> pa.Table | None:
+        """The stage's input rows not yet written (all of them on a first run); None when nothing is left.
+        The stage's progress line counts them, in ``unit``."""
         done = self.written_ids(name)
         if len(done):
             key = STAGE[name].resume_key
             rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=done)))
-            print(f"[sae-traits] stage {name}: resuming, {len(done)} rows written earlier, {rows.num_rows} to do", flush=True)
-        if not rows.num_rows:
-            return None
-        return in_shards(rows, shard_rows)
+            say(f"{PREFIX} stage {name}: resuming, {len(done)} rows written earlier, {rows.num_rows} to do")
+        if self.progress is not None:
+            self.progress.expect(rows.num_rows, unit)
+        return rows if rows.num_rows else None
+
+    def small(self) -> bool:
+        """Whether this build is small enough to run its table stages in the driver (ray.small_build_images)."""
+        return self.index().num_rows <= self.cfg.ray.small_build_images
+
+    def in_driver(self, name: str) -> bool:
+        """Whether stage ``name`` runs in the driver rather than on Ray (see :meth:`small`)."""
+        if name == "annotate":
+            return self.small() and self.cfg.annotate.llm.kind == "none"
+        return name in ("count", "select", "candidates") and self.small()
 
     def index(self) -> pa.Table:
         if self._index is None:
@@ -199,18 +239,27 @@ class Build:
         cfg = self.cfg
         # Output files of at most a shard: a killed build redoes only what was in flight.
         shard_rows = SHARD_BATCHES * cfg.encoder.batch_size
-        if (todo := self.pending("encode", self.index(), shard_rows)) is None:
+        if (todo := self.pending("encode", self.index(), "images")) is None:
             return
-        activations = encode_images(todo, EncodeActor, {"cfg": cfg}, source=cfg.source, preprocess=cfg.preprocess,
+        activations = encode_images(in_shards(todo, shard_rows), EncodeActor, {"cfg": cfg}, source=cfg.source, preprocess=cfg.preprocess,
                                     encoder=cfg.encoder, patch_px=ctx.patch_px, errors_to=(cfg.output, cfg.storage))
         self.write(activations, "activations", rows_per_file=shard_rows)
 
     def stage_count(self, ctx: RunContext) -> None:
-        firings = self.read("activations", columns=["species", "genus", "family", "latent"])
+        columns = ["species", "genus", "family", "latent"]
+        if self.in_driver("count"):
+            firings = storage.read_table(self.fs, self.path("activations"), columns=columns)
+            self.write_whole(counts_of(firings, taxonomy_codes(self.index()), self.cfg.counting.unit), "counts")
+            return
+        firings = self.read("activations", columns=columns)
         self.write(reduce_counts(firings, taxonomy_codes(self.index()), self.cfg.counting.unit,
                                  num_partitions=ctx.n_cpus), "counts")
 
     def stage_select(self, ctx: RunContext) -> None:
+        if self.in_driver("select"):
+            counts = storage.read_table(self.fs, self.path("counts"))
+            self.write_whole(select_latents(counts, taxonomy_of_species(self.index()), self.cfg.contrast), "selected")
+            return
         self.write(select_by_contrast_group(self.read("counts"), taxonomy_of_species(self.index()), self.cfg.contrast,
                                             num_partitions=ctx.n_cpus), "selected")
         if not storage.parquet_files(self.fs, self.path("selected")):  # nothing selected: the contract's empty table
@@ -219,6 +268,11 @@ class Build:
     def stage_candidates(self, ctx: RunContext) -> None:
         cfg = self.cfg
         selected = storage.read_table(self.fs, self.path("selected"))
+        if self.in_driver("candidates"):
+            self.write_whole(top_candidates(storage.read_table(self.fs, self.path("activations")), selected,
+                                            cfg.contrast.max_latents_per_species, cfg.candidates.top_images,
+                                            cfg.candidates.group_size), "candidates")
+            return
         hits = self.read("activations").map_batches(find_candidates, batch_format="pyarrow", fn_kwargs={
             "selected": selected, "max_latents_per_species": cfg.contrast.max_latents_per_species})
         top = hits.groupby(["species", "latent"], num_partitions=ctx.n_cpus).map_groups(
@@ -240,12 +294,19 @@ class Build:
         batch = ann.batch_size if ann.llm.kind == "none" else max(ann.batch_size, 4 * share)
         # Shards of one batch (so every actor gets work), keyed by annotation_id: a resumed build
         # sends only the units whose answers were never written.
-        if (todo := self.pending("annotate", with_annotation_ids(ann, units), batch)) is None:
+        if (todo := self.pending("annotate", with_annotation_ids(ann, units), "units")) is None:
+            return
+        if self.in_driver("annotate"):  # the pool's own callable, one batch at a time, a file each
+            annotate = AnnotateActor(self.cfg, max_in_flight=ann.max_in_flight)
+            for start in range(0, todo.num_rows, batch):
+                shard = todo.slice(start, batch)
+                storage.write_table(self.fs, self.path(f"traits/{shard['annotation_id'][0].as_py()}.parquet"),
+                                    annotate(shard), row_group_size=ROW_GROUP_ROWS)
             return
         # An LLM kind's actor is called from max_concurrent_batches threads at once: the batches
         # overlap on the stage's one event loop and share its max_in_flight requests.
         overlap = 1 if ann.llm.kind == "none" else ann.max_concurrent_batches
-        traits = todo.map_batches(
+        traits = in_shards(todo, batch).map_batches(
             AnnotateActor, batch_size=batch, batch_format="pyarrow",
             compute=ActorPoolStrategy(min_size=1, max_size=actors, max_concurrent_calls_per_actor=overlap,
                                       enable_true_multi_threading=True),
@@ -258,14 +319,16 @@ class Build:
         ann, pools = self.cfg.annotate, []
         if self.finished_stage("encode") is None:
             pools.append(encoder_pool("encode", self.cfg.encoder))
-        if self.finished_stage("annotate") is None:
+        if self.finished_stage("annotate") is None and not self.in_driver("annotate"):
             pools.append(PoolAsk("annotate", {"GPU": ann.num_gpus, "CPU": ann.num_cpus},
                                  {"GPU": "annotate.num_gpus", "CPU": "annotate.num_cpus"}))
         return pools
 
     # -- the whole build -----------------------------------------------------------------------
 
-    def run(self, overwrite: bool = False) -> dict:
+    def run(self, overwrite: bool = False, quiet_log: bool = False) -> dict:
+        """Build (or resume, or just summarise a finished build). ``quiet_log``: what Ray and the
+        libraries print goes to a log file under OUT/_build/logs/ instead of the console."""
         cfg = self.cfg
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
@@ -275,12 +338,39 @@ class Build:
         self.open_output(overwrite)
         if self.fs.exists(self.path("manifest.json")):  # finished earlier: nothing to redo
             manifest = storage.read_json(self.fs, self.path("manifest.json"))
-            print(format_summary(manifest["summary"], resumed=True), flush=True)
+            say(format_summary(manifest["summary"], resumed=True))
             return manifest
+        if not quiet_log:
+            return self.run_stages(started, t0, patch_px)
+        local_log, self.log_path = self.log_file(started)
+        try:
+            with quiet(local_log):
+                try:
+                    return self.run_stages(started, t0, patch_px)
+                except BaseException:
+                    traceback.print_exc()  # into the log; the console gets one line (main)
+                    raise
+        finally:
+            if local_log != self.log_path:  # a remote output: the log goes beside it too
+                try:
+                    self.fs.put(str(local_log), self.log_path)
+                except Exception:  # the store may be what failed; the local copy stays
+                    self.log_path = str(local_log)
 
+    def log_file(self, started: datetime) -> tuple[Path, str]:
+        """(where this run's log is written, where it is kept): OUT/_build/logs/build-TIME.log; for
+        a remote output a local file first (~/.cache/sae-traits/logs/), copied there at the end."""
+        name = f"build-{started.strftime('%Y%m%dT%H%M%SZ')}.log"
+        kept = self.path(f"{LOGS}/{name}")
+        if storage.is_local(self.fs):
+            return Path(kept), kept
+        return storage.cache_dir() / "logs" / f"{Path(self.root).name}-{name}", kept
+
+    def run_stages(self, started: datetime, t0: float, patch_px: int | None) -> dict:
+        cfg = self.cfg
         self.run_stage("index")
         n_cpus = 1
-        if any(self.finished_stage(name) is None for name in STAGE_NAMES):
+        if any(self.finished_stage(name) is None and not self.in_driver(name) for name in STAGE_NAMES[1:]):
             init_ray(cfg.ray)
             ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
             # Never wait for a pool no node can hold: stop now, naming the key (nothing submitted yet).
@@ -305,17 +395,17 @@ class Build:
             "hub": hub_revisions(cfg),
         }
         storage.write_json(self.fs, self.path("manifest.json"), manifest)
-        print(format_summary(manifest["summary"]), flush=True)
+        say(format_summary(manifest["summary"]))
         if cfg.report:
             self.write_report()
         return manifest
 
     def write_report(self) -> None:
         try:
-            print(f"[sae-traits] report: {write_report(self.cfg.output, self.cfg.storage_options, log=lambda *_: None)}")
+            say(f"{PREFIX} report: {write_report(self.cfg.output, self.cfg.storage_options, log=lambda *_: None)}")
         except Exception as exc:  # the dataset is complete and recorded; a report problem must not fail the build
-            print(f"[sae-traits] warning: no report ({type(exc).__name__}: {exc}); "
-                  f"retry with python -m pipeline.report --build {self.cfg.output}", file=sys.stderr, flush=True)
+            say(f"{PREFIX} warning: no report ({type(exc).__name__}: {exc}); "
+                f"retry with sae-traits report --build {self.cfg.output}", err=True)
 
     def summary(self, errors: pa.Table) -> dict:
         """The figures a user checks first: what went in, what came out, where the time went."""
@@ -378,24 +468,34 @@ def hub_revisions(cfg: BuildConfig) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.build", description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m pipeline.build", description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser, BuildConfig, "build.md")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing build in the output")
+    parser.add_argument("--verbose", action="store_true", help="also show what Ray and the libraries print (Ray's "
+                        "INFO lines, execution plans, workers' output); by default it goes to OUT/_build/logs/")
     args = parser.parse_args(argv)
+    build = None
     try:
         cfg = load_config(BuildConfig, args.config, args.overrides)  # fails before Ray starts
-        manifest = Build(cfg).run(overwrite=args.overwrite)
+        build = Build(cfg)
+        manifest = build.run(overwrite=args.overwrite, quiet_log=not args.verbose)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}", err=True)
         return 2
     except Exception as exc:  # the store out of reach once retries are spent (in the driver or a Ray task)
-        if (unavailable := storage.unavailable_error(exc)) is None:
+        if (unavailable := storage.unavailable_error(exc)) is not None:
+            say(f"error: storage unreachable: {unavailable.message}\n  the build of {cfg.output} stopped; what it "
+                "wrote is kept: rerun the same command once the store answers again and it resumes", err=True)
+            return 3  # not 1 (a crash) nor 2 (a config to fix): the same command may work later
+        if args.verbose or build is None or build.log_path is None:
             raise
-        print(f"error: storage unreachable: {unavailable.message}\n  the build of {cfg.output} stopped; what it wrote "
-              "is kept: rerun the same command once the store answers again and it resumes", file=sys.stderr)
-        return 3  # not 1 (a crash) nor 2 (a config to fix): the same command may work later
-    print(json.dumps({"output": cfg.output, "stages": manifest["stages"], "wall_s": manifest["wall_s"]}, indent=2))
+        say(f"error: the build failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            f"\n  the full traceback is in {build.log_path}; what was written is kept and the same command resumes",
+            err=True)
+        return 1
+    say(f"{PREFIX} built {cfg.output} in {manifest['wall_s']:.1f} s"
+        + (f"; log: {build.log_path}" if build.log_path else ""))
     return 0
 
 

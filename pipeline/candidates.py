@@ -1,6 +1,7 @@
 """Candidates: for every selected (species, latent) that goes forward, the images of that species where it fires.
 
-Two plain batch functions, strung together by the build graph:
+Two plain batch functions, strung together by the build graph (or by :func:`top_candidates` on
+one table, for a build small enough to run in its driver):
 - ``find_candidates`` (per activations/ batch): joins each image's firings with its species'
   selected latents — the best ``contrast.max_latents_per_species`` of each species — → one row
   per (image, latent) with the zone's patches and summed activation;
@@ -58,3 +59,18 @@ def keep_top_images(group: pa.Table, top_images: int, group_size: int) -> pa.Tab
     return group.append_column("image_rank", pa.array(image_rank)) \
         .append_column("consensus_group", pa.array(consensus, pa.int32())) \
         .append_column("boxes", pa.array(boxes, pa.list_(BOX_TYPE)))
+
+
+def top_candidates(activations: pa.Table, selected: pa.Table, max_latents_per_species: int | None,
+                   top_images: int, group_size: int) -> pa.Table:
+    """The candidates/ rows of a whole activations/ table at once: ``find_candidates`` then
+    ``keep_top_images`` per (species, latent) group — the build graph's two steps on one table."""
+    hits = find_candidates(activations, selected, max_latents_per_species)
+    if not hits.num_rows:
+        return keep_top_images(hits, top_images, group_size)
+    hits = hits.sort_by([("species", "ascending"), ("latent", "ascending")])
+    key = pc.binary_join_element_wise(hits["species"], pc.cast(hits["latent"], pa.string()), "\x00").to_numpy(
+        zero_copy_only=False)
+    starts = np.r_[0, np.flatnonzero(key[1:] != key[:-1]) + 1, len(key)]
+    return pa.concat_tables([keep_top_images(hits.slice(a, b - a), top_images, group_size)
+                             for a, b in zip(starts[:-1], starts[1:])])

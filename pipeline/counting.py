@@ -6,7 +6,8 @@ The build knows every labelled taxonomy before it counts (the index), so each di
 1. ``count_firings`` (per activations/ batch): partial counts per (code, latent), counted with
    ``np.bincount`` — no Python loop over firings and no string hashing per firing;
 2. partials with the same (code, latent) are summed (:func:`sum_counts` on one table; in a build,
-   :func:`reduce_counts`: a hash-partitioned Ray Data groupby whose ``Sum`` is an ``AggregateFnV2``);
+   :func:`reduce_counts`: a hash-partitioned Ray Data groupby whose ``Sum`` is an ``AggregateFnV2``,
+   or :func:`counts_of` on the whole table for a build small enough to run in its driver);
 3. ``counts_by_rank`` rolls the summed rows up to (rank, taxon, latent) — the counts/ contract.
    Because the whole taxonomy is the key, genus and family counts are exact even if a species
    name were filed under two genera.
@@ -126,6 +127,11 @@ def counts_by_rank(code_counts: pa.Table, taxonomy: pa.Table, ranks: tuple[str, 
                                "latent": pa.array(lat, pa.int32()), "count": pa.array(cnt, pa.int64())},
                               schema=COUNTS_SCHEMA))
     return pa.concat_tables(parts)
+
+
+def counts_of(activations: pa.Table, taxonomy: pa.Table, unit: str = "patches", ranks: tuple[str, ...] = RANKS) -> pa.Table:
+    """The counts/ rows of a whole activations/ table at once (the three steps on one table)."""
+    return counts_by_rank(sum_counts(count_firings(activations, taxonomy, unit), taxonomy.num_rows), taxonomy, ranks)
 
 
 # --------------------------------------------------------------------------- the distributed reduce

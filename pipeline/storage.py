@@ -418,9 +418,9 @@ def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.mv(target, path)
 
 
-def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table) -> None:
+def write_table(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
+    pq.write_table(table, sink, row_group_size=row_group_size)
     publish(fs, path, sink.getvalue().to_pybytes())
 
 

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.build import ROW_GROUP_ROWS, Build, format_summary
+from pipeline.config import BuildConfig
 from pipeline.demo.run import demo_build_config, planted_part_overlap
 from pipeline.demo.specimens import METADATA_RELPATH, image_relpath
 from tests.test_contract import REQUIRED as CONTRACT  # DESIGN §5's required columns
@@ -205,3 +206,25 @@ def test_a_dinov2_with_registers_builds_end_to_end(demo_dir, tmp_path):
     activations = pq.read_table(out / "activations", columns=["patch", "patch_px"]).to_pylist()
     assert manifest["status"] == "succeeded" and manifest["summary"]["images_encoded"] == len(activations) > 0
     assert {a["patch_px"] for a in activations} == {14} and max(max(a["patch"]) for a in activations) < 256
+
+
+def test_a_small_build_runs_its_table_stages_in_the_driver_with_the_rows_of_the_ray_path(clean_build, tmp_path):
+    """The demo is small (ray.small_build_images): count, select, candidates and the templated annotate
+    ran in the driver. The same build with ray.small_build_images=0 runs them on Ray Data (shuffles,
+    actor pools) from the same activations/, and every table is the same."""
+    from tests.tables import assert_same_build
+
+    out, manifest = clean_build
+    assert {n: manifest["stages"][n]["runs_on"] for n in ("encode", "count", "select", "candidates", "annotate")} == {
+        "encode": "ray", "count": "driver", "select": "driver", "candidates": "driver", "annotate": "driver"}
+    on_ray = tmp_path / "on_ray"
+    shutil.copytree(out, on_ray, ignore=shutil.ignore_patterns(
+        "counts", "selected", "candidates", "traits", "report", "logs", "manifest.json", "count.json", "select.json",
+        "candidates.json", "annotate.json"))
+    cfg = json.loads((out / "_build" / "config.json").read_text())
+    cfg["output"], cfg["ray"]["small_build_images"] = str(on_ray), 0
+    (on_ray / "_build" / "config.json").write_text(json.dumps(cfg))
+    again = Build(BuildConfig.model_validate(cfg)).run()
+    assert {n: again["stages"][n]["runs_on"] for n in ("count", "select", "candidates", "annotate")} == {
+        "count": "ray", "select": "ray", "candidates": "ray", "annotate": "ray"}
+    assert_same_build(out, on_ray)

@@ -13,6 +13,7 @@ import csv
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -20,6 +21,7 @@ import yaml
 
 from pipeline.build import Build
 from pipeline.config import BuildConfig, ConfigError, TrainSAEConfig, merge, parse_overrides, validate
+from pipeline.console import quiet, say
 from pipeline.demo.specimens import generate_demo_dataset
 from pipeline.demo.tiny_models import make_tiny_dinov2
 from pipeline.train_sae import fit
@@ -56,7 +58,7 @@ def demo_build_config(out: Path, overrides: list[str] | None = None) -> BuildCon
     return validate(BuildConfig, merge(base, parse_overrides(overrides or [])))
 
 
-def prepare_demo(out: Path, images_per_species: int = 16, log=print) -> dict:
+def prepare_demo(out: Path, images_per_species: int = 16, log=say) -> dict:
     """Data, tiny backbone and trained SAE under ``out`` (skips what is already there)."""
     out.mkdir(parents=True, exist_ok=True)
     summary = generate_demo_dataset(out / "data", images_per_species=images_per_species, seed=0)
@@ -92,33 +94,40 @@ def planted_part_overlap(build: Path, ground_truth: Path) -> dict[str, dict]:
     return stats
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m pipeline.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for the demo data, models and build")
     parser.add_argument("--images-per-species", type=int, default=16)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a build config key (repeatable)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show what Ray and the libraries print (by default it goes to OUT/logs/ and the build's log)")
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     start = time.perf_counter()
     try:
         cfg = demo_build_config(out, args.overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}", err=True)
         return 2
-    prepare_demo(out, args.images_per_species)
-    (out / "build.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    Build(cfg).run(overwrite=True)
-    print(f"\n[demo] done in {time.perf_counter() - start:.0f} s")
-    print(f"  data:          {out / 'data'}  (ground truth: {out / 'data' / 'ground_truth.csv'})")
-    print(f"  models:        {out / 'models'}")
-    print(f"  build config:  {out / 'build.yaml'}  (rerun: python -m pipeline.build --config {out / 'build.yaml'} --overwrite)")
-    print(f"  build output:  {cfg.output}  (summary above; manifest.json)")
-    print(f"  report:        {Path(cfg.output) / 'report' / 'index.html'}")
-    print("  planted parts found by each species' best latent (images whose box overlaps the part; "
-          "mean share of the box on the part):")
+    log = out / "logs" / f"demo-{time.strftime('%Y%m%dT%H%M%S')}.log"
+    with nullcontext() if args.verbose else quiet(log):
+        prepare_demo(out, args.images_per_species)
+        (out / "build.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        build = Build(cfg)
+        build.run(overwrite=True, quiet_log=not args.verbose)
+    say(f"\n[demo] done in {time.perf_counter() - start:.0f} s")
+    say(f"  data:          {out / 'data'}  (ground truth: {out / 'data' / 'ground_truth.csv'})")
+    say(f"  models:        {out / 'models'}")
+    say(f"  build config:  {out / 'build.yaml'}  (rerun: sae-traits build --config {out / 'build.yaml'} --overwrite)")
+    say(f"  build output:  {cfg.output}  (summary above; manifest.json)")
+    say(f"  report:        {Path(cfg.output) / 'report' / 'index.html'}")
+    if not args.verbose:
+        say(f"  logs:          {log} (data and SAE training), {build.log_path} (the build)")
+    say("  planted parts found by each species' best latent (images whose box overlaps the part; "
+        "mean share of the box on the part):")
     for species, st in sorted(planted_part_overlap(Path(cfg.output), out / "data" / "ground_truth.csv").items()):
-        print(f"    {species:<26} latent {st['latent']:>4}: {st['hits']}/{st['images']}  {st['inside']:.0%}")
+        say(f"    {species:<26} latent {st['latent']:>4}: {st['hits']}/{st['images']}  {st['inside']:.0%}")
     return 0
 
 
