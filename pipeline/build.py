@@ -342,20 +342,18 @@ class Build:
             return manifest
         if not quiet_log:
             return self.run_stages(started, t0, patch_px)
-        local_log, self.log_path = self.log_file(started)
-        try:
-            with quiet(local_log):
-                try:
-                    return self.run_stages(started, t0, patch_px)
-                except BaseException:
-                    traceback.print_exc()  # into the log; the console gets one line (main)
-                    raise
-        finally:
-            if local_log != self.log_path:  # a remote output: the log goes beside it too
-                try:
-                    self.fs.put(str(local_log), self.log_path)
-                except Exception:  # the store may be what failed; the local copy stays
-                    self.log_path = str(local_log)
+        local_log, kept = self.log_file(started)
+        self.log_path = str(local_log)  # until the build has finished: a failed one's log stays here
+        with quiet(local_log):
+            try:
+                manifest = self.run_stages(started, t0, patch_px)
+            except BaseException:
+                traceback.print_exc()  # into the log; the console gets one line (main)
+                raise
+        if kept != self.log_path:  # a remote output: its log goes beside it too
+            self.fs.put(self.log_path, kept)
+            self.log_path = kept
+        return manifest
 
     def log_file(self, started: datetime) -> tuple[Path, str]:
         """(where this run's log is written, where it is kept): OUT/_build/logs/build-TIME.log; for
