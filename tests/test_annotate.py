@@ -217,3 +217,19 @@ def test_an_unreachable_store_stops_the_batch(demo_dir, units, monkeypatch):
     monkeypatch.setattr(st.reader, "read", read)
     with pytest.raises(StorageUnavailable, match="no answer"):
         st(pa.Table.from_pylist(units[:3]))
+
+
+def test_each_members_geometry_is_made_once(demo_dir, units, monkeypatch):
+    """UnitImages builds a member's Geometry once and uses it to check the image and to find its zone."""
+    from pipeline.annotation import renderings
+
+    made = []
+    real = renderings.Geometry.from_row
+
+    def counted(row):
+        made.append(row["image_id"])
+        return real(row)
+    monkeypatch.setattr(renderings.Geometry, "from_row", staticmethod(counted))
+    unit = next(u for u in units if len(u["members"]) == 3)
+    images, boxes, measurements = stage(demo_dir, llm={"kind": "none"}).prepare(unit)
+    assert made == [r["image_id"] for r in unit["members"]] and len(images) == len(boxes) == len(measurements) == 3

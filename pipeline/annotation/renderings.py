@@ -3,7 +3,8 @@
 Inputs follow the package conventions: ``uint8 [H, W, 3]`` sRGB in ORIGINAL
 pixels, zone masks ``bool [H, W]`` in the same pixels, boxes
 ``{"x0", "y0", "x1", "y1"}`` with exclusive x1/y1.  Pure functions, no I/O;
-:class:`Rendering` picks among them as the annotate section says.
+:class:`Rendering` picks among them as the annotate section says, and
+:class:`UnitImages` (the one reader here) reads a unit's images from the source and renders them.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipeline.config import AnnotateConfig
+from pipeline.annotation.measurements import regions_and_measurements
+from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
+from pipeline.errors import ImageRejected
+from pipeline.preprocessing import Geometry, decode_image
+from pipeline.sources import ImageReader
 
-__all__ = ["png_bytes", "encode_image", "zone_outline", "render_overlay", "render_crop", "crop_box", "Rendering"]
+__all__ = ["png_bytes", "encode_image", "zone_outline", "render_overlay", "render_crop", "crop_box", "union_box",
+           "Rendering", "UnitImages"]
 MAX_IMAGES = 3  # images per prompt the Serve config lets vLLM take (limit_mm_per_prompt)
 
 
@@ -136,6 +142,12 @@ def crop_box(box: dict, shape, *, margin_frac: float = 0.15, min_side_px: int = 
     return {"x0": x0, "y0": y0, "x1": x1, "y1": y1}
 
 
+def union_box(boxes: list[dict]) -> dict:
+    """The smallest box holding all of ``boxes``."""
+    return {"x0": min(b["x0"] for b in boxes), "y0": min(b["y0"] for b in boxes),
+            "x1": max(b["x1"] for b in boxes), "y1": max(b["y1"] for b in boxes)}
+
+
 def render_crop(rgb: np.ndarray, box: dict, *, margin_frac: float = 0.15,
                 min_side_px: int = 64, fmt: str = "png") -> bytes:
     """``fmt`` bytes of the region's box plus a margin (see :func:`crop_box`)."""
@@ -174,3 +186,50 @@ class Rendering:
             return [render_overlay(rgb, np.logical_or.reduce([m for _, m in regions]), fmt=fmt)]
         by_area = sorted(regions, key=lambda r: -int(r[1].sum()))[:max_crops]
         return [render_crop(rgb, box, margin_frac=self.crop_margin, fmt=fmt) for box, _ in by_area]
+
+
+class UnitImages:
+    """A unit's images (a unit: a dict with ``members``, its candidates/ rows): each member's image
+    read from the source and checked against the size it had when encoded, its Geometry made once,
+    its zone's regions measured and rendered as the annotate section says. The annotate stage holds
+    one, and so does an export that makes the renderings again: the same code, the same bytes. Its
+    image reader caches (a shard, a row group): one per thread."""
+
+    def __init__(self, cfg: AnnotateConfig, source: SourceConfig, preprocess: PreprocessConfig):
+        self.rendering = Rendering.of(cfg)
+        self.reader = ImageReader(source)
+        self.preprocess = preprocess
+
+    def load(self, row: dict, geom: Geometry | None = None) -> np.ndarray:
+        """A member's image as ``uint8 [H, W, 3]``; ImageRejected when it is gone or changed since it was encoded."""
+        try:
+            data = self.reader.read(row["path"], row["source_file"], row["source_row"])
+        except FileNotFoundError as exc:
+            raise ImageRejected("missing_file", str(exc)) from None
+        rgb = np.asarray(decode_image(data, self.preprocess))
+        geom = geom or Geometry.from_row(row)
+        if rgb.shape[:2] != (geom.orig_h, geom.orig_w):
+            raise ImageRejected("changed_on_disk", f"image is {rgb.shape[1]}x{rgb.shape[0]}, "
+                                f"was {geom.orig_w}x{geom.orig_h} when encoded")
+        return rgb
+
+    def prepare(self, unit: dict) -> tuple[list[bytes], list[list[dict]], list[list[dict]]]:
+        """(rendered images, boxes per member, measurements per member). A consensus unit sends one
+        rendering per member (the largest crop with render crop); a single image may send up to 3 crops."""
+        images, boxes, measurements = [], [], []
+        single = len(unit["members"]) == 1
+        for row in unit["members"]:
+            geom = Geometry.from_row(row)
+            rgb = self.load(row, geom)
+            regions, measured = regions_and_measurements(rgb, row["patches"], geom)
+            images += self.rendering.images(rgb, regions, max_crops=3 if single else 1)
+            boxes.append([box for box, _ in regions])
+            measurements.append(measured)
+        return images, boxes, measurements
+
+    def crops(self, unit: dict, boxes: list[list[dict]]) -> list[bytes]:
+        """Per member, its image cropped around its boxes (``boxes[k]``, the annotation's; when empty,
+        the member's candidates/ boxes) with the crop margin, no outline."""
+        r = self.rendering
+        return [render_crop(self.load(m), union_box(b or m["boxes"]), margin_frac=r.crop_margin, fmt=r.image_format)
+                for m, b in zip(unit["members"], boxes)]

@@ -3,7 +3,7 @@
 A unit is one LLM request: a complete consensus group of candidates/ (three images of one species
 where the same latent fires — the paper's three-image prompt) when ``annotate.images_per_prompt``
 is 3, else one candidate image. :class:`AnnotateUnits` is the per-batch callable: for each unit
-it loads the images, measures the zones, renders them (:class:`~pipeline.annotation.renderings.Rendering`)
+it loads the images, measures the zones, renders them (:class:`~pipeline.annotation.renderings.UnitImages`)
 and asks its describer — a :class:`~pipeline.annotation.describer.TraitDescriber` in this process
 (kinds none, openai, transformers) or the annotator Serve app through a
 :class:`~pipeline.annotation.describer.RemoteDescriber` (kind serve).
@@ -28,15 +28,12 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.annotation.describer import RemoteDescriber, TraitDescriber
-from pipeline.annotation.measurements import regions_and_measurements
 from pipeline.annotation.record import Annotation, annotations_table
-from pipeline.annotation.renderings import Rendering
+from pipeline.annotation.renderings import UnitImages
 from pipeline.annotation.units import prompt_version_for, unit_annotation_id
 from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
 from pipeline.contract import RENDERINGS_FIELD
 from pipeline.errors import ImageRejected, Rejected, error_detail
-from pipeline.preprocessing import Geometry, decode_image
-from pipeline.sources import ImageReader
 
 
 class AnnotateUnits:
@@ -45,9 +42,9 @@ class AnnotateUnits:
 
     def __init__(self, cfg: AnnotateConfig, source: SourceConfig, preprocess: PreprocessConfig,
                  max_in_flight: int | None = None):
-        self.cfg, self.preprocess = cfg, preprocess
-        self.reader = ImageReader(source)
-        self.rendering = Rendering.of(cfg)
+        self.cfg = cfg
+        self.images = UnitImages(cfg, source, preprocess)
+        self.reader, self.rendering = self.images.reader, self.images.rendering
         in_flight = max_in_flight or cfg.max_in_flight
         # kind serve only sends the rendered images to the deployment, which words the prompt the
         # same way (told the rendering and the taxon switch on every call).
@@ -59,29 +56,12 @@ class AnnotateUnits:
         self._loop_lock = threading.Lock()
 
     def load_rgb(self, row: dict) -> np.ndarray:
-        try:
-            data = self.reader.read(row["path"], row["source_file"], row["source_row"])
-        except FileNotFoundError as exc:
-            raise ImageRejected("missing_file", str(exc)) from None
-        rgb = np.asarray(decode_image(data, self.preprocess))
-        geom = Geometry.from_row(row)
-        if rgb.shape[:2] != (geom.orig_h, geom.orig_w):
-            raise ImageRejected("changed_on_disk", f"image is {rgb.shape[1]}x{rgb.shape[0]}, "
-                                f"was {geom.orig_w}x{geom.orig_h} when encoded")
-        return rgb
+        """A member's image (:meth:`UnitImages.load`; benchmarks/ call it)."""
+        return self.images.load(row)
 
     def prepare(self, unit: dict) -> tuple[list[bytes], list[list[dict]], list[list[dict]]]:
-        """(rendered images, boxes per member, measurements per member). A consensus unit sends one
-        rendering per member (the largest crop with render crop); a single image may send up to 3 crops."""
-        images, boxes, measurements = [], [], []
-        single = len(unit["members"]) == 1
-        for row in unit["members"]:
-            rgb = self.load_rgb(row)
-            regions, measured = regions_and_measurements(rgb, row["patches"], Geometry.from_row(row))
-            images += self.rendering.images(rgb, regions, max_crops=3 if single else 1)
-            boxes.append([box for box, _ in regions])
-            measurements.append(measured)
-        return images, boxes, measurements
+        """(rendered images, boxes per member, measurements per member): :meth:`UnitImages.prepare`."""
+        return self.images.prepare(unit)
 
     async def annotate_unit(self, unit: dict) -> tuple[Annotation, list[bytes], Rejected | None]:
         members = unit["members"]
