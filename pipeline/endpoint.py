@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
 
 from pipeline.config import AnnotatorAppConfig, ConfigError
+from pipeline.finished import MANIFEST, FinishedBuild, NotFinished
 from pipeline.sae import sae_metadata
 from pipeline.selection import going_forward
 
@@ -262,16 +262,15 @@ class BuildCatalog:
 
     def selected(self, build: str, species: str | None) -> list[int] | None:
         path = self.resolve(build)
-        manifest_file = path / "manifest.json"
         try:
-            manifest = json.loads(manifest_file.read_text())
-            mtime = manifest_file.stat().st_mtime
-        except (OSError, ValueError):
-            manifest, mtime = {}, 0.0
-        if manifest.get("status") != "succeeded" or not (path / "selected").is_dir():
+            finished = FinishedBuild.open(str(path))
+            mtime = (path / MANIFEST).stat().st_mtime
+            if not finished.has("selected"):
+                raise NotFinished("no selected/")
+        except (NotFinished, OSError):
             raise HTTPException(400, f"build: {build} is not a finished build (no manifest.json with status "
-                                     "succeeded and a selected/ folder)")
-        built_with = (manifest.get("sae") or {})
+                                     "succeeded and a selected/ folder)") from None
+        built_with = (finished.manifest.get("sae") or {})
         if self.sae and built_with.get("m") is not None and \
                 {k: built_with.get(k) for k in ("d", "m", "metadata")} != self.sae:
             raise HTTPException(400, f"build: {build} was made with another SAE than this app's; its latent "
@@ -279,9 +278,8 @@ class BuildCatalog:
         key = (str(path), mtime)
         if key not in self.cache:
             # The latents that went forward in that build (selected/ holds every selected pair).
-            cap = ((manifest.get("config") or {}).get("contrast") or {}).get("max_latents_per_species")
-            rows = going_forward(pq.read_table(path / "selected", columns=["species", "latent", "rank_in_species"]),
-                                 cap).to_pylist()
+            cap = ((finished.manifest.get("config") or {}).get("contrast") or {}).get("max_latents_per_species")
+            rows = going_forward(finished.read("selected", ["species", "latent", "rank_in_species"]), cap).to_pylist()
             by_species: dict[str, list[tuple[int, int]]] = {}
             for r in rows:
                 by_species.setdefault(r["species"], []).append((r["rank_in_species"], r["latent"]))
