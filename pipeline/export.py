@@ -39,12 +39,10 @@ import yaml
 
 from pipeline import storage
 from pipeline.annotation.describer import TEMPLATE_VERSION
-from pipeline.annotation.renderings import render_crop
-from pipeline.annotation.stage import AnnotateUnits
-from pipeline.config import (BuildConfig, ConfigError, ExportConfig, LLMConfig, add_config_arguments, fsspec_options,
-                             load_config, validate)
+from pipeline.annotation.renderings import UnitImages
+from pipeline.config import BuildConfig, ConfigError, ExportConfig, add_config_arguments, fsspec_options, load_config
 from pipeline.contract import IMAGE_COLUMNS, RENDERINGS_FIELD, TRAITS_SCHEMA
-from pipeline.report_data import read_rows, read_tables
+from pipeline.finished import FinishedBuild
 
 PAPER = ('"Automatic Image-Level Morphological Trait Annotation for Organismal Images" (ICLR 2026)')
 MISSING_LOGGED = 10  # annotations without images named in the log (all are counted)
@@ -53,33 +51,24 @@ STATUSES_ALWAYS = ("ok", "unparsed")  # background and failed rows only when the
 # --------------------------------------------------------------------------- the build read
 
 
-class FinishedBuild:
-    """What an export reads of a build: its manifest and resolved config, and its traits/ rows
-    with the statuses the export takes. Refuses (ConfigError on ``build``) a folder that holds no
-    finished build: the manifest is written last, with status succeeded."""
+class ExportedBuild(FinishedBuild):
+    """A finished build (:class:`pipeline.finished.FinishedBuild`) as an export reads it: its
+    traits/ rows with the ``statuses`` the export takes, the images they describe, and the
+    provenance the card and the EML give. Refuses (ConfigError on ``build``) a folder that holds no
+    finished build, or one without traits/ or with a config this version does not read."""
 
-    def __init__(self, cfg: ExportConfig):
-        self.fs, self.root = storage.filesystem(cfg.build, fsspec_options(cfg.storage, cfg.build))
-        manifest = self.path("manifest.json")
-        if not self.fs.exists(manifest):
-            raise ConfigError(f"build: {cfg.build} is not a finished sae-traits build (no manifest.json: a build "
-                              "writes it when it has finished; run or resume python -m pipeline.build first)")
-        self.manifest = storage.read_json(self.fs, manifest)
-        if self.manifest.get("status") != "succeeded" or "config" not in self.manifest:
-            raise ConfigError(f"build: {cfg.build}/manifest.json does not record a finished build "
-                              f"(status {self.manifest.get('status')!r})")
-        if not self.fs.exists(self.path("traits")):
-            raise ConfigError(f"build: {cfg.build} has no traits/ table")
-        try:
-            self.config: BuildConfig = validate(BuildConfig, self.manifest["config"])
-        except ConfigError as exc:
-            raise ConfigError(f"build: the config in {cfg.build}/manifest.json is not one this version reads: {exc}") \
-                from None
-        self.statuses = (*STATUSES_ALWAYS, *(["background"] if cfg.include_background else []),
-                         *(["failed"] if cfg.include_failed else []))
+    def __init__(self, fs, root: str, where: str | None = None, statuses: tuple[str, ...] = STATUSES_ALWAYS):
+        super().__init__(fs, root, where)
+        if not self.has("traits"):
+            raise ConfigError(f"build: {self.where} has no traits/ table")
+        _ = self.config  # read now: a config this version does not read is refused before anything is written
+        self.statuses = statuses
 
-    def path(self, name: str) -> str:
-        return storage.join(self.root, name)
+    @classmethod
+    def of(cls, cfg: ExportConfig) -> ExportedBuild:
+        fs, root = storage.filesystem(cfg.build, fsspec_options(cfg.storage, cfg.build))
+        return cls(fs, root, cfg.build, (*STATUSES_ALWAYS, *(["background"] if cfg.include_background else []),
+                                         *(["failed"] if cfg.include_failed else [])))
 
     def exported(self, table: pa.Table) -> pa.Array:
         return pc.is_in(table["status"], pa.array(self.statuses, pa.string()))
@@ -87,17 +76,13 @@ class FinishedBuild:
     def traits(self, columns: list[str] | None = None):
         """traits/ file by file (a file is one annotate batch), only the exported rows."""
         read = list(dict.fromkeys(["status", *columns])) if columns is not None else None
-        for table in read_tables(self.fs, self.path("traits"), read):
+        for table in self.tables("traits", read):
             if table.num_rows:
                 yield table.filter(self.exported(table))
 
-    def traits_columns(self) -> set[str]:
-        """The columns of traits/ (from the files' footers): renderings only where the build saved them."""
-        names = set()
-        for p in storage.parquet_files(self.fs, self.path("traits")):
-            with self.fs.open(p, "rb") as f:
-                names.update(pq.ParquetFile(f).schema_arrow.names)
-        return names
+    def saved_renderings(self) -> bool:
+        """Whether traits/ holds the renderings the model was sent (annotate.save_renderings)."""
+        return RENDERINGS_FIELD.name in self.columns("traits")
 
     def exported_image_ids(self) -> tuple[int, list[str]]:
         """(exported annotations, the distinct images they describe, sorted)."""
@@ -110,9 +95,8 @@ class FinishedBuild:
     def image_rows(self, image_ids: list[str], columns: list[str]) -> dict[str, dict]:
         """image_id → its activations/ row (``columns``), for the given images only."""
         wanted = pa.array(image_ids, pa.string())
-        rows = read_rows(self.fs, self.path("activations"), ["image_id", *columns],
-                         lambda t: pc.is_in(t["image_id"], wanted))
-        return {r["image_id"]: r for r in rows}
+        rows = self.read("activations", ["image_id", *columns], lambda t: pc.is_in(t["image_id"], wanted))
+        return {r["image_id"]: r for r in rows.to_pylist()}
 
     def describer(self) -> str:
         llm = self.config.annotate.llm
@@ -153,7 +137,7 @@ class FinishedBuild:
     def published_config(self) -> dict:
         """The resolved config as published with an export: without where it ran (ray, storage: a
         storage section's options may hold credentials), which says nothing of how the data were made."""
-        config = {k: v for k, v in self.manifest["config"].items() if k not in ("ray", "storage")}
+        config = {k: v for k, v in self.resolved.items() if k not in ("ray", "storage")}
         return {**config, "source": {k: v for k, v in config["source"].items() if k != "storage_options"}}
 
     def title(self, cfg: ExportConfig) -> str:
@@ -185,38 +169,31 @@ def prepare_out(cfg: ExportConfig, build: FinishedBuild):
 
 # --------------------------------------------------------------------------- the images of an hf row
 
-def union_box(boxes: list[dict]) -> dict:
-    return {"x0": min(b["x0"] for b in boxes), "y0": min(b["y0"] for b in boxes),
-            "x1": max(b["x1"] for b in boxes), "y1": max(b["y1"] for b in boxes)}
-
-
 class Pictures:
-    """The images of an annotation for the hf export, in prompt order: ``image: rendering`` gives
-    the renderings the model was sent — from traits/ where the build saved them
+    """The images of an annotation for the hf export (and a review's sample), in prompt order: the
+    renderings the model was sent — from traits/ where the build saved them
     (annotate.save_renderings), else made again from the source images by the annotate stage's
-    own code (same zones, same rendering, same encoder: the same bytes); ``image: crop`` gives a
-    crop of each image around its boxes (annotate.crop_margin), with no outline. An image that
-    cannot be read any more (moved, deleted) leaves the annotation without images, counted in
-    ``missing`` and said in the card."""
+    own code (:class:`~pipeline.annotation.renderings.UnitImages`: same zones, same rendering, same
+    encoder, the same bytes); with ``crop``, a crop of each image around its boxes
+    (annotate.crop_margin), with no outline. An image that cannot be read any more (moved, deleted)
+    leaves the annotation without images, counted in ``missing`` and said in the card."""
 
-    def __init__(self, cfg: ExportConfig, build: FinishedBuild, log, has_saved: bool):
-        self.crop, self.build, self.log = cfg.image == "crop", build, log
-        self.saved = has_saved and not self.crop
+    def __init__(self, build: FinishedBuild, log, has_saved: bool, *, crop: bool = False, threads: int = 8):
+        self.crop, self.build, self.log = crop, build, log
+        self.saved = has_saved and not crop
         self.missing = 0
         if not self.saved:
             fields = [*IMAGE_COLUMNS, "latent", "patches"]
-            self.candidates = {(r["image_id"], r["latent"]): r
-                               for r in read_rows(build.fs, build.path("candidates"), fields)}
-            self.pool = ThreadPoolExecutor(cfg.threads)
+            self.candidates = {(r["image_id"], r["latent"]): r for r in build.read("candidates", fields).to_pylist()}
+            self.pool = ThreadPoolExecutor(threads)
             self.local = threading.local()
 
-    def units(self) -> AnnotateUnits:
-        """This thread's annotate-stage renderer (its image reader caches per thread). Its describer is
-        the model-free one: nothing is asked, only the stage's loading and rendering are used."""
-        if not hasattr(self.local, "units"):
-            ann = self.build.config.annotate.model_copy(update={"llm": LLMConfig(kind="none")})
-            self.local.units = AnnotateUnits(ann, self.build.config.source, self.build.config.preprocess)
-        return self.local.units
+    def images(self) -> UnitImages:
+        """This thread's reader and renderer of a unit's images (its image reader caches per thread)."""
+        if not hasattr(self.local, "images"):
+            c = self.build.config
+            self.local.images = UnitImages(c.annotate, c.source, c.preprocess)
+        return self.local.images
 
     def of(self, rows: list[dict]) -> list[list[bytes]]:
         if self.saved:
@@ -242,13 +219,8 @@ class Pictures:
         try:
             if None in members:
                 raise LookupError("an image of the annotation is not in candidates/")
-            units, ann = self.units(), self.build.config.annotate
-            if self.crop:
-                return [render_crop(units.load_rgb(m), union_box(b or m["boxes"]), margin_frac=ann.crop_margin,
-                                    fmt=ann.image_format) for m, b in zip(members, row["boxes"])], None
-            images, _, _ = units.prepare({"species": row["species"], "genus": row["genus"], "latent": row["latent"],
-                                          "members": members})
-            return images, None
+            unit = {"species": row["species"], "genus": row["genus"], "latent": row["latent"], "members": members}
+            return (self.images().crops(unit, row["boxes"]) if self.crop else self.images().prepare(unit)[0]), None
         except Exception as exc:  # the source moved since the build: the row stays, without images
             return [], f"{type(exc).__name__}: {exc}"
 
@@ -353,11 +325,11 @@ def size_category(n: int) -> str:
 DATA_FILES = "data/train-*"
 
 
-def export_hf(cfg: ExportConfig, build: FinishedBuild, log=print) -> dict:
+def export_hf(cfg: ExportConfig, build: ExportedBuild, log=print) -> dict:
     fs, out = prepare_out(cfg, build)
     n_rows, image_ids = build.exported_image_ids()
     families = {i: r["family"] for i, r in build.image_rows(image_ids, ["family"]).items()}
-    pictures = Pictures(cfg, build, log, RENDERINGS_FIELD.name in build.traits_columns())
+    pictures = Pictures(build, log, build.saved_renderings(), crop=cfg.image == "crop", threads=cfg.threads)
     id_name = id_column(build.config)
     schema = hf_schema(id_name)
     features, yaml_features = hf_features(schema)
@@ -394,7 +366,7 @@ def export_hf(cfg: ExportConfig, build: FinishedBuild, log=print) -> dict:
             "images_missing": pictures.missing}
 
 
-def dataset_card(cfg: ExportConfig, build: FinishedBuild, yaml_features: list, n_rows: int, written: dict,
+def dataset_card(cfg: ExportConfig, build: ExportedBuild, yaml_features: list, n_rows: int, written: dict,
                  missing: int, id_name: str) -> str:
     provenance = build.provenance()
     header = {
@@ -533,7 +505,7 @@ def meta_xml(media: bool) -> bytes:
     return ET.tostring(archive, encoding="utf-8", xml_declaration=True)
 
 
-def eml_xml(cfg: ExportConfig, build: FinishedBuild, n_occurrences: int, n_facts: int) -> bytes:
+def eml_xml(cfg: ExportConfig, build: ExportedBuild, n_occurrences: int, n_facts: int) -> bytes:
     """The archive's metadata (EML 2.1.1, GBIF profile): title, creator, licence, abstract, method, provenance."""
     ns = "eml://ecoinformatics.org/eml-2.1.1"
     ET.register_namespace("eml", ns)
@@ -587,7 +559,7 @@ class Archive:
         return n
 
 
-def export_dwca(cfg: ExportConfig, build: FinishedBuild, log=print) -> dict:
+def export_dwca(cfg: ExportConfig, build: ExportedBuild, log=print) -> dict:
     fs, out = prepare_out(cfg, build)
     _, image_ids = build.exported_image_ids()
     images = build.image_rows(image_ids, ["species", "genus", "family", "path"])
@@ -624,7 +596,7 @@ EXPORTERS = {"hf": export_hf, "dwca": export_dwca}
 
 def export(cfg: ExportConfig, log=print) -> dict:
     """Write the export ``cfg`` asks for; returns its figures (rows, files, ...)."""
-    return EXPORTERS[cfg.format](cfg, FinishedBuild(cfg), log)
+    return EXPORTERS[cfg.format](cfg, ExportedBuild.of(cfg), log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import ConfigError, ExportConfig
+from pipeline.config import ConfigError, fsspec_options
 from pipeline.contract import RENDERINGS_FIELD
-from pipeline.export import FinishedBuild, Pictures, image_suffix
+from pipeline.export import ExportedBuild, Pictures, image_suffix
 from pipeline.review.config import ReviewSampleConfig
 from pipeline.review.folder import ITEMS, ITEMS_JSON, KEY_JSON, RATINGS_DIR
 
@@ -52,7 +52,7 @@ def stratified_order(rows: list[dict], rng: np.random.Generator) -> list[dict]:
     return order
 
 
-def drawable(build: FinishedBuild, include_unparsed: bool) -> list[dict]:
+def drawable(build: ExportedBuild, include_unparsed: bool) -> list[dict]:
     """The build's annotations a review may draw: what an export publishes, with a description."""
     rows = []
     for table in build.traits(DRAWN_COLUMNS):
@@ -63,7 +63,7 @@ def drawable(build: FinishedBuild, include_unparsed: bool) -> list[dict]:
     return rows
 
 
-def with_renderings(build: FinishedBuild, rows: list[dict]) -> list[dict]:
+def with_renderings(build: ExportedBuild, rows: list[dict]) -> list[dict]:
     """``rows`` with their saved renderings (read for these annotations only: a build's are large)."""
     wanted = pa.array([r["annotation_id"] for r in rows], pa.string())
     saved = {}
@@ -73,13 +73,13 @@ def with_renderings(build: FinishedBuild, rows: list[dict]) -> list[dict]:
     return [{**r, RENDERINGS_FIELD.name: saved.get(r["annotation_id"])} for r in rows]
 
 
-def draw(build: FinishedBuild, cfg: ReviewSampleConfig, export_cfg: ExportConfig, rng: np.random.Generator,
+def draw(build: ExportedBuild, cfg: ReviewSampleConfig, rng: np.random.Generator,
          log) -> tuple[list[tuple[dict, list[bytes]]], dict]:
     """(up to per_build (annotation row, its images), figures of the draw) from one build."""
     rows = drawable(build, cfg.include_unparsed)
     order = stratified_order(rows, rng)
-    has_saved = RENDERINGS_FIELD.name in build.traits_columns()
-    pictures = Pictures(export_cfg, build, log, has_saved)
+    has_saved = build.saved_renderings()
+    pictures = Pictures(build, log, has_saved, threads=cfg.threads)
     drawn, tried = [], 0
     try:
         while len(drawn) < cfg.per_build and tried < len(order):  # skip annotations whose images are gone
@@ -96,9 +96,9 @@ def draw(build: FinishedBuild, cfg: ReviewSampleConfig, export_cfg: ExportConfig
     return drawn, figures
 
 
-def as_export(cfg: ReviewSampleConfig, build: str) -> ExportConfig:
+def open_build(cfg: ReviewSampleConfig, build: str) -> ExportedBuild:
     """A build is read for a review as an export reads it (what it publishes, its renderings)."""
-    return ExportConfig(build=build, format="hf", out=cfg.out, storage=cfg.storage, threads=cfg.threads)
+    return ExportedBuild.open(build, fsspec_options(cfg.storage, build))
 
 
 def label_of(build: str) -> str:
@@ -124,11 +124,11 @@ def sample(cfg: ReviewSampleConfig, log=print) -> dict:
     labels = cfg.labels or [label_of(b) for b in cfg.builds]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"labels: the builds' names repeat ({labels}); give each a label (--label)")
-    builds = [FinishedBuild(as_export(cfg, b)) for b in cfg.builds]  # each refused here unless a finished build
+    builds = [open_build(cfg, b) for b in cfg.builds]  # each refused here unless a finished build
     partial, out = prepare_folder(cfg)
     entries, key_builds = [], []
     for i, (path, label, build) in enumerate(zip(cfg.builds, labels, builds)):
-        drawn, figures = draw(build, cfg, as_export(cfg, path), np.random.default_rng([cfg.seed, 1, i]), log)
+        drawn, figures = draw(build, cfg, np.random.default_rng([cfg.seed, 1, i]), log)
         log(f"[sae-traits] review: {label}: {figures['drawn']} of {figures['available']} annotations drawn "
             f"({figures['species_drawn']} of {figures['species_available']} species; renderings {figures['renderings']})")
         entries += [(i, row, images) for row, images in drawn]
