@@ -36,9 +36,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from pipeline import storage
-from pipeline.annotation.renderings import crop_box
+from pipeline.annotation.renderings import crop_box, union_box
 from pipeline.boxes import zones_to_boxes
-from pipeline.config import BuildConfig
+from pipeline.config import BuildConfig, ConfigError
+from pipeline.finished import FinishedBuild
 from pipeline.preprocessing import Geometry, decode_image
 from pipeline.report_data import BuildData, RowsBy
 from pipeline.sources import ImageReader
@@ -222,9 +223,7 @@ def thumbnail(img: Image.Image, boxes: list[dict], side: int, crop: bool = False
     on its longest side, the boxes (original pixels, exclusive ends) outlined in OUTLINE_RGB."""
     x0 = y0 = 0
     if crop and boxes:
-        union = {"x0": min(b["x0"] for b in boxes), "y0": min(b["y0"] for b in boxes),
-                 "x1": max(b["x1"] for b in boxes), "y1": max(b["y1"] for b in boxes)}
-        c = crop_box(union, (img.height, img.width), margin_frac=0.35, min_side_px=48)
+        c = crop_box(union_box(boxes), (img.height, img.width), margin_frac=0.35, min_side_px=48)
         x0, y0 = c["x0"], c["y0"]
         img = img.crop((c["x0"], c["y0"], c["x1"], c["y1"]))
     k = side / max(img.width, img.height)
@@ -246,10 +245,10 @@ def thumbnail(img: Image.Image, boxes: list[dict], side: int, crop: bool = False
 class Report:
     def __init__(self, output: str, storage_options: dict | None, log, max_species_per_page: int,
                  max_images: int, max_gallery: int, max_rows: int):
-        self.fs, root = storage.filesystem(output, storage_options)
-        self.folder = storage.join(root, "report")
+        build = FinishedBuild.open(output, storage_options)  # the manifest is written before the report
+        self.fs, self.folder = build.fs, build.path("report")
         self.log, self.max_species_per_page, self.max_images, self.max_rows = log, max_species_per_page, max_images, max_rows
-        self.data = BuildData(self.fs, root, max_gallery)
+        self.data = BuildData(build, max_gallery)
         if self.fs.exists(self.folder):
             self.fs.rm(self.folder, recursive=True)
         self.thumbs = Thumbnails(self.fs, storage.join(self.folder, "thumbs"), self.data.cfg, log)
@@ -549,8 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-gallery", type=int, default=12, help="strongest images on a latent page")
     parser.add_argument("--max-rows", type=int, default=50, help="genera on a latent page, errors on the summary")
     args = parser.parse_args(argv)
-    print(write_report(args.build, args.storage_options, max_species_per_page=args.max_species_per_page,
-                       max_images=args.max_images, max_gallery=args.max_gallery, max_rows=args.max_rows))
+    try:
+        print(write_report(args.build, args.storage_options, max_species_per_page=args.max_species_per_page,
+                           max_images=args.max_images, max_gallery=args.max_gallery, max_rows=args.max_rows))
+    except ConfigError as exc:  # not a finished build (pipeline.finished), or its config unreadable
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,22 +1,20 @@
 """What the build report reads of a build (pipeline/report.py writes the pages): the tables in
 Arrow, each sorted by the key its pages look it up by (:class:`RowsBy`), activations/ streamed in
 small batches; candidates/ and traits/, which grow with the annotations, read whole only a pass of
-species at a time. Also the readers pipeline/export.py uses."""
+species at a time. The build is opened, and its tables read, through :class:`pipeline.finished.FinishedBuild`."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.config import BuildConfig, validate
+from pipeline.config import BuildConfig
 from pipeline.contract import (CANDIDATES_SCHEMA, COUNTS_SCHEMA, ERRORS, ERRORS_SCHEMA, IMAGE_COLUMNS, SELECTED_SCHEMA,
                                TRAITS_SCHEMA)
+from pipeline.finished import FinishedBuild
 from pipeline.review.pointers import read_pointers
 from pipeline.selection import going_forward
 
@@ -28,44 +26,6 @@ TRAITS_COLUMNS = [c for c in TRAITS_SCHEMA.names if c not in (
     "latency_s", "body_part_raw", "is_background", "parsed_as", "raw_answer", "prompt_tokens", "completion_tokens",
     "attempts")]
 CANDIDATE_COLUMNS = [c for c in CANDIDATES_SCHEMA.names if c not in ("latent_score", "latent_rank")]
-
-
-def read_tables(fs, path: str, columns: list[str] | None = None):
-    """Each Parquet file of a folder (or the one file) as a table with those of ``columns`` it has;
-    nothing when the path is absent."""
-    for p in storage.parquet_files(fs, path):
-        with fs.open(p, "rb") as f:
-            pf = pq.ParquetFile(f)
-            yield pf.read(columns=[c for c in columns if c in pf.schema_arrow.names] if columns else None)
-
-
-def read_batches(fs, path: str, columns: list[str], batch_rows: int = 1 << 16):
-    """The rows of a Parquet folder (those of ``columns`` each file has) in small record batches,
-    decoded in this thread: for tables read only to be filtered (counts/ grows with taxa × latents).
-    Measured on a 5.3 M-row counts/: whole files +400 MiB of driver RSS, 1 M-row batches in threads
-    +285 MiB, these +51 MiB."""
-    for p in storage.parquet_files(fs, path):
-        with fs.open(p, "rb") as f:
-            pf = pq.ParquetFile(f)
-            present = [c for c in columns if c in pf.schema_arrow.names]
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=present, use_threads=False):
-                yield pa.Table.from_batches([batch])
-
-
-def read_where(fs, path: str, columns: list[str], keep, schema: pa.Schema) -> pa.Table:
-    """The rows of a Parquet folder (all, or where ``keep(table)``, a mask, holds), read in small
-    batches; ``schema``'s empty table, projected, when there are none."""
-    kept = [t.filter(keep(t)) if keep is not None else t for t in read_batches(fs, path, columns) if t.num_rows]
-    return pa.concat_tables(kept, promote_options="default") if kept else \
-        schema.empty_table().select([c for c in columns if c in schema.names])
-
-
-def read_rows(fs, path: str, columns: list[str] | None = None, keep=None) -> list[dict]:
-    """The rows of :func:`read_tables`, those where ``keep(table)`` (a mask) holds."""
-    rows = []
-    for t in read_tables(fs, path, columns):
-        rows += (t.filter(keep(t)) if keep is not None and t.num_rows else t).to_pylist()
-    return rows
 
 
 def keep_top(top: pa.Table | None, found: pa.Table, k: int) -> pa.Table:
@@ -156,15 +116,11 @@ class BuildData:
     (traits rows are ~7 KB each in Arrow): all their rows are read only a pass of species at a time
     (:meth:`species_passes`, :meth:`rows_for`); held whole are their keys and statuses."""
 
-    def __init__(self, fs, root: str, max_gallery: int, max_scan_images: int = MAX_SCAN_IMAGES):
-        def path(name):
-            return storage.join(root, name)
-        self.fs, self.path = fs, path
-        with fs.open(path("manifest.json")) as f:
-            self.manifest = json.load(f)
-        self.cfg: BuildConfig = validate(BuildConfig, self.manifest["config"])
+    def __init__(self, build: FinishedBuild, max_gallery: int, max_scan_images: int = MAX_SCAN_IMAGES):
+        self.build, self.manifest = build, build.manifest
+        self.cfg: BuildConfig = build.config
         # The selected latents that went forward to candidates (selected/ holds every selected pair).
-        selected = read_where(fs, path("selected"), SELECTED_SCHEMA.names, None, SELECTED_SCHEMA)
+        selected = build.read("selected", SELECTED_SCHEMA.names)
         self.n_selected = selected.num_rows
         selected = going_forward(selected, self.cfg.contrast.max_latents_per_species)
         self.selected_of = RowsBy(selected, "species", [("rank_in_species", "ascending"), ("latent", "ascending")])
@@ -172,21 +128,21 @@ class BuildData:
         self.latents = self.selected_for.keys
         wanted = pa.array(self.latents, pa.int32())
         keys = ["species", "genus", "latent"]
-        self.candidate_keys = read_where(fs, path("candidates"), keys, None, CANDIDATES_SCHEMA)
-        self.trait_keys = read_where(fs, path("traits"), [*keys, "status"], None, TRAITS_SCHEMA)
-        self.errors = read_where(fs, path(ERRORS), ERRORS_SCHEMA.names, None, ERRORS_SCHEMA)
-        self.reviews = read_pointers(fs, root)  # written by python -m pipeline.review score
+        self.candidate_keys = build.read("candidates", keys)
+        self.trait_keys = build.read("traits", [*keys, "status"])
+        self.errors = build.read(ERRORS, ERRORS_SCHEMA.names)
+        self.reviews = read_pointers(build.fs, build.root)  # written by python -m pipeline.review score
         self.genus_counts = GenusCounts([t.filter(pc.and_(pc.equal(t["rank"], "genus"), pc.is_in(
-            t["latent"], wanted.cast(t["latent"].type)))) for t in read_batches(fs, path("counts"), GenusCounts.COLUMNS)])
+            t["latent"], wanted.cast(t["latent"].type)))) for t in build.batches("counts", GenusCounts.COLUMNS)])
 
         # activations/, file by file: images per species and firings per image from two small columns;
         # each latent's strongest images from the firings themselves only while that scan stays
         # cheap (a BIOSCAN-size build holds ~10^10 firings): beyond max_scan_images, from candidates/.
         self.images, self.taxon = Counter(), {}
-        self.gallery_scanned = bool(self.latents) and storage.count_rows(fs, path("activations")) <= max_scan_images
+        self.gallery_scanned = bool(self.latents) and build.num_rows("activations") <= max_scan_images
         firings, top = [], None
         columns = [*IMAGE_COLUMNS, "family", "n_firings"] + (["latent", "patch", "value"] if self.gallery_scanned else [])
-        for batch in read_batches(fs, path("activations"), columns, batch_rows=ACTIVATION_BATCH_ROWS):
+        for batch in build.batches("activations", columns, batch_rows=ACTIVATION_BATCH_ROWS):
             if not batch.num_rows:
                 continue
             firings.append(batch["n_firings"].to_numpy(zero_copy_only=False))
@@ -198,7 +154,7 @@ class BuildData:
             if self.gallery_scanned:
                 top = keep_top(top, strongest_zones(batch, wanted, max_gallery), max_gallery)
         if self.latents and not self.gallery_scanned:
-            for batch in read_batches(fs, path("candidates"), CANDIDATE_COLUMNS):
+            for batch in build.batches("candidates", CANDIDATE_COLUMNS):
                 top = keep_top(top, top_per_latent(batch.append_column("value_sum", batch["activation_sum"]),
                                                    max_gallery), max_gallery)
         self.firings = np.concatenate(firings) if firings else np.zeros(0, int)
@@ -234,5 +190,5 @@ class BuildData:
 
         def keep(t):
             return pc.is_in(t["species"], wanted)
-        return (RowsBy(read_where(self.fs, self.path("candidates"), CANDIDATE_COLUMNS, keep, CANDIDATES_SCHEMA), "species"),
-                RowsBy(read_where(self.fs, self.path("traits"), TRAITS_COLUMNS, keep, TRAITS_SCHEMA), "species"))
+        return (RowsBy(self.build.read("candidates", CANDIDATE_COLUMNS, keep), "species"),
+                RowsBy(self.build.read("traits", TRAITS_COLUMNS, keep), "species"))

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import storage
 from pipeline.demo.run import planted_part_overlap
 from pipeline.errors import Rejected, write_errors
+from pipeline.finished import FinishedBuild
 from pipeline.report import OUTLINE_PX, OUTLINE_RGB, main, species_file, write_report
 from pipeline.report_data import GenusCounts, RowsBy
 from pipeline.selection import going_forward
@@ -285,8 +285,8 @@ def test_latent_galleries_of_a_large_build_come_from_candidates(demo_build):
     from pipeline.report_data import BuildData
 
     out, _ = demo_build
-    fs, root = storage.filesystem(str(out))
-    scanned, bounded = BuildData(fs, root, 4), BuildData(fs, root, 4, max_scan_images=0)
+    build = FinishedBuild.open(str(out))
+    scanned, bounded = BuildData(build, 4), BuildData(build, 4, max_scan_images=0)
     assert scanned.gallery_scanned and not bounded.gallery_scanned
     candidates = {(r["image_id"], r["latent"]): r["activation_sum"] for r in pq.read_table(out / "candidates").to_pylist()}
     assert set(bounded.gallery.keys) == set(scanned.gallery.keys) == set(bounded.latents)
@@ -341,7 +341,7 @@ def test_species_pages_written_in_passes_equal_one_pass(demo_build, tmp_path, mo
         build = tmp_path / name
         shutil.copytree(out, build, ignore=shutil.ignore_patterns("report"))
         monkeypatch.setattr(report_data, "PASS_ROWS", pass_rows)
-        data = report_data.BuildData(*storage.filesystem(str(build)), 4)
+        data = report_data.BuildData(FinishedBuild.open(str(build)), 4)
         sites[name] = (len(list(data.species_passes())), write_report(str(build), log=lambda *_: None))
     assert sites["one"][0] == 1 and sites["many"][0] > 5
     one, many = (Path(sites[k][1]).parent for k in ("one", "many"))
