@@ -219,6 +219,18 @@ def test_an_unreachable_store_stops_the_batch(demo_dir, units, monkeypatch):
         st(pa.Table.from_pylist(units[:3]))
 
 
+def test_the_stage_records_the_annotation_id_its_units_carry(demo_dir, units):
+    """The build puts annotation_id on each unit (with_annotation_ids, its resume key): the stage
+    records that id; a unit given without one (a caller outside the build) gets it computed."""
+    st = stage(demo_dir, llm={"kind": "none"})
+    some = units[:3]
+    carried = [{"annotation_id": f"given-{k}", **u} for k, u in enumerate(some)]
+    table, _ = st(pa.Table.from_pylist(carried))
+    assert table.column("annotation_id").to_pylist() == ["given-0", "given-1", "given-2"]
+    table, _ = st(pa.Table.from_pylist(some))
+    assert table.column("annotation_id").to_pylist() == [unit_annotation_id(st.cfg, u) for u in some]
+
+
 def test_each_members_geometry_is_made_once(demo_dir, units, monkeypatch):
     """UnitImages builds a member's Geometry once and uses it to check the image and to find its zone."""
     from pipeline.annotation import renderings

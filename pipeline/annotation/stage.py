@@ -38,6 +38,8 @@ from pipeline.errors import ImageRejected, Rejected, error_detail
 
 class AnnotateUnits:
     """Callable over a batch of units (pyarrow, from :func:`~pipeline.annotation.units.unit_table`) → (traits rows, rejected).
+    A unit's ``annotation_id`` is taken from its row (the build's units carry it:
+    :func:`~pipeline.annotation.units.with_annotation_ids`), computed only for a unit without one.
     Thread-safe: concurrent calls overlap on the stage's one event loop (see the module docstring)."""
 
     def __init__(self, cfg: AnnotateConfig, source: SourceConfig, preprocess: PreprocessConfig,
@@ -67,7 +69,7 @@ class AnnotateUnits:
         members = unit["members"]
         image_ids = [r["image_id"] for r in members]
         version = prompt_version_for(self.cfg, len(members))
-        aid = unit_annotation_id(self.cfg, unit)
+        aid = unit.get("annotation_id") or unit_annotation_id(self.cfg, unit)
         described = dict(annotation_id=aid, image_ids=image_ids, species=unit["species"], genus=unit["genus"],
                          latent=unit["latent"], boxes=[r["boxes"] for r in members], measurements=[[] for _ in members])
         try:  # in a thread: rendering is CPU work, and the event loop must keep the requests moving

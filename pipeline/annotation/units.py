@@ -62,8 +62,8 @@ def prompt_version_for(cfg: AnnotateConfig, n_images: int) -> str:
 
 
 def unit_annotation_id(cfg: AnnotateConfig, unit: dict) -> str:
-    """A unit's annotation_id: the build writes it next to the unit (its resume key), the stage
-    recomputes it for its rows; both through here."""
+    """A unit's annotation_id: the build writes it next to the unit (its resume key, which the stage
+    then reads from the unit's row); the stage computes it here only for a unit given without one."""
     members = unit["members"]
     return annotation_id(prompt_version_for(cfg, len(members)), unit["species"], unit["latent"],
                          [r["image_id"] for r in members])
