@@ -13,32 +13,32 @@ import os
 import numpy as np
 
 from pipeline import storage
-from pipeline.config import BuildConfig
-from pipeline.contract import STATE
+from pipeline.config import BackboneConfig, SAEConfig, StorageConfig, fsspec_options
 from pipeline.encoding import FiringEncoder, PatchFeatures
 
 
 class EncodeActor:
-    """Decoded batch → activations/ rows (firings above τ)."""
+    """Decoded batch → activations/ rows (firings above τ). ``fault_marker``: with
+    ``fail_once_after_batches`` (encoder.fail_once_after_batches), the tests' fault switch: the
+    first actor of the build to reach that batch claims the marker (a file) and dies."""
 
-    def __init__(self, cfg: BuildConfig):
-        self.cfg, self.batches = cfg, 0
-        self.encoder = FiringEncoder(model=cfg.backbone.model, layer=cfg.backbone.layer, sae_checkpoint=cfg.sae.checkpoint,
-                                     threshold=cfg.sae.threshold, dtype=cfg.backbone.dtype, storage=cfg.storage,
-                                     subtract_b_dec=cfg.sae.subtract_b_dec, revision=cfg.backbone.revision,
-                                     sae_revision=cfg.sae.revision)
+    def __init__(self, backbone: BackboneConfig, sae: SAEConfig, storage: StorageConfig,
+                 fail_once_after_batches: int | None = None, fault_marker: str | None = None):
+        self.encoder = FiringEncoder.from_sections(backbone, sae, storage)
+        self.storage, self.fault_marker = storage, fault_marker
+        self.fail_after, self.batches = fail_once_after_batches, 0
 
     def __call__(self, batch):
         out = self.encoder(batch)
         self.batches += 1
-        if self.batches == self.cfg.encoder.fail_once_after_batches and self.claim_fault():
+        if self.batches == self.fail_after and self.claim_fault():
             os._exit(1)  # dies holding a finished batch: Ray Data must restart the actor and redo it
         return out
 
     def claim_fault(self) -> bool:
-        """True the first time per build (a marker in _build/faults/), so the injected fault fires once."""
-        fs, root = storage.filesystem(self.cfg.output, self.cfg.storage_options)
-        return storage.claim_once(fs, storage.join(root, STATE, "faults", "encoder"))
+        """True the first time per build, so the injected fault fires once."""
+        fs, marker = storage.filesystem(self.fault_marker, fsspec_options(self.storage, self.fault_marker))
+        return storage.claim_once(fs, marker)
 
 
 class PatchActivations:

@@ -70,9 +70,7 @@ class PatchEncoder:
     Concurrent requests are encoded as one batch."""
 
     def __init__(self, cfg: AnnotatorAppConfig):
-        self.encoder = FiringEncoder(cfg.backbone.model, cfg.backbone.layer, cfg.sae.checkpoint, cfg.sae.threshold,
-                                     dtype=cfg.backbone.dtype, storage=cfg.storage, subtract_b_dec=cfg.sae.subtract_b_dec,
-                                     revision=cfg.backbone.revision, sae_revision=cfg.sae.revision)
+        self.encoder = FiringEncoder.from_sections(cfg.backbone, cfg.sae, cfg.storage)
         self.encode_batch.set_max_batch_size(cfg.encoder_max_batch_size)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)

@@ -46,7 +46,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import ray.data
-from ray.data import ActorPoolStrategy
 
 from actors.annotate import AnnotateActor
 from actors.encoder import EncodeActor
@@ -59,7 +58,7 @@ from pipeline.contract import ERRORS, SELECTED_SCHEMA, STAGE, STAGES, STATE, TAB
 from pipeline.counting import counts_of, reduce_counts, taxonomy_codes
 from pipeline.encoding import backbone_patch_px
 from pipeline.errors import compact_errors, write_errors
-from pipeline.execution import (SHARD_BATCHES, PoolAsk, cluster_cpus, encode_images, encoder_pool, ensure_placeable,
+from pipeline.execution import (SHARD_BATCHES, ActorPool, cluster_cpus, encode_images, encoder_pool, ensure_placeable,
                                 in_shards, in_tasks, init_ray)
 from pipeline.report import write_report
 from pipeline.sae import sae_metadata
@@ -83,6 +82,8 @@ class RunContext(NamedTuple):
     """CPUs of the Ray cluster: partitions of the shuffles, kind-none annotate actors."""
     patch_px: int | None
     """The backbone's patch size (read from its config; None when encode is done already)."""
+    pools: dict[str, ActorPool]
+    """The actor pools of the unfinished stages that run on Ray (:meth:`Build.pools`), by stage."""
 
 
 # --------------------------------------------------------------------------- the build
@@ -218,9 +219,9 @@ class Build:
 
     def in_driver(self, name: str) -> bool:
         """Whether stage ``name`` runs in the driver rather than on Ray (see :meth:`small`)."""
-        if name == "annotate":
-            return self.small() and self.cfg.annotate.llm.kind == "none"
-        return name in ("count", "select", "candidates") and self.small()
+        if name == "annotate" and self.cfg.annotate.llm.kind != "none":
+            return False
+        return name in ("count", "select", "candidates", "annotate") and self.small()
 
     def index(self) -> pa.Table:
         if self._index is None:
@@ -241,8 +242,9 @@ class Build:
         shard_rows = SHARD_BATCHES * cfg.encoder.batch_size
         if (todo := self.pending("encode", self.index(), "images")) is None:
             return
-        activations = encode_images(in_shards(todo, shard_rows), EncodeActor, {"cfg": cfg}, source=cfg.source, preprocess=cfg.preprocess,
-                                    encoder=cfg.encoder, patch_px=ctx.patch_px, errors_to=(cfg.output, cfg.storage))
+        activations = encode_images(in_shards(todo, shard_rows), ctx.pools["encode"], source=cfg.source,
+                                    preprocess=cfg.preprocess, encoder=cfg.encoder, patch_px=ctx.patch_px,
+                                    errors_to=(cfg.output, cfg.storage))
         self.write(activations, "activations", rows_per_file=shard_rows)
 
     def stage_count(self, ctx: RunContext) -> None:
@@ -287,41 +289,55 @@ class Build:
         if units is None:  # nothing selected: still leave an empty traits/ with the contract's schema
             storage.write_table(self.fs, self.path("traits/empty.parquet"), TRAITS_SCHEMA.empty_table())
             return
-        # kind none is CPU work: one actor per CPU. An LLM kind is waiting on the model:
-        # num_actors actors, each with its share of max_in_flight and batches big enough to fill it.
-        actors = ctx.n_cpus if ann.llm.kind == "none" else ann.num_actors
-        share = -(-ann.max_in_flight // actors)
-        batch = ann.batch_size if ann.llm.kind == "none" else max(ann.batch_size, 4 * share)
         # Shards of one batch (so every actor gets work), keyed by annotation_id: a resumed build
         # sends only the units whose answers were never written.
         if (todo := self.pending("annotate", with_annotation_ids(ann, units), "units")) is None:
             return
+        batch = self.annotate_batch(ctx.n_cpus)
         if self.in_driver("annotate"):  # the pool's own callable, one batch at a time, a file each
-            annotate = AnnotateActor(self.cfg, max_in_flight=ann.max_in_flight)
+            annotate = AnnotateActor(**self.annotate_kwargs(ann.max_in_flight))
             for start in range(0, todo.num_rows, batch):
                 shard = todo.slice(start, batch)
                 storage.write_table(self.fs, self.path(f"traits/{shard['annotation_id'][0].as_py()}.parquet"),
                                     annotate(shard), row_group_size=ROW_GROUP_ROWS)
             return
-        # An LLM kind's actor is called from max_concurrent_batches threads at once: the batches
-        # overlap on the stage's one event loop and share its max_in_flight requests.
-        overlap = 1 if ann.llm.kind == "none" else ann.max_concurrent_batches
-        traits = in_shards(todo, batch).map_batches(
-            AnnotateActor, batch_size=batch, batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=1, max_size=actors, max_concurrent_calls_per_actor=overlap,
-                                      enable_true_multi_threading=True),
-            num_gpus=ann.num_gpus, num_cpus=ann.num_cpus,
-            fn_constructor_kwargs={"cfg": self.cfg, "max_in_flight": share})
+        traits = ctx.pools["annotate"].map_batches(in_shards(todo, batch), batch_size=batch, batch_format="pyarrow")
         self.write(traits, "traits", rows_per_file=batch)
 
-    def pools(self) -> list[PoolAsk]:
-        """What one actor of each unfinished stage's pool asks for."""
-        ann, pools = self.cfg.annotate, []
+    # -- the actor pools, declared once: the placement check and the Ray calls read these ------------
+
+    def annotate_actors(self, n_cpus: int) -> int:
+        # kind none is CPU work: one actor per CPU. An LLM kind is waiting on the model: num_actors
+        # actors, each with its share of max_in_flight and batches big enough to fill it.
+        return n_cpus if self.cfg.annotate.llm.kind == "none" else self.cfg.annotate.num_actors
+
+    def annotate_batch(self, n_cpus: int) -> int:
+        ann = self.cfg.annotate
+        share = -(-ann.max_in_flight // self.annotate_actors(n_cpus))
+        return ann.batch_size if ann.llm.kind == "none" else max(ann.batch_size, 4 * share)
+
+    def annotate_kwargs(self, max_in_flight: int) -> dict:
+        """The annotate actor's constructor arguments: the config sections it uses."""
+        cfg = self.cfg
+        return {"annotate": cfg.annotate, "source": cfg.source, "preprocess": cfg.preprocess,
+                "errors_to": (cfg.output, cfg.storage), "max_in_flight": max_in_flight}
+
+    def pools(self, n_cpus: int) -> dict[str, ActorPool]:
+        """The actor pool of each unfinished stage that runs on Ray, by stage."""
+        cfg, pools = self.cfg, {}
         if self.finished_stage("encode") is None:
-            pools.append(encoder_pool("encode", self.cfg.encoder))
+            pools["encode"] = encoder_pool("encode", cfg.encoder, EncodeActor, {
+                "backbone": cfg.backbone, "sae": cfg.sae, "storage": cfg.storage,
+                "fail_once_after_batches": cfg.encoder.fail_once_after_batches,
+                "fault_marker": storage.join(cfg.output, STATE, "faults", "encoder")})
         if self.finished_stage("annotate") is None and not self.in_driver("annotate"):
-            pools.append(PoolAsk("annotate", {"GPU": ann.num_gpus, "CPU": ann.num_cpus},
-                                 {"GPU": "annotate.num_gpus", "CPU": "annotate.num_cpus"}))
+            ann, actors = cfg.annotate, self.annotate_actors(n_cpus)
+            pools["annotate"] = ActorPool(
+                "annotate", AnnotateActor, self.annotate_kwargs(-(-ann.max_in_flight // actors)),
+                ann.num_gpus, ann.num_cpus, {"GPU": "annotate.num_gpus", "CPU": "annotate.num_cpus"}, max_size=actors,
+                # An LLM kind's actor is called from max_concurrent_batches threads at once: the
+                # batches overlap on the stage's one event loop and share its max_in_flight requests.
+                concurrent_calls=1 if ann.llm.kind == "none" else ann.max_concurrent_batches)
         return pools
 
     # -- the whole build -----------------------------------------------------------------------
@@ -367,15 +383,16 @@ class Build:
     def run_stages(self, started: datetime, t0: float, patch_px: int | None) -> dict:
         cfg = self.cfg
         self.run_stage("index")
-        n_cpus = 1
+        n_cpus, pools = 1, {}
         if any(self.finished_stage(name) is None and not self.in_driver(name) for name in STAGE_NAMES[1:]):
             init_ray(cfg.ray)
             ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
-            # Never wait for a pool no node can hold: stop now, naming the key (nothing submitted yet).
-            ensure_placeable(self.pools(), cfg.ray.wait_for_resources_s)
             n_cpus = cluster_cpus()
+            pools = self.pools(n_cpus)
+            # Never wait for a pool no node can hold: stop now, naming the key (nothing submitted yet).
+            ensure_placeable([pool.ask for pool in pools.values()], cfg.ray.wait_for_resources_s)
         for name in STAGE_NAMES[1:]:
-            self.run_stage(name, RunContext(n_cpus, patch_px))
+            self.run_stage(name, RunContext(n_cpus, patch_px, pools))
 
         errors = compact_errors(self.fs, self.path(ERRORS))
         self.stages["errors"] = {"rows": errors.num_rows}

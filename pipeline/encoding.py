@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from pipeline import storage
-from pipeline.config import BackboneConfig, ConfigError, PreprocessConfig, fsspec_options
+from pipeline.config import BackboneConfig, ConfigError, PreprocessConfig, SAEConfig, StorageConfig, fsspec_options
 from pipeline.contract import ACTIVATIONS_SCHEMA, GEOMETRY_SCHEMA, INDEX_SCHEMA
 from pipeline.sae import load_sae
 
@@ -143,6 +143,12 @@ class FiringEncoder:
                              f"hidden size is {self.features.hidden_size}")
         self.threshold = threshold
         self.sae_chunk_images = sae_chunk_images  # bounds the dense code held on the device
+
+    @classmethod
+    def from_sections(cls, backbone: BackboneConfig, sae: SAEConfig, storage: StorageConfig | None) -> FiringEncoder:
+        """The encoder a config's ``backbone`` and ``sae`` sections describe (a build's, the endpoint's)."""
+        return cls(backbone.model, backbone.layer, sae.checkpoint, sae.threshold, dtype=backbone.dtype, storage=storage,
+                   subtract_b_dec=sae.subtract_b_dec, revision=backbone.revision, sae_revision=sae.revision)
 
     @torch.inference_mode()
     def firings(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

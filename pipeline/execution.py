@@ -139,9 +139,40 @@ def ensure_placeable(pools: list[PoolAsk], wait_s: float, *, nodes: Callable[[],
         request_resources(bundles=[])
 
 
-def encoder_pool(stage: str, encoder: EncoderConfig) -> PoolAsk:
-    return PoolAsk(stage, {"GPU": encoder.num_gpus, "CPU": encoder.num_cpus},
-                   {"GPU": "encoder.num_gpus", "CPU": "encoder.num_cpus"})
+@dataclass(frozen=True)
+class ActorPool:
+    """An actor pool declared once — the actor class, its constructor arguments, one actor's
+    resources and the pool's size — and read by both the placement check (:attr:`ask`) and the Ray
+    call (:meth:`map_batches`), as Ray's batch ``StatefulStage`` carries ``fn_constructor_kwargs``
+    and its ``map_batches`` arguments together. Actors get the config sections they use."""
+    stage: str
+    actor: type
+    constructor_kwargs: dict
+    num_gpus: float
+    num_cpus: float
+    keys: dict[str, str]
+    """resource → the key that sets it, e.g. {"GPU": "encoder.num_gpus"}"""
+    min_size: int = 1
+    max_size: int = 1
+    concurrent_calls: int | None = None
+    """Calls each actor serves at once, on threads of its own (None: one at a time, Ray's default)."""
+
+    @property
+    def ask(self) -> PoolAsk:
+        return PoolAsk(self.stage, {"GPU": self.num_gpus, "CPU": self.num_cpus}, self.keys)
+
+    def map_batches(self, ds: ray.data.Dataset, **kwargs) -> ray.data.Dataset:
+        threads = {} if self.concurrent_calls is None else {
+            "max_concurrent_calls_per_actor": self.concurrent_calls, "enable_true_multi_threading": True}
+        pool = ActorPoolStrategy(min_size=self.min_size, max_size=self.max_size, **threads)
+        return ds.map_batches(self.actor, compute=pool, num_gpus=self.num_gpus, num_cpus=self.num_cpus,
+                              fn_constructor_kwargs=self.constructor_kwargs, **kwargs)
+
+
+def encoder_pool(stage: str, encoder: EncoderConfig, actor: type, constructor_kwargs: dict) -> ActorPool:
+    """The backbone's pool (the build's encode stage, the trainer's patch features), sized by ``encoder``."""
+    return ActorPool(stage, actor, constructor_kwargs, encoder.num_gpus, encoder.num_cpus,
+                     {"GPU": "encoder.num_gpus", "CPU": "encoder.num_cpus"}, encoder.min_actors, encoder.max_actors)
 
 
 def in_shards(rows: pa.Table, shard_rows: int) -> ray.data.Dataset:
@@ -161,14 +192,11 @@ def decode_task(batch, *, source: SourceConfig, preprocess: PreprocessConfig, pa
     return good
 
 
-def encode_images(index: ray.data.Dataset, actor: type, actor_kwargs: dict, *, source: SourceConfig,
-                  preprocess: PreprocessConfig, encoder: EncoderConfig, patch_px: int,
+def encode_images(index: ray.data.Dataset, pool: ActorPool, *, source: SourceConfig, preprocess: PreprocessConfig,
+                  encoder: EncoderConfig, patch_px: int,
                   errors_to: tuple[str, StorageConfig] | None = None) -> ray.data.Dataset:
-    """index rows → decode tasks → ``actor`` (built with ``actor_kwargs``) in the encoder pool."""
+    """index rows → decode tasks → the encoder ``pool`` (:func:`encoder_pool`)."""
     pixels = index.map_batches(decode_task, batch_size=preprocess.batch_size, batch_format="numpy",
                                fn_kwargs={"source": source, "preprocess": preprocess, "patch_px": patch_px,
                                           "errors_to": errors_to})
-    return pixels.map_batches(
-        actor, batch_size=encoder.batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(min_size=encoder.min_actors, max_size=encoder.max_actors),
-        num_gpus=encoder.num_gpus, num_cpus=encoder.num_cpus, fn_constructor_kwargs=actor_kwargs)
+    return pool.map_batches(pixels, batch_size=encoder.batch_size, batch_format="numpy")

@@ -599,13 +599,13 @@ def export(cfg: ExportConfig, log=print) -> dict:
     return EXPORTERS[cfg.format](cfg, ExportedBuild.of(cfg), log)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m pipeline.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", help="the finished build's output folder (key build)")
     parser.add_argument("--format", help="hf (a Hugging Face dataset folder) or dwca (a Darwin Core Archive) (key format)")
     parser.add_argument("--out", help="hf: the dataset folder; dwca: the .zip file (key out)")
     parser.add_argument("--overwrite", action="store_true", help="replace what is at out (key overwrite)")
-    add_config_arguments(parser)
+    add_config_arguments(parser, ExportConfig, "export.md")
     args = parser.parse_args(argv)
     # The flags are keys like any other, given last: each as a JSON string (a YAML scalar that stays a string).
     flags = [f"{key}={json.dumps(getattr(args, key))}" for key in ("build", "format", "out")

@@ -539,8 +539,8 @@ def write_report(output: str, storage_options: dict | None = None, log=print, *,
     return output.rstrip("/") + "/report/index.html" if "://" in output else path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m pipeline.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", required=True, help="the build's output folder (local path or fsspec URL)")
     parser.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options for it, as JSON")
     parser.add_argument("--max-species-per-page", type=int, default=100)

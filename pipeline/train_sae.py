@@ -48,8 +48,8 @@ from pipeline import storage
 from pipeline.config import (ConfigError, SAETrainSpec, SourceConfig, TrainLoop, TrainSAEConfig, add_config_arguments,
                              config_changes, fsspec_options, load_config, runtime_keys)
 from pipeline.encoding import backbone_config, backbone_patch_px
-from pipeline.execution import (SHARD_BATCHES, PoolAsk, encode_images, encoder_pool, ensure_placeable, in_shards, in_tasks,
-                                init_ray)
+from pipeline.execution import (SHARD_BATCHES, ActorPool, PoolAsk, encode_images, encoder_pool, ensure_placeable,
+                                in_shards, in_tasks, init_ray)
 from pipeline.sae import CheckpointError, SAESpec, SparseAutoencoder, save_sae, save_saev, save_saev_schema5
 from pipeline.sources import build_index
 
@@ -107,6 +107,13 @@ def read_activation_chunks(batch: dict[str, np.ndarray], *, cfg: SourceConfig,
                     yield {"x": values.reshape(len(column), column.type.list_size).astype(np.float32)}
 
 
+def backbone_pool(cfg: TrainSAEConfig) -> ActorPool:
+    """The backbone's actor pool (image sources): the placement check and the Ray call read it."""
+    return encoder_pool("backbone", cfg.encoder, PatchActivations, {
+        "model": cfg.backbone.model, "layer": cfg.backbone.layer, "dtype": cfg.backbone.dtype, "storage": cfg.storage,
+        "revision": cfg.backbone.revision})
+
+
 def activation_dataset(cfg: TrainSAEConfig):
     """(Ray Dataset with one ``x`` [d] float32 row per patch, d)."""
     if cfg.source.format == "activations":
@@ -123,9 +130,7 @@ def activation_dataset(cfg: TrainSAEConfig):
     if not index.num_rows:
         raise ConfigError(f"source.root: no images in {cfg.source.root}")
     # Rejected images are simply not trained on (errors_to=None).
-    ds = encode_images(in_shards(index, SHARD_BATCHES * cfg.encoder.batch_size), PatchActivations,
-                       {"model": cfg.backbone.model, "layer": cfg.backbone.layer, "dtype": cfg.backbone.dtype,
-                        "storage": cfg.storage, "revision": cfg.backbone.revision},
+    ds = encode_images(in_shards(index, SHARD_BATCHES * cfg.encoder.batch_size), backbone_pool(cfg),
                        source=cfg.source, preprocess=cfg.preprocess, encoder=cfg.encoder, patch_px=patch_px)
     ds.context.execution_options.preserve_order = True
     return ds, backbone_config(cfg.backbone.model, fsspec_options(cfg.storage, cfg.backbone.model),
@@ -409,7 +414,7 @@ def fit(cfg: TrainSAEConfig, overwrite: bool = False, log=print) -> Path:
     init_ray(cfg.ray)
     workers = PoolAsk("train", {"GPU": 1.0 if cfg.train.use_gpu else 0.0, "CPU": cfg.train.cpus_per_worker},
                       {"GPU": "train.use_gpu", "CPU": "train.cpus_per_worker"})
-    pools = [workers] if cfg.source.format == "activations" else [encoder_pool("backbone", cfg.encoder), workers]
+    pools = [workers] if cfg.source.format == "activations" else [backbone_pool(cfg).ask, workers]
     ensure_placeable(pools, cfg.ray.wait_for_resources_s)  # never wait for workers no node can hold
     ds, d = activation_dataset(cfg)
     if resumed_d not in (None, d):

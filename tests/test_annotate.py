@@ -202,7 +202,8 @@ def test_annotate_pool_overlaps_batches_in_one_actor(demo_dir, demo_build, tmp_p
         expected, _ = AnnotateUnits(cfg.annotate, cfg.source, cfg.preprocess)(pa.Table.from_pylist(units))
     assert expected.num_rows == 24
     with HoldingServer(others=8) as server:
-        Build(openai_build(demo_dir, server.base_url, overrides)).stage_annotate(RunContext(n_cpus=2, patch_px=None))
+        build = Build(openai_build(demo_dir, server.base_url, overrides))
+        build.stage_annotate(RunContext(n_cpus=2, patch_px=None, pools=build.pools(n_cpus=2)))
         answered_while_held, max_open = server.answered_while_held, server.max_open
     assert answered_while_held >= 8, "the actor waited for the held request's batch: batches are barriers again"
     assert max_open <= 2
