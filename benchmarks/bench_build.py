@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -59,124 +58,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np
 
+from benchmarks.common import (cpu_busy_fraction, header, human_bytes, machine_info, mib, print_summary,  # noqa: E402
+                               print_table, result, sample_memory, start_ray, stop_ray)
+
 BENCHMARKS = ("encode", "memory", "counting", "gpu_encoder")
 PAPER_MS_PER_IMAGE = 7.26
 FULL_PATCHES, FULL_LATENTS = 256, 24_576  # DINOv2-base at 224 px, SAE 32 x 768
-
-
-# --------------------------------------------------------------------------- output helpers
-
-def print_table(headers: list[str], rows: list[list]) -> None:
-    cells = [[_fmt(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    print("  " + "  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("  " + "  ".join("-" * w for w in widths))
-    for r in cells:
-        print("  " + "  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)))
-
-
-def _fmt(x) -> str:
-    if isinstance(x, float):
-        return f"{x:,.3f}" if abs(x) < 10 else f"{x:,.1f}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
-
-
-def _numeric(s: str) -> bool:
-    return s.replace(",", "").replace(".", "").replace("-", "").replace("x", "").isdigit()
-
-
-RESULTS: list[str] = []
-
-
-def result(name: str, ratio: float | None, target: str, passed: bool | None, note: str = "") -> None:
-    if ratio is None:
-        line = f"RESULT {name}: {note or 'skipped'}"
-    else:
-        line = f"RESULT {name}: ratio={ratio:.3f} (target {target}) {'PASS' if passed else 'MISS'}"
-        if note:
-            line += f"  [{note}]"
-    RESULTS.append(line)
-    print(line, flush=True)
-
-
-def header(title: str) -> None:
-    print(f"\n=== {title} " + "=" * max(3, 70 - len(title)), flush=True)
-
-
-def mib(n: float) -> str:
-    return f"{n / 2**20:,.1f} MiB"
-
-
-def human_bytes(n: float) -> str:
-    for unit, k in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= k:
-            return f"{n / k:,.1f} {unit}"
-    return f"{n:,.0f} B"
-
-
-def machine_info() -> None:
-    import torch
-
-    cpus = os.cpu_count()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cpus
-    total = _kib_field("/proc/meminfo", "MemTotal:")
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    try:
-        import ray
-        ray_version = ray.__version__
-    except ImportError:
-        ray_version = "not installed"
-    print(f"machine: {platform.machine()} {platform.system()}, cpu_count={cpus} (usable {usable}), "
-          f"RAM {human_bytes(total)}, GPU: {gpu}")
-    busy = cpu_busy_fraction()
-    print(f"CPU busy (other processes, 1 s sample before starting): {busy:.0%}"
-          + ("  -- WARNING: the machine is busy, timings will be noisy" if busy > 0.15 else ""))
-    print(f"python {platform.python_version()}, torch {torch.__version__} (default threads "
-          f"{torch.get_num_threads()}), ray {ray_version}")
-
-
-def cpu_busy_fraction(seconds: float = 1.0) -> float:
-    """Share of all CPUs' time spent outside idle/iowait over a short window (from /proc/stat)."""
-    def snap():
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]
-    try:
-        total0, idle0 = snap()
-        time.sleep(seconds)
-        total1, idle1 = snap()
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
-
-
-def start_ray(num_cpus: int = 2):
-    import logging
-
-    import ray
-    import ray.data
-
-    # address="local": always a fresh local cluster, never one another process started with `ray start`.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    try:
-        ctx.print_on_execution_start = False
-    except AttributeError:
-        pass
-    # ERROR: e.g. "the cluster has no available CPUs" is expected when the encoder actor takes both.
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    return ray
-
-
-def stop_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 # --------------------------------------------------------------------------- 1. encode
@@ -428,73 +315,6 @@ def bench_encode(args, scratch: Path) -> None:
 # --------------------------------------------------------------------------- 2. memory
 
 DEMO_SPECIES = 8  # pipeline.demo.specimens.GENERA: 8 species (+ n_unlabelled=8 unlabelled images)
-
-
-def process_tree(root_pid: int) -> list[int]:
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        except (OSError, ValueError):
-            continue
-        children[ppid].append(int(entry))
-    out, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, ()))
-    return out
-
-
-def _kib_field(path: str, field: str) -> int:
-    try:
-        with open(path) as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _proc_name(pid: int, root_pid: int) -> str:
-    if pid == root_pid:
-        return "driver (build process)"
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return "?"
-    if not argv:
-        return "?"
-    if argv[0].startswith("ray::"):  # ray::Class or ray::Class.method (the method changes as it runs)
-        name, depth = argv[0].split(" ")[0], 0
-        for i, ch in enumerate(name[5:], start=5):
-            depth += (ch in "([") - (ch in ")]")
-            if ch == "." and depth == 0:
-                name = name[:i]
-                break
-        return name[:64]
-    for a in argv:  # python -m/ script: name it by the Ray component it runs
-        base = os.path.basename(a)
-        if base.endswith(".py") or base in ("raylet", "gcs_server"):
-            return base
-    return os.path.basename(argv[0])[:40]
-
-
-def sample_memory(root_pid: int) -> tuple[int, int, int, list[tuple[str, int, int]]]:
-    """(summed RSS, summed PSS, summed anonymous RSS, [(process name, rss, anon)]) of a process and all
-    its descendants. RSS counts shared pages (Ray's object store, libraries) once per process
-    that maps them; PSS splits them; anonymous RSS leaves them out."""
-    per = [(_proc_name(p, root_pid), _kib_field(f"/proc/{p}/status", "VmRSS:"),
-            _kib_field(f"/proc/{p}/smaps_rollup", "Pss:"), _kib_field(f"/proc/{p}/status", "RssAnon:"))
-           for p in process_tree(root_pid)]
-    return (sum(x[1] for x in per), sum(x[2] for x in per), sum(x[3] for x in per),
-            [(x[0], x[1], x[3]) for x in per if x[1]])
 
 
 def run_child_build(scratch: Path, overrides: list[str], log: Path) -> dict:
@@ -1018,9 +838,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scratch kept in {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
-    header("summary")
-    for line in RESULTS:
-        print(line)
+    print_summary()
     print(f"total {time.perf_counter() - started:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + ")")
     return 0
 

@@ -66,26 +66,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 # Ray workers import the package from the checkout.
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
-from bench_build import cpu_busy_fraction, header, machine_info, print_table, process_tree  # noqa: E402
-from tests.fault_cluster_build import gcs_actors  # noqa: E402  (the GCS actor table, no dashboard needed)
+# (benchmarks.common imports no Ray: main sets RAY_TMPDIR before Ray is first imported.)
+from benchmarks.common import (RESULTS, cpu_busy_fraction, gcs_actors, header, machine_info,  # noqa: E402
+                               print_summary, print_table, process_tree, record)
 
 OBJECT_STORE = 256 * 2**20  # per node; the demo's blocks are a few MB
 TASK_EVENTS_FLUSH_S = 3.0  # workers report task events to the GCS every second
 
 
 # --------------------------------------------------------------------------- output helpers
-
-RESULTS: list[str] = []
-
-
-def result(line: str) -> None:
-    RESULTS.append(line)
-    print(line, flush=True)
-
 
 @contextlib.contextmanager
 def captured(log: Path):
@@ -580,17 +572,17 @@ def report(runs: dict[str, list[dict]]) -> None:
         enc_ratio = three_e["encode_img_s"] / one_e["encode_img_s"]
         build_ratio = three_b["build_img_s"] / one_b["build_img_s"]
         n = min(len(ok["one"]), len(ok["three"]))
-        result(f"RESULT cluster: images/s three nodes / one node: encode stage {enc_ratio:.3f}x, whole build "
+        record(f"RESULT cluster: images/s three nodes / one node: encode stage {enc_ratio:.3f}x, whole build "
                f"{build_ratio:.3f}x{f' (best of {n} runs each)' if n > 1 else ''}  [one machine's cores shared by "
                "all nodes: overhead/distribution, not speed-up]")
     else:
         stuck = ", ".join(f"{r['layout']} run {r['run']}" for r in all_runs if "error" in r)
-        result(f"RESULT cluster: no ratio: stuck build(s) ({stuck}); see the lines above")
+        record(f"RESULT cluster: no ratio: stuck build(s) ({stuck}); see the lines above")
 
     res = runs["one"][0].get("resume") if runs["one"] else None
     header("resume: a rerun over a finished build, a resume at the start of annotate (one node, run 1)")
     if res is None:
-        result("RESULT resume: skipped (the one-node build did not finish)")
+        record("RESULT resume: skipped (the one-node build did not finish)")
         return
     print_table(["run", "seconds", "fraction of the full build"],
                 [["full build (first run)", res["full_build_s"], "1.000"],
@@ -601,7 +593,7 @@ def report(runs: dict[str, list[dict]]) -> None:
           f"(first run {res['annotate_stage_s_full']:.1f} s); same annotations as the first run: "
           f"{res['resume_same_annotations']}. It connects as a new Ray job (new worker processes, as a restarted "
           f"driver's would). The rerun returns before touching Ray (connected: {res['rerun_connected_to_ray']}).")
-    result(f"RESULT resume: rerun of a finished build {res['rerun_fraction']:.1e} of the full build "
+    record(f"RESULT resume: rerun of a finished build {res['rerun_fraction']:.1e} of the full build "
            f"({res['rerun_finished_s'] * 1e3:.1f} ms); resume at annotate {res['resume_annotate_fraction']:.3f} "
            f"({res['resume_annotate_s']:.1f} s of {res['full_build_s']:.1f} s)")
 
@@ -676,9 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"results: {out / 'bench_cluster.json'}")
         if own_tmpdir and not left and not args.keep_ray_logs:
             shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
-    header("summary")
-    for line in RESULTS:
-        print(line)
+    print_summary()
     print(f"total {time.perf_counter() - started:.0f} s")
     stuck = any("error" in r for rs in runs.values() for r in rs)
     return 0 if not left and not stuck else 1

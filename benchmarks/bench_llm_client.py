@@ -5,7 +5,7 @@
     python benchmarks/bench_llm_client.py --stage [--stage-n 200] [--stage-serial-n 6]   # the annotate stage only
     python benchmarks/bench_llm_client.py --overlap --latency 1 [--overlap-n 331] [--overlap-faults 0.1] [--overlap-repeats 3]
 
-The fake server (tests/fake_openai_server.py) answers each request after ``latency`` seconds and
+The fake server (benchmarks/fake_openai_server.py) answers each request after ``latency`` seconds and
 processes at most ``capacity`` at once, so no client can beat capacity / latency requests/s.
 Rows:
 - serial      one blocking ``requests`` call at a time, the reference code's pattern (DESIGN §3.3);
@@ -56,11 +56,11 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import stage_candidates  # noqa: E402
+from benchmarks.fake_openai_server import FakeOpenAIServer  # noqa: E402
 from pipeline.annotation.llm_openai import OpenAIBackend  # noqa: E402
 from pipeline.annotation.llm import ChatRequest, ChatResult  # noqa: E402
 from pipeline.config import AnnotateConfig  # noqa: E402
-from pipeline.preprocessing import GEOMETRY_COLUMNS  # noqa: E402
-from tests.fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 
 def chat_request(i: int) -> ChatRequest:
@@ -94,40 +94,6 @@ STAGE_ANSWER = json.dumps({"is_background": False, "body_part": "thorax",
                            "traits": [{"attribute": "colour", "value": "orange spot on a dark ground"},
                                       {"attribute": "shape", "value": "rounded"}],
                            "common_traits": ["orange spot on the thorax"]})
-
-
-def stage_candidates(folder: Path, images_per_species: int, seed: int = 0) -> list[dict]:
-    """Candidate rows (as candidates/ holds them) for every labelled demo image: one latent (0) per
-    species, a 3x3 patch zone near the centre (shifted a little per image), consensus groups of 3."""
-    from PIL import Image
-
-    from pipeline.boxes import zones_to_boxes
-    from pipeline.config import PreprocessConfig, SourceConfig
-    from pipeline.preprocessing import PATCH_PX, plan_geometry
-    from pipeline.sources import build_index
-    from pipeline.demo.specimens import generate_demo_dataset
-
-    generate_demo_dataset(folder, images_per_species=images_per_species, n_unlabelled=0, seed=seed)
-    index, _ = build_index(SourceConfig(format="bioscan", root=str(folder)))
-    preprocess = PreprocessConfig()
-    side = preprocess.image_size // PATCH_PX
-    by_species = defaultdict(list)
-    for row in index.to_pylist():
-        if row["species"]:
-            by_species[row["species"]].append(row)
-    rows = []
-    for species, members in sorted(by_species.items()):
-        n_full = len(members) // 3 * 3
-        for rank, row in enumerate(sorted(members, key=lambda r: r["image_id"])):
-            with Image.open(row["path"]) as img:
-                w, h = img.size
-            geom, _ = plan_geometry("squash", w, h, preprocess)
-            r0, c0 = side // 2 - 2 + rank % 2, side // 2 - 2 + rank % 3
-            patches = [(r0 + dr) * side + c0 + dc for dr in range(3) for dc in range(3)]
-            rows.append({**row, **{k: getattr(geom, k) for k in GEOMETRY_COLUMNS}, "latent": 0, "patches": patches,
-                         "boxes": zones_to_boxes(patches, geom), "activation_sum": float(100 - rank),
-                         "image_rank": rank, "consensus_group": rank // 3 if rank < n_full else None})
-    return rows
 
 
 def stage_units(candidates: list[dict], images_per_prompt: int, n: int) -> list[dict]:

@@ -8,7 +8,7 @@ Starts the serving stack of tests/test_vllm_serving.py — serve_configs/qwen2_5
 CPU overlay: Ray Serve LLM's build_openai_app on vLLM's CPU engine with a tiny random-weight
 Qwen2.5-VL, beside the annotator app — on a local Ray of this machine, and prints its start-up times.
 The workload is the project's own requests: the annotate units of a synthetic demo dataset
-(bench_llm_client.stage_candidates: every labelled image, consensus groups of 3, no model needed),
+(common.stage_candidates: every labelled image, consensus groups of 3, no model needed),
 each rendered and worded exactly as the annotate stage does (overlay renderings; the crop set apart),
 with the answer's JSON schema as response_format and max_tokens 1024 (random weights fill every
 bound of the schema). The engine's prefix cache is reset before every run, so no run profits from
@@ -32,7 +32,7 @@ for the project's order and the control, and prompt/completion tokens per reques
 3-image, overlay and crop prompts — as this tiny model counts them (its image processor caps an
 image at 112x112 px, i.e. <= 16 image tokens) and, for the images, as Qwen2.5-VL's own processor
 would (smart_resize at its default pixel bounds). With --fault-rate > 0, both clients again behind
-tests/fault_proxy.FaultProxy answering that share of requests 500 or 503: vLLM's client counts
+benchmarks/fault_proxy.FaultProxy answering that share of requests 500 or 503: vLLM's client counts
 them as failed, the project retries them; compared on answered requests/s.
 
 --kill-replica (part 9): a demo build with annotate.llm.kind openai at the llm app, twice — clean, and
@@ -58,7 +58,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 # Ray exports metrics (vLLM's prefix-cache counters) every 10 s by default; set before Ray starts.
 os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -69,16 +68,15 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from bench_llm_client import stage_candidates  # noqa: E402
+from benchmarks.common import free_port, gcs_actors, stage_candidates  # noqa: E402
+from benchmarks.fault_proxy import FaultProxy  # noqa: E402
+from benchmarks.vllm_serving import (Serving, build_test_models, cpu_test_config, images_first,  # noqa: E402
+                                     metrics_url, request_body, settled_counters, start_serving, stop_serving)
 from pipeline.annotation.describer import TraitDescriber  # noqa: E402
 from pipeline.annotation.prompts import build_request  # noqa: E402
 from pipeline.annotation.stage import AnnotateUnits  # noqa: E402
 from pipeline.annotation.units import annotation_units  # noqa: E402
 from pipeline.config import AnnotateConfig, LLMConfig, PreprocessConfig, SourceConfig  # noqa: E402
-from tests.fault_proxy import FaultProxy  # noqa: E402
-from tests.test_serve_app import free_port  # noqa: E402
-from tests.vllm_serving import (Serving, build_test_models, cpu_test_config, images_first, metrics_url,  # noqa: E402
-                                request_body, settled_counters, start_serving, stop_serving)
 
 MAX_TOKENS = 1024  # as the CPU overlay's annotator: random weights fill the schema's bounds
 
@@ -302,7 +300,6 @@ def kill_replica_benchmark(serving: Serving, folder: Path) -> None:
 
     from pipeline.build import Build
     from pipeline.demo.run import demo_build_config, prepare_demo
-    from tests.fault_cluster_build import gcs_actors
 
     demo = folder / "demo_build"
     prepare_demo(demo, images_per_species=12, log=lambda *_: None)

@@ -30,6 +30,8 @@ import time
 import traceback
 from pathlib import Path
 
+from benchmarks.common import gcs_actors
+
 OBJECT_STORE = 100 * 1024 * 1024  # per node; the demo's blocks are a few MB
 
 
@@ -51,25 +53,6 @@ def slow_encoder() -> None:
 
     call.slowed = True
     build.EncodeActor.__call__ = call
-
-
-def gcs_actors(job_id: str | None = None) -> list[dict]:
-    """Every actor the connected cluster's GCS knows (dead ones too), with the node it is (was) on
-    and its restarts — what ray.util.state.list_actors gives, without needing a dashboard."""
-    from ray._private.state import state
-    from ray._raylet import JobID
-    from ray.core.generated import gcs_pb2
-
-    accessor = state._connect_and_get_accessor()
-    out = []
-    for raw in accessor.get_actor_table(JobID(bytes.fromhex(job_id)) if job_id else None, None):
-        a = gcs_pb2.ActorTableData.FromString(raw)
-        out.append({"actor_id": a.actor_id.hex(), "job_id": a.job_id.hex(), "class_name": a.class_name,
-                    "name": a.name, "namespace": a.ray_namespace,
-                    "repr_name": a.repr_name, "state": gcs_pb2.ActorTableData.ActorState.Name(a.state),
-                    "num_restarts": a.num_restarts, "node_id": a.address.node_id.hex(), "pid": a.pid,
-                    "required_resources": dict(a.required_resources), "death": " ".join(str(a.death_cause).split())})
-    return out
 
 
 def encoder_actors() -> list[dict]:
@@ -101,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     # A Ray call in the build thread after the driver disconnected (a failed run's teardown) must
     # fail, not start or join a Ray of its own.
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
-    # The cluster's workers (children of its raylets, children of this process) import tests.* too.
+    # The cluster's workers (children of its raylets, children of this process) import this module
+    # too (slow_encoder, the setup hook), and with it benchmarks.common.
     repo = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join([repo, *filter(None, [os.environ.get("PYTHONPATH")])])
     import ray

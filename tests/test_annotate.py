@@ -15,13 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from benchmarks.fake_openai_server import FakeOpenAIServer
 from pipeline.annotation.stage import AnnotateUnits
 from pipeline.annotation.units import annotation_id, annotation_units, prompt_version_for, unit_annotation_id
 from pipeline.build import Build, RunContext
 from pipeline.config import AnnotateConfig, validate
 from pipeline.demo.run import demo_build_config
 from pipeline.storage import StorageUnavailable
-from tests.fake_openai_server import FakeOpenAIServer
 
 CONSENSUS_ANSWER = json.dumps({
     "regions": [{"image": i, "is_background": False, "body_part": "left antennae", "traits": [

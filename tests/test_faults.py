@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fault_cluster_build import gcs_actors
+from benchmarks.common import gcs_actors
 from tests.tables import assert_same_build
 
 REPO = Path(__file__).resolve().parents[1]

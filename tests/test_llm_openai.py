@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 
+from benchmarks.fake_openai_server import FakeOpenAIServer, expected_answer
 from pipeline.annotation.llm_openai import OpenAIBackend, parse_retry_after
 from pipeline.annotation.llm import ChatRequest, ChatResult, LLMRequestFailed
-from tests.fake_openai_server import FakeOpenAIServer, expected_answer
 
 SCHEMA = {"type": "json_schema", "json_schema": {"name": "trait", "schema": {"type": "object"}}}
 

@@ -20,13 +20,13 @@ import pytest
 import ray
 import yaml
 
+from benchmarks.fake_openai_server import FakeOpenAIServer
 from pipeline.build import Build
 from pipeline.contract import STATE
 from pipeline.errors import compact_errors
 from pipeline.config import ConfigError
 from pipeline.demo.run import demo_build_config
 from pipeline.contract import ERRORS_SCHEMA
-from tests.fake_openai_server import FakeOpenAIServer
 from tests.tables import assert_same_build
 
 REPO = Path(__file__).resolve().parents[1]

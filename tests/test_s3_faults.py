@@ -1,5 +1,5 @@
 """S3 that fails now and then (issue 14): the demo build from and to the moto S3 server through
-tests/fault_proxy.py, which answers a seeded share of the requests (the driver's and every Ray
+benchmarks/fault_proxy.py, which answers a seeded share of the requests (the driver's and every Ray
 worker's) with a 500 InternalError, a 503 SlowDown, a dropped connection or an answer cut off
 half-way (after the server acted on the request).
 
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from benchmarks.fault_proxy import KINDS, FaultProxy
 from pipeline import storage
-from tests.fault_proxy import KINDS, FaultProxy
 from tests.s3_server import client, demo_on_s3, download, storage_keys
 from tests.tables import assert_same_build
 

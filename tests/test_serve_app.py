@@ -20,6 +20,8 @@ import yaml
 from PIL import Image, ImageDraw
 
 from actors.serve_app import build_annotator_app
+from benchmarks.common import free_port, gcs_actors
+from benchmarks.vllm_serving import serve_run_config, wait_until_running
 from pipeline.config import AnnotatorAppConfig, ConfigError, validate
 from pipeline.endpoint import check_bearer, choose_latents, sae_fingerprint
 from pipeline.annotation.renderings import png_bytes
@@ -129,12 +131,6 @@ def specimen_png(width: int = 300, height: int = 200) -> bytes:
     return buf.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def fake_build(folder: Path, selected: dict[str, list[int]], sae: dict | None, status: str = "succeeded") -> str:
     """A build folder with what the endpoint reads: manifest.json and selected/."""
     import pyarrow as pa
@@ -146,33 +142,6 @@ def fake_build(folder: Path, selected: dict[str, list[int]], sae: dict | None, s
     pq.write_table(pa.Table.from_pylist(rows), folder / "selected" / "selected.parquet")
     (folder / "manifest.json").write_text(json.dumps({"status": status, "sae": sae}))
     return str(folder)
-
-
-def serve_run_config(config: dict, timeout_s: float = 180) -> None:
-    """What `serve run <config file>` does (ray/serve/scripts.py): validate the file, start Serve
-    with its http_options, deploy its applications (built on the cluster from their import paths)."""
-    from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(config)
-    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
-    client.deploy_apps(schema)
-    wait_until_running(timeout_s)
-
-
-def wait_until_running(timeout_s: float) -> None:
-    """Until every Serve application is RUNNING (and those deleted are gone); raises on a failed one."""
-    from ray import serve
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        statuses = {name: app.status for name, app in serve.status().applications.items()}
-        if statuses and all(s == "RUNNING" for s in statuses.values()):
-            return
-        failed = {n: a.message for n, a in serve.status().applications.items() if a.status == "DEPLOY_FAILED"}
-        if failed or time.monotonic() > deadline:
-            raise RuntimeError(f"Serve applications did not start: {failed or statuses}")
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -621,7 +590,6 @@ def test_describer_replicas_killed_mid_build(app, serve_build, demo_dir, tmp_pat
 
     from pipeline.build import Build
     from pipeline.demo.run import demo_build_config
-    from tests.fault_cluster_build import gcs_actors
     from tests.tables import assert_same_build
 
     def describers() -> list[dict]:

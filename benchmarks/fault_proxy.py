@@ -1,6 +1,7 @@
-"""A fault-injecting HTTP reverse proxy for tests: put it in front of an S3 server (tests/s3_server.py)
-and point the client at ``proxy.url``. A seeded, fixed share of the requests gets a fault instead of
-a plain answer; every other request is forwarded and its answer sent back byte for byte.
+"""A fault-injecting HTTP reverse proxy for tests and benchmarks: put it in front of an S3 server
+(tests/s3_server.py) or a model server (benchmarks/bench_vllm_serving.py) and point the client at
+``proxy.url``. A seeded, fixed share of the requests gets a fault instead of a plain answer; every
+other request is forwarded and its answer sent back byte for byte.
 
     with FaultProxy(moto_url, share=0.10, seed=1) as proxy:
         ... build with storage.endpoint_url=proxy.url ...
