@@ -62,7 +62,7 @@ def wait_for_job(client, submission_id, timeout):
         time.sleep(2)
 
 
-def test_ray_job_submit_runs_the_demo_build_on_the_cluster(job_cluster, demo_dir, tmp_path):
+def test_ray_job_submit_runs_the_demo_build_on_the_cluster(job_cluster, demo_dir, load_factor, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state import list_actors, list_nodes
 
@@ -80,7 +80,7 @@ def test_ray_job_submit_runs_the_demo_build_on_the_cluster(job_cluster, demo_dir
     assert "Job 'demo-build' submitted successfully" in submit.stdout + submit.stderr
 
     client = JobSubmissionClient(cluster.dashboard_url)
-    status = wait_for_job(client, "demo-build", JOB_TIMEOUT_S)
+    status = wait_for_job(client, "demo-build", JOB_TIMEOUT_S * load_factor)
     logs = client.get_job_logs("demo-build")
     job_s = time.monotonic() - started
     print(f"\n[test_jobs] job {status} in {job_s:.0f} s")

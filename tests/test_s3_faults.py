@@ -103,8 +103,8 @@ def test_demo_build_through_a_store_that_fails_one_request_in_ten(demo_dir, demo
     assert_same_build(clean_out, download(client(s3_server), f"builds/{run}/demo", tmp_path / "build"), ignore=ON_S3)
 
 
-def test_unreachable_store_ends_the_build_naming_the_path_and_a_rerun_resumes(ray_local, demo_dir, demo_build, s3_server,
-                                                                              tmp_path, capsys):
+def test_unreachable_store_ends_the_build_naming_the_path_and_a_rerun_resumes(ray_local, demo_dir, demo_build, load_factor,
+                                                                              s3_server, tmp_path, capsys):
     """The failing run is a driver process of its own on the session Ray, as from the command line:
     its exit ends its job's workers. (A driver that lives on, as pytest would, leaves their s3fs
     requests running in each worker's fsspec thread after Ray Data has cancelled their tasks: one
@@ -131,7 +131,7 @@ def test_unreachable_store_ends_the_build_naming_the_path_and_a_rerun_resumes(ra
             driver = subprocess.Popen([sys.executable, "-m", "pipeline.build", "--config", str(config),
                                        "--set", f"ray.address={address}"], cwd=REPO, stdout=stdout, stderr=stderr)
             try:
-                code = driver.wait(timeout=300)
+                code = driver.wait(timeout=300 * load_factor)
             finally:
                 if driver.poll() is None:
                     driver.kill()
@@ -151,7 +151,9 @@ def test_unreachable_store_ends_the_build_naming_the_path_and_a_rerun_resumes(ra
             print(f"\n[s3 unreachable] exit {code} {took:.1f} s after the store went away ({proxy.counts()['refused']} "
                   f"connections refused); activations/ files kept: {len(kept)}; the error:\n{err.strip()[-1000:]}")
         assert code == 3, err[-3000:]
-        assert took < UNREACHABLE_S
+        # storage.give_up_after_s (30 s) plus the backoff in progress and the driver's exit; on a loaded
+        # machine the processes themselves are slower by this run's load factor.
+        assert took < UNREACHABLE_S * load_factor, (took, load_factor)
         # The last words: the path of the request that failed last (one of this run's), what it got, the way on.
         error = err[err.rindex("error: "):] if "error: " in err else err[-3000:]
         assert error.startswith("error: storage unreachable: ") and "s3://" in error and "retries spent" in error, error
