@@ -31,6 +31,8 @@ pip_install --upgrade pip
 if ! python -c "import torch" 2>/dev/null; then
     pip_install "torch==2.13.0"
 fi
+# (An editable install's build backend warns about the working directory on every install: not news.)
+export PYTHONWARNINGS=ignore::UserWarning
 if [ "$MODE" = runtime ]; then
     pip_install -e .
     python -c "import ray, torch; print(f'sae-traits runtime: ray {ray.__version__}, torch {torch.__version__}')"
