@@ -55,8 +55,9 @@ def quiet(log_path: str | Path) -> Iterator[Path]:
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     outermost = _console is None
+    opened: list[TextIO] = []
     if outermost:
-        _console = (os.fdopen(os.dup(saved[0]), "w", buffering=1), os.fdopen(os.dup(saved[1]), "w", buffering=1))
+        _console = (_console_stream(sys.stdout, 1, saved[0], opened), _console_stream(sys.stderr, 2, saved[1], opened))
     streams = sys.stdout, sys.stderr
     try:
         # Python's writes too, wherever sys.stdout pointed (a test's capture, a wrapper): into the log.
@@ -77,9 +78,22 @@ def quiet(log_path: str | Path) -> Iterator[Path]:
         for fd in saved:
             os.close(fd)
         if outermost:
-            for stream in _console:
+            for stream in opened:
                 stream.close()
             _console = None
+
+
+def _console_stream(stream: TextIO, fd: int, saved_fd: int, opened: list[TextIO]) -> TextIO:
+    """Where say() writes while quiet: the console behind ``fd`` (a copy of it, as ``fd`` itself now
+    points to the log), or ``stream`` itself when it does not write to ``fd`` (a test's capture)."""
+    try:
+        writes_to_fd = stream.fileno() == fd
+    except (AttributeError, OSError, ValueError):
+        writes_to_fd = False
+    if not writes_to_fd:
+        return stream
+    opened.append(os.fdopen(os.dup(saved_fd), "w", buffering=1))
+    return opened[-1]
 
 
 def _duration(seconds: float) -> str:
