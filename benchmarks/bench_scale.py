@@ -4,11 +4,14 @@ stages over synthetic firings at realistic density (pipeline/demo/firings.py: ~3
 per image over 24,576 latents), at N and FACTOR·N images, each size in its own process.
 
     python benchmarks/bench_scale.py [--images N] [--factor 4] [--firings 3000] [--keep DIR]
+                                     [--small-build-images M]
 
 Prints, per stage, the wall time at both sizes and their ratio (goal <= 1.1·FACTOR, i.e. 4.4 at 4N);
 the driver's peak RSS at both sizes (goal: ratio <= 1.3); the object store's peak use and the
 bytes spilled; the stage that grows worst; and ``RESULT`` lines. tests/test_scale.py runs it at
-a small N so it cannot rot.
+a small N so it cannot rot. The stages run on Ray at every size (``ray.small_build_images`` 0);
+``--small-build-images M`` sets that key, so that sizes up to M run in the driver: the same
+command with 0 and with M compares the two paths.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 STAGES = ("count", "select", "candidates", "annotate")
 
 
-def build_config(out: Path, sae: Path, rows_per_file: int) -> dict:
+def build_config(out: Path, sae: Path, rows_per_file: int, small_build_images: int = 0) -> dict:
     from pipeline.config import BuildConfig, validate
 
     return validate(BuildConfig, {
@@ -41,18 +44,18 @@ def build_config(out: Path, sae: Path, rows_per_file: int) -> dict:
         # Fewer annotation units than the defaults (10 latents x 9 images per species): the stage is
         # linear in units either way, and 2 cores render ~15 units/s.
         "contrast": {"max_latents_per_species": 3}, "candidates": {"top_images": 3, "group_size": 3},
-        "ray": {"num_cpus": 2},
+        "ray": {"num_cpus": 2, "small_build_images": small_build_images},
         "report": False,  # timed on its own, after the build
         "output": str(out),
     }).model_dump(mode="json")
 
 
-def prepare(out: Path, n_images: int, firings: int, sae: Path) -> dict:
+def prepare(out: Path, n_images: int, firings: int, sae: Path, small_build_images: int = 0) -> dict:
     from pipeline.demo.firings import write_synthetic_build
 
     rows_per_file = 1024
     t0 = time.perf_counter()
-    summary = write_synthetic_build(out, build_config(out, sae, rows_per_file), n_images, firings=firings,
+    summary = write_synthetic_build(out, build_config(out, sae, rows_per_file, small_build_images), n_images, firings=firings,
                                     rows_per_file=rows_per_file)
     return {**summary, "generate_s": round(time.perf_counter() - t0, 1)}
 
@@ -126,9 +129,9 @@ def rss_sampler(stop: threading.Event, build, running: dict, peaks: dict) -> Non
         peaks[stage] = round(max(peaks.get(stage, 0.0), rss), 1)
 
 
-def run_size(work: Path, n_images: int, firings: int, sae: Path) -> dict:
+def run_size(work: Path, n_images: int, firings: int, sae: Path, small_build_images: int = 0) -> dict:
     out = work / f"n{n_images}"
-    generated = prepare(out, n_images, firings, sae)
+    generated = prepare(out, n_images, firings, sae, small_build_images)
     proc = subprocess.run([sys.executable, __file__, "--child", str(out)], capture_output=True, text=True, cwd=ROOT)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("SCALE-RESULT ")), None)
     if proc.returncode or line is None:
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=25_000)
     parser.add_argument("--factor", type=int, default=4)
     parser.add_argument("--firings", type=int, default=3_000)
+    parser.add_argument("--small-build-images", type=int, default=0,
+                        help="ray.small_build_images: sizes up to this run count..annotate in the driver")
     parser.add_argument("--keep", type=Path, help="build the sizes under this folder and keep them")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -159,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         sae = random_sae(work / "sae")
-        small = run_size(work, args.images, args.firings, sae)
-        large = run_size(work, args.images * args.factor, args.firings, sae)
+        small = run_size(work, args.images, args.firings, sae, args.small_build_images)
+        large = run_size(work, args.images * args.factor, args.firings, sae, args.small_build_images)
     goal = 1.1 * args.factor
     print(f"synthetic firings: N={small['images']} ({small['firings'] / 1e6:.1f} M firings, {small['files']} files) "
           f"and {args.factor}N={large['images']} ({large['firings'] / 1e6:.1f} M); generated in "
