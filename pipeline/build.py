@@ -311,10 +311,13 @@ class Build:
         # actors, each with its share of max_in_flight and batches big enough to fill it.
         return n_cpus if self.cfg.annotate.llm.kind == "none" else self.cfg.annotate.num_actors
 
+    def annotate_share(self, n_cpus: int) -> int:
+        """Each annotate actor's share of annotate.max_in_flight."""
+        return -(-self.cfg.annotate.max_in_flight // self.annotate_actors(n_cpus))
+
     def annotate_batch(self, n_cpus: int) -> int:
         ann = self.cfg.annotate
-        share = -(-ann.max_in_flight // self.annotate_actors(n_cpus))
-        return ann.batch_size if ann.llm.kind == "none" else max(ann.batch_size, 4 * share)
+        return ann.batch_size if ann.llm.kind == "none" else max(ann.batch_size, 4 * self.annotate_share(n_cpus))
 
     def annotate_kwargs(self, max_in_flight: int) -> dict:
         """The annotate actor's constructor arguments: the config sections it uses."""
@@ -331,10 +334,10 @@ class Build:
                 "fail_once_after_batches": cfg.encoder.fail_once_after_batches,
                 "fault_marker": storage.join(cfg.output, STATE, "faults", "encoder")})
         if self.finished_stage("annotate") is None and not self.in_driver("annotate"):
-            ann, actors = cfg.annotate, self.annotate_actors(n_cpus)
+            ann = cfg.annotate
             pools["annotate"] = ActorPool(
-                "annotate", AnnotateActor, self.annotate_kwargs(-(-ann.max_in_flight // actors)),
-                ann.num_gpus, ann.num_cpus, {"GPU": "annotate.num_gpus", "CPU": "annotate.num_cpus"}, max_size=actors,
+                "annotate", AnnotateActor, self.annotate_kwargs(self.annotate_share(n_cpus)), ann.num_gpus, ann.num_cpus,
+                {"GPU": "annotate.num_gpus", "CPU": "annotate.num_cpus"}, max_size=self.annotate_actors(n_cpus),
                 # An LLM kind's actor is called from max_concurrent_batches threads at once: the
                 # batches overlap on the stage's one event loop and share its max_in_flight requests.
                 concurrent_calls=1 if ann.llm.kind == "none" else ann.max_concurrent_batches)
