@@ -56,7 +56,7 @@ from pipeline.config import BuildConfig, ConfigError, add_config_arguments, conf
 from pipeline.console import PREFIX, Progress, quiet, say
 from pipeline.contract import ERRORS, SELECTED_SCHEMA, STAGE, STAGES, STATE, TABLES, TRAITS_SCHEMA
 from pipeline.counting import counts_of, reduce_counts, taxonomy_codes
-from pipeline.encoding import backbone_patch_px
+from pipeline.encoding import check_models
 from pipeline.errors import compact_errors, write_errors
 from pipeline.execution import (SHARD_BATCHES, ActorPool, cluster_cpus, encode_images, encoder_pool, ensure_placeable,
                                 in_shards, in_tasks, init_ray)
@@ -351,8 +351,8 @@ class Build:
         cfg = self.cfg
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
-        # Checked before anything is written: the backbone's patch grid must tile preprocess.image_size.
-        patch_px = backbone_patch_px(cfg.backbone, cfg.preprocess, cfg.storage) \
+        # Checked before anything is written or Ray starts: the backbone's patch grid, its weights, the SAE (issue 23).
+        patch_px = check_models(cfg.backbone, cfg.sae, cfg.preprocess, cfg.storage) \
             if overwrite or self.finished_stage("encode") is None else None
         self.open_output(overwrite)
         if self.fs.exists(self.path("manifest.json")):  # finished earlier: nothing to redo

@@ -19,7 +19,7 @@ from transformers import AutoConfig, AutoModel
 from pipeline import storage
 from pipeline.config import BackboneConfig, ConfigError, PreprocessConfig, SAEConfig, StorageConfig, fsspec_options
 from pipeline.contract import ACTIVATIONS_SCHEMA, GEOMETRY_SCHEMA, INDEX_SCHEMA
-from pipeline.sae import load_sae
+from pipeline.sae import CheckpointError, load_sae
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -58,6 +58,40 @@ def backbone_patch_px(backbone: BackboneConfig, preprocess: PreprocessConfig, st
         raise ConfigError(f"preprocess.image_size: {preprocess.image_size} is not a multiple of the patch size "
                           f"{patch_px} of backbone.model {backbone.model}; use e.g. "
                           f"{preprocess.image_size // patch_px * patch_px} or {(preprocess.image_size // patch_px + 1) * patch_px}")
+    return patch_px
+
+
+# A backbone folder holds one of these (transformers' single-file and sharded layouts).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_models(backbone: BackboneConfig, sae: SAEConfig, preprocess: PreprocessConfig, storage_section=None) -> int:
+    """Before Ray starts, what the encode actors will load: the backbone's patch grid
+    (:func:`backbone_patch_px`), its weights present (a folder, local or remote), and the SAE
+    checkpoint loaded the way the actors load it and checked against the backbone's width. Anything
+    wrong is a ConfigError naming the key, the path and what is wrong; returns the patch size."""
+    patch_px = backbone_patch_px(backbone, preprocess, storage_section)
+    if storage.hub_reference(backbone.model) is None:
+        fs, folder = storage.filesystem(backbone.model, fsspec_options(storage_section, backbone.model))
+        if not any(fs.exists(storage.join(folder.rstrip("/"), name)) for name in WEIGHT_FILES):
+            raise ConfigError(f"backbone.model: {backbone.model} has a config.json but no weights "
+                              f"(none of {', '.join(WEIGHT_FILES)})")
+    options = fsspec_options(storage_section, sae.checkpoint)
+    try:
+        loaded = load_sae(sae.checkpoint, options, sae.subtract_b_dec, sae.revision)
+    except ConfigError:
+        raise
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc) if str(exc).startswith("sae.checkpoint") else f"sae.checkpoint: {exc}") from None
+    except Exception as exc:  # a truncated, empty or foreign file: whatever torch or safetensors said, and its size
+        raise ConfigError(f"sae.checkpoint: {sae.checkpoint} cannot be read as an SAE ({storage.describe_size(sae.checkpoint, options)}"
+                          f"; {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); a "
+                          "project checkpoint is a folder of config.json + model.safetensors (sae-traits train-sae "
+                          "writes one), a saev file starts with a JSON header line") from None
+    hidden = backbone_config(backbone.model, fsspec_options(storage_section, backbone.model), backbone.revision)["hidden_size"]
+    if loaded.spec.d != hidden:
+        raise ConfigError(f"sae.checkpoint: {sae.checkpoint} takes inputs of size d={loaded.spec.d} but backbone.model "
+                          f"{backbone.model} has hidden size {hidden}")
     return patch_px
 
 

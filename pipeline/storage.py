@@ -450,6 +450,19 @@ def arrow_filesystem(url: str, storage_options: dict[str, Any] | None = None):
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
+def describe_size(url: str, storage_options: dict | None = None) -> str:
+    """``N bytes`` for a file, ``a folder: NAME N bytes, ...`` for a folder (what an error says of a path)."""
+    try:
+        fs, path = filesystem(url, storage_options)
+        if fs.isdir(path):
+            files = sorted((posixpath.basename(e["name"]), e.get("size") or 0) for e in fs.ls(path, detail=True)
+                           if e.get("type") == "file")
+            return "a folder: " + (", ".join(f"{name} {size:,} bytes" for name, size in files[:6]) or "no files")
+        return f"{fs.size(path):,} bytes"
+    except Exception:  # a hub reference, or a path the store will not describe
+        return "size unknown"
+
+
 def count_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
     """Rows of a Parquet folder, from the footers only."""
     return sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in parquet_files(fs, path))

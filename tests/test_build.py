@@ -196,6 +196,38 @@ def test_an_image_size_off_the_patch_grid_is_refused_before_anything_is_written(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", r"sae.checkpoint: .*/sae cannot be read as an SAE \(a folder: config.json [0-9,]+ bytes, "
+                  r"model.safetensors 3,000 bytes; .*a project checkpoint is a folder of config.json \+ model.safetensors"),
+    ("empty saev file", r"sae.checkpoint: .*/sae.pt is neither a project folder nor a saev file \(first line is not JSON\)"),
+    ("backbone without weights", r"backbone.model: .*/dinov2-tiny has a config.json but no weights \(none of "
+                                 r"model.safetensors, "),
+])
+def test_a_broken_checkpoint_or_backbone_is_refused_before_ray_starts(demo_dir, tmp_path, damage, message):
+    """A truncated SAE (its first 3,000 bytes), an empty saev file, a backbone folder without its weights:
+    refused in the driver naming the key and the path, before anything is written (they failed in the
+    encode actors once Ray had started)."""
+    from pipeline.config import ConfigError
+
+    sae, backbone = tmp_path / "sae", tmp_path / "dinov2-tiny"
+    sae.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(demo_dir / "models" / "sae" / name, sae / name)
+    shutil.copytree(demo_dir / "models" / "dinov2-tiny", backbone)
+    if damage == "truncated":
+        weights = sae / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:3000])
+    elif damage == "empty saev file":
+        (sae := tmp_path / "sae.pt").write_bytes(b"")
+    else:
+        (backbone / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    cfg = demo_build_config(demo_dir, [f"output={out}", f"sae.checkpoint={sae}", f"backbone.model={backbone}"])
+    with pytest.raises(ConfigError, match=message):
+        Build(cfg).run()
+    assert not out.exists()
+
+
 def test_a_dinov2_with_registers_builds_end_to_end(demo_dir, tmp_path):
     from pipeline.demo.tiny_models import make_tiny_dinov2
 
