@@ -128,7 +128,9 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        # Not waited for long: its last count may be stuck on a store that stopped answering (the
+        # reason the stage is ending), and a stage's end must not wait on its progress line.
+        self._thread.join(timeout=1.0)
         if self._drawn:  # end the redrawn line before the stage's closing line
             _out().write("\r" + " " * 100 + "\r")
             _out().flush()
@@ -155,6 +157,8 @@ class Progress:
             except Exception:  # a file half-written or a listing that failed: try again next time
                 continue
             said = now
+            if self._stop.is_set():  # the stage ended while this count was running: say nothing more
+                return
             if self.terminal:
                 _out().write("\r" + self.line(done, now - self.start)[:120].ljust(100))
                 _out().flush()
