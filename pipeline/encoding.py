@@ -47,10 +47,12 @@ def backbone_config(model: str, storage_options: dict | None = None, revision: s
         return json.load(f)
 
 
-def backbone_patch_px(backbone: BackboneConfig, preprocess: PreprocessConfig, storage_section=None) -> int:
-    """The backbone's patch size, read from its config and checked against ``preprocess.image_size``
-    (the patch grid must tile the input exactly); a ConfigError names both keys otherwise."""
-    config = backbone_config(backbone.model, fsspec_options(storage_section, backbone.model), backbone.revision)
+def backbone_patch_px(backbone: BackboneConfig, preprocess: PreprocessConfig, storage_section=None,
+                      config: dict | None = None) -> int:
+    """The backbone's patch size, read from its config (``config``, when the caller has read it) and
+    checked against ``preprocess.image_size`` (the patch grid must tile the input exactly); a
+    ConfigError names both keys otherwise."""
+    config = config or backbone_config(backbone.model, fsspec_options(storage_section, backbone.model), backbone.revision)
     if config.get("model_type") not in DINOV2_MODEL_TYPES:
         raise ConfigError(f"backbone.model: {backbone.model} is a {config.get('model_type')!r} model, not DINOv2")
     patch_px = int(config["patch_size"])
@@ -70,7 +72,8 @@ def check_models(backbone: BackboneConfig, sae: SAEConfig, preprocess: Preproces
     (:func:`backbone_patch_px`), its weights present (a folder, local or remote), and the SAE
     checkpoint loaded the way the actors load it and checked against the backbone's width. Anything
     wrong is a ConfigError naming the key, the path and what is wrong; returns the patch size."""
-    patch_px = backbone_patch_px(backbone, preprocess, storage_section)
+    config = backbone_config(backbone.model, fsspec_options(storage_section, backbone.model), backbone.revision)
+    patch_px = backbone_patch_px(backbone, preprocess, storage_section, config)
     if storage.hub_reference(backbone.model) is None:
         fs, folder = storage.filesystem(backbone.model, fsspec_options(storage_section, backbone.model))
         if not any(fs.exists(storage.join(folder.rstrip("/"), name)) for name in WEIGHT_FILES):
@@ -88,7 +91,7 @@ def check_models(backbone: BackboneConfig, sae: SAEConfig, preprocess: Preproces
                           f"; {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); a "
                           "project checkpoint is a folder of config.json + model.safetensors (sae-traits train-sae "
                           "writes one), a saev file starts with a JSON header line") from None
-    hidden = backbone_config(backbone.model, fsspec_options(storage_section, backbone.model), backbone.revision)["hidden_size"]
+    hidden = config["hidden_size"]
     if loaded.spec.d != hidden:
         raise ConfigError(f"sae.checkpoint: {sae.checkpoint} takes inputs of size d={loaded.spec.d} but backbone.model "
                           f"{backbone.model} has hidden size {hidden}")
