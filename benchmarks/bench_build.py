@@ -364,7 +364,7 @@ def _current_stage(log: Path) -> str:
 
 def child_build(scratch: str, overrides: list[str]) -> int:
     """--child-build: run the real build on the demo config (+ overrides) and print its manifest."""
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config
 
     cfg = demo_build_config(Path(scratch), overrides)

@@ -301,7 +301,7 @@ def timed_build(cfg, log: Path, rows_log: Path | None = None, timeout_s: float =
     place) ends this run after ``timeout_s`` instead of hanging the benchmark."""
     import threading
 
-    from pipeline.build import Build
+    from pipeline.graph import Build
 
     outcome: dict = {}
 

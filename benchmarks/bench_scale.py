@@ -81,7 +81,7 @@ def child(out: Path) -> None:
     """Runs in its own process: the build from "encode done", then prints its figures as JSON."""
     import ray
 
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.config import BuildConfig, validate
     from pipeline.contract import STATE
     from pipeline.execution import init_ray

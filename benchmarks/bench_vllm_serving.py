@@ -298,7 +298,7 @@ def kill_replica_benchmark(serving: Serving, folder: Path) -> None:
     """Part 9: a build whose llm replica is killed mid-annotate ends like a clean one."""
     import pyarrow.parquet as pq
 
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config, prepare_demo
 
     demo = folder / "demo_build"

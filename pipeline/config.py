@@ -414,7 +414,16 @@ class BuildRayConfig(RayConfig):
     Ray. Encode (the GPU pool) and the LLM kinds always run on Ray."""
 
 
-class BuildConfig(Section):
+class LeasedOutput(Section):
+    """What a driver that writes an output folder (a build, the SAE trainer) shares: its lease."""
+
+    output_lease_s: float = runtime(default=60.0, ge=5)
+    """One driver writes an output at a time (docs/build.md, "One writer per output"). A holder on
+    another machine, whose process cannot be checked from here and whose Ray cluster does not
+    answer, is taken over only once its lease has not been refreshed (every 2 s) for this long."""
+
+
+class BuildConfig(LeasedOutput):
     source: SourceConfig
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
@@ -544,7 +553,7 @@ class TrainSourceConfig(SourceConfig):
     activation per row."""
 
 
-class TrainSAEConfig(Section):
+class TrainSAEConfig(LeasedOutput):
     source: TrainSourceConfig
     # Fixed on resume, batch sizes included: the blocks they make shape the shuffled batches.
     preprocess: PreprocessConfig = fixed(default_factory=PreprocessConfig)

@@ -17,13 +17,14 @@ import ray.data
 from ray.autoscaler.sdk import request_resources
 from ray.data import ActorPoolStrategy
 
+from pipeline import storage
 from pipeline.config import (ConfigError, EncoderConfig, PreprocessConfig, RayConfig, SourceConfig, StorageConfig,
                              fsspec_options)
 from pipeline.errors import write_errors
 from pipeline.preprocessing import decode_batch
 from pipeline.sources import ImageReader
 
-SHARD_BATCHES = 4  # encoder batches per index shard (one input block; at most one output file's rows)
+SHARD_BATCHES = 4  # encoder batches per index shard (one input block: one decode..encode task chain)
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -200,3 +201,25 @@ def encode_images(index: ray.data.Dataset, pool: ActorPool, *, source: SourceCon
                                fn_kwargs={"source": source, "preprocess": preprocess, "patch_px": patch_px,
                                           "errors_to": errors_to})
     return pool.map_batches(pixels, batch_size=encoder.batch_size, batch_format="numpy")
+
+
+# --------------------------------------------------------------------------- outputs a rerun resumes from
+
+def write_shard(rows: pa.Table, *, output: str, storage_section: StorageConfig, folder: str, key: str) -> pa.Table:
+    """Write one task's rows as ``OUTPUT/FOLDER/<digest of their KEY values>.parquet`` (whole or not
+    at all, :func:`pipeline.storage.publish`); returns ``{"rows": [n]}``. The name is determined by
+    the input the task was given, so the same rows written again — a retried task, a write that an
+    s3 retry delivers after its task was cancelled — replace the file instead of adding rows."""
+    if rows.num_rows:
+        fs, root = storage.filesystem(output, fsspec_options(storage_section, output))
+        name = storage.stable_digest(sorted(set(rows.column(key).to_pylist())))
+        storage.write_table(fs, storage.join(root, folder, f"{name}.parquet"), rows)
+    return pa.table({"rows": [rows.num_rows]})
+
+
+def write_named_files(ds: ray.data.Dataset, output: str, storage_section: StorageConfig, folder: str, key: str) -> int:
+    """Run ``ds`` and write each of its blocks (one per task: an encoder batch, an annotate shard) with
+    :func:`write_shard`; returns the rows written."""
+    written = ds.map_batches(write_shard, batch_size=None, batch_format="pyarrow", fn_kwargs={
+        "output": output, "storage_section": storage_section, "folder": folder, "key": key})
+    return sum(int(n) for batch in written.iter_batches(batch_format="pyarrow") for n in batch.column("rows").to_pylist())

@@ -8,6 +8,7 @@ from it offline (``HF_HUB_OFFLINE=1``). No project imports: every other module m
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import hashlib
@@ -198,6 +199,56 @@ def unavailable_error(exc: BaseException | None) -> StorageUnavailable | None:
                                       "retries spent")
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+# --------------------------------------------------------------------------- outputs that cannot be written
+
+# errno → what the user does about it. ENOSPC, EDQUOT, EROFS and EFBIG can only come from a write;
+# EACCES and EPERM count only for a path under the output (reading an input is not writing).
+WRITE_ERRNOS = {errno.ENOSPC: "free space", errno.EDQUOT: "free space or raise the quota",
+                errno.EFBIG: "raise the file-size limit", errno.EROFS: "make the output writable",
+                errno.EACCES: "grant write permission on the output", errno.EPERM: "grant write permission on the output"}
+_ERRNO_IN_MESSAGE = re.compile(r"\[?errno (\d+)\]?", re.IGNORECASE)  # Arrow's and Ray's wrapped OSErrors
+
+
+class OutputUnwritable(Exception):
+    """The build's output could not be written (full, read-only, forbidden); nothing is lost."""
+
+    def __init__(self, path: str, code: int):
+        self.path, self.code = path, code
+        super().__init__(f"cannot write {path}: {os.strerror(code)} (errno {code}); what was written is kept: "
+                         f"{WRITE_ERRNOS[code]} and rerun the same command to resume")
+
+
+def write_failure(exc: BaseException | None, output: str, where: str) -> OutputUnwritable | None:
+    """The OutputUnwritable behind ``exc`` (itself, its cause or context, a Ray task's cause), if a
+    write under ``output`` failed for want of space or permission; ``where`` names the path when
+    the error does not (Arrow's write errors name none; a Ray task's error may carry the task's
+    OSError only as text)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OutputUnwritable):
+            return exc
+        code, path = (exc.errno, exc.filename) if isinstance(exc, OSError) else (None, None)
+        if code is None and (found := _ERRNO_IN_MESSAGE.search(str(exc))):
+            code = int(found.group(1))
+        if code is None and isinstance(exc, PermissionError):  # s3fs's AccessDenied
+            code = errno.EACCES
+        if code in WRITE_ERRNOS:
+            if code not in (errno.EACCES, errno.EPERM):
+                return OutputUnwritable(str(path) if path else where, code)
+            if isinstance(exc, OSError) and (path is None or _under(str(path), output)):
+                return OutputUnwritable(str(path) if path else where, code)
+        inner = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError: the task's own exception
+        exc = inner if isinstance(inner, BaseException) else exc.__cause__ or exc.__context__
+    return None
+
+
+def _under(path: str, output: str) -> bool:
+    if not is_remote(output):
+        path, output = os.path.abspath(path), os.path.abspath(output)
+    return str(path).split("://", 1)[-1].startswith(str(output).split("://", 1)[-1].rstrip("/"))
 
 
 def _s3_url_of_endpoint(exc: BaseException) -> str:
@@ -412,8 +463,13 @@ def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     local = is_local(fs)
     target = f"{path}.partial" if local else path
-    with fs.open(target, "wb") as f:
-        f.write(data)
+    try:
+        with fs.open(target, "wb") as f:
+            f.write(data)
+    except OSError:
+        if local and os.path.exists(target):  # a disk that filled up mid-write: leave nothing half-written
+            os.unlink(target)
+        raise
     if local:
         fs.mv(target, path)
 

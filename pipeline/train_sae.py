@@ -47,9 +47,11 @@ from actors.encoder import PatchActivations
 from pipeline import storage
 from pipeline.config import (ConfigError, SAETrainSpec, SourceConfig, TrainLoop, TrainSAEConfig, add_config_arguments,
                              config_changes, fsspec_options, load_config, runtime_keys)
+from pipeline.contract import STATE
 from pipeline.encoding import backbone_config, backbone_patch_px
 from pipeline.execution import (SHARD_BATCHES, ActorPool, PoolAsk, encode_images, encoder_pool, ensure_placeable,
                                 in_shards, in_tasks, init_ray)
+from pipeline.lease import OutputBusy, OutputLease
 from pipeline.sae import CheckpointError, SAESpec, SparseAutoencoder, save_sae, save_saev, save_saev_schema5
 from pipeline.sources import build_index
 
@@ -392,7 +394,9 @@ def check_resume(cfg: TrainSAEConfig, out: Path, overwrite: bool) -> int | None:
     config and d once it knows d."""
     saved = out / "train_config.json"
     if overwrite and out.exists():
-        shutil.rmtree(out)
+        for child in out.iterdir():  # all but the lease this run holds (under _build/)
+            if child.name != STATE:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
     current = cfg.model_dump(mode="json")
     d = None
     if saved.exists():
@@ -409,6 +413,11 @@ def check_resume(cfg: TrainSAEConfig, out: Path, overwrite: bool) -> int | None:
 def fit(cfg: TrainSAEConfig, overwrite: bool = False, log=print) -> Path:
     """Train (or resume) on Ray Train; writes the final SAE into ``cfg.output`` and returns it."""
     out = Path(cfg.output).resolve()
+    with OutputLease(str(out), None, cfg.output_lease_s, "SAE training"):  # one run per output folder
+        return fit_holding_lease(cfg, out, overwrite, log)
+
+
+def fit_holding_lease(cfg: TrainSAEConfig, out: Path, overwrite: bool, log) -> Path:
     resumed_d = check_resume(cfg, out, overwrite)
     start = time.perf_counter()
     init_ray(cfg.ray)
@@ -479,6 +488,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OutputBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     return 0
 
 

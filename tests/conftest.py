@@ -49,7 +49,7 @@ def demo_dir(ray_local, tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_build(ray_local, demo_dir, tmp_path_factory):
     """(output folder, manifest) of a clean demo build (annotate.llm.kind none) on the session Ray."""
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config
 
     out = tmp_path_factory.mktemp("clean") / "build"

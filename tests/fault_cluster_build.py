@@ -40,7 +40,7 @@ def slow_encoder() -> None:
     encoder batch takes FAULT_ENCODE_DELAY_S longer, as on a real backbone, so the encode stage
     lasts long enough for a node to be lost in the middle of it (the tiny demo model encodes the
     whole demo in about a second). Only the timing changes, never a result."""
-    import pipeline.build as build
+    import pipeline.graph as build
 
     delay = float(os.environ.get("FAULT_ENCODE_DELAY_S") or 0)
     original = build.EncodeActor.__call__
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray.data
     from ray.cluster_utils import Cluster
 
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config
 
     out = Path(args.output)

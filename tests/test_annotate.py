@@ -18,7 +18,7 @@ from PIL import Image
 from benchmarks.fake_openai_server import FakeOpenAIServer
 from pipeline.annotation.stage import AnnotateUnits
 from pipeline.annotation.units import annotation_id, annotation_units, prompt_version_for, unit_annotation_id
-from pipeline.build import Build, RunContext
+from pipeline.graph import Build, RunContext
 from pipeline.config import AnnotateConfig, validate
 from pipeline.demo.run import demo_build_config
 from pipeline.storage import StorageUnavailable

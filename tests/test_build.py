@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.build import ROW_GROUP_ROWS, Build, format_summary
+from pipeline.graph import ROW_GROUP_ROWS, Build, format_summary
 from pipeline.config import BuildConfig
 from pipeline.demo.run import demo_build_config, planted_part_overlap
 from pipeline.demo.specimens import METADATA_RELPATH, image_relpath

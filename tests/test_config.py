@@ -69,7 +69,7 @@ def test_resume_may_change_only_the_keys_marked_runtime():
     from pipeline.config import TrainSAEConfig, runtime_keys
 
     assert set(runtime_keys(BuildConfig)) == {
-        "output", "ray.", "storage.", "report", "source.storage_options", "preprocess.batch_size",
+        "output", "output_lease_s", "ray.", "storage.", "report", "source.storage_options", "preprocess.batch_size",
         "encoder.batch_size", "encoder.num_gpus", "encoder.num_cpus", "encoder.min_actors", "encoder.max_actors",
         "encoder.fail_once_after_batches", "annotate.max_in_flight", "annotate.max_concurrent_batches",
         "annotate.num_actors", "annotate.num_gpus",
@@ -77,5 +77,5 @@ def test_resume_may_change_only_the_keys_marked_runtime():
         "annotate.llm.timeout_s", "annotate.llm.max_retries", "annotate.llm.backoff_s", "annotate.llm.app_name"}
     # The trainer's encoder pool and preprocessing are fixed: their batch sizes shape the shuffled batches.
     assert set(runtime_keys(TrainSAEConfig)) == {
-        "ray.", "storage.", "source.storage_options", "train.steps", "train.total_patches", "train.log_every",
+        "output_lease_s", "ray.", "storage.", "source.storage_options", "train.steps", "train.total_patches", "train.log_every",
         "train.checkpoint_every", "train.keep_checkpoints", "train.max_failures", "train.fail_at_step"}

@@ -74,7 +74,7 @@ def test_assert_same_build_sees_what_differs(demo_build, tmp_path):
 def test_encoder_actor_dies_mid_batch(ray_local, demo_dir, demo_build, tmp_path):
     """The first encoder actor to finish its 2nd batch exits (os._exit) before returning it; Ray
     Data restarts the actor (max_restarts=-1) and retries the lost batch (max_task_retries=-1)."""
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config
 
     clean_out, clean_manifest = demo_build

@@ -74,7 +74,7 @@ def test_a_backbone_from_the_hub_reads_as_the_same_folder_does(tiny_dinov2):
 
 
 def test_a_build_from_hub_models_records_the_commits(demo_dir, tmp_path):
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config
 
     models = Path(demo_dir) / "models"

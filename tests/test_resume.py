@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,12 +22,14 @@ import ray
 import yaml
 
 from benchmarks.fake_openai_server import FakeOpenAIServer
-from pipeline.build import Build
+from pipeline.graph import Build
 from pipeline.contract import STATE
+from pipeline.lease import LEASE
 from pipeline.errors import compact_errors
 from pipeline.config import ConfigError
 from pipeline.demo.run import demo_build_config
 from pipeline.contract import ERRORS_SCHEMA
+from tests.s3_server import client, download, storage_keys, upload
 from tests.tables import assert_same_build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +119,7 @@ def from_finished_candidates(clean: Path, out: Path, config: Path) -> None:
 def test_driver_killed_during_encode_resumes_without_loss(address, demo_dir, demo_build, load_factor, tmp_path):
     clean, _ = demo_build
     out = tmp_path / "build"
-    # Encoder batches of 4: shards of 16 images, so the encode stage writes 7 files and can be cut
+    # Encoder batches of 4: one activations/ file per batch (26 in all), so the encode stage can be cut
     # between them (decode batches of 4 too, or one decode task would feed 4 shards at once).
     config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", "encoder.batch_size=4",
                                                               "preprocess.batch_size=4"])
@@ -139,36 +142,120 @@ def test_driver_killed_during_encode_resumes_without_loss(address, demo_dir, dem
     assert manifest["summary"]["images_encoded"] == 104 and manifest["summary"]["annotations"] == {"ok": 103}
 
 
-def test_driver_killed_during_annotate_never_pays_twice(address, demo_dir, demo_build, load_factor, tmp_path):
+UNITS = 103  # annotate units of the demo's candidates
+
+
+def llm_keys(server: FakeOpenAIServer) -> list[str]:
+    return ["annotate.llm.kind=openai", f"annotate.llm.base_url={server.base_url}", "annotate.llm.model=fake-vlm",
+            "annotate.max_in_flight=2"]
+
+
+@pytest.fixture(scope="module")
+def llm_reference(address, demo_dir, demo_build, load_factor, tmp_path_factory) -> Path:
+    """An uninterrupted build's annotate stage with the fake OpenAI server, from the clean build's
+    finished candidates: the reference of the tests below (answers depend on the unit, not the server)."""
+    clean, _ = demo_build
+    tmp = tmp_path_factory.mktemp("llm-reference")
+    with FakeOpenAIServer(latency_s=0.3, capacity=4) as server:
+        ref = tmp / "ref"
+        from_finished_candidates(clean, ref, write_config(demo_dir, tmp / "ref.yaml", [f"output={ref}", *llm_keys(server)]))
+        finish(driver(tmp / "ref.yaml", address, tmp / "ref.log"), tmp / "ref.log", 400 * load_factor)
+        assert len({r.marker for r in server.received}) == UNITS == len(server.received)
+    return ref
+
+
+def test_driver_killed_during_annotate_never_pays_twice(address, demo_dir, demo_build, llm_reference, load_factor,
+                                                        tmp_path, capsys):
+    """... and its rerun takes over the dead driver's lease at once (same machine, its pid gone)."""
     clean, _ = demo_build
     with FakeOpenAIServer(latency_s=0.3, capacity=4) as server:
-        llm = ["annotate.llm.kind=openai", f"annotate.llm.base_url={server.base_url}", "annotate.llm.model=fake-vlm",
-               "annotate.max_in_flight=2"]
-        # The uninterrupted reference, from the same finished candidates.
-        ref = tmp_path / "ref"
-        from_finished_candidates(clean, ref, write_config(demo_dir, tmp_path / "ref.yaml", [f"output={ref}", *llm]))
-        finish(driver(tmp_path / "ref.yaml", address, tmp_path / "ref.log"), tmp_path / "ref.log", 400 * load_factor)
-        units = {r.marker for r in server.received}
-        assert len(units) == 103 == len(server.received)
-
         out = tmp_path / "build"
-        config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", *llm])
+        config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", *llm_keys(server)])
         from_finished_candidates(clean, out, config)
-        server.reset()
-        kill_when(driver(config, address, tmp_path / "run1.log"), 300 * load_factor,
-                  lambda: len(parquet_files(out / "traits")) >= 2)
+        first = driver(config, address, tmp_path / "run1.log")
+        kill_when(first, 300 * load_factor, lambda: len(parquet_files(out / "traits")) >= 2)
+        killed = time.monotonic()
         asked_first = {r.marker for r in server.received}
         written = ids_in(out / "traits", "annotation_id")
-        assert 0 < len(written) < 103 and written <= asked_first
+        assert 0 < len(written) < UNITS and written <= asked_first
+        assert list((out / LEASE).glob("*.json")), "the killed driver's lease record is gone"
 
         server.reset()
-        text = finish(driver(config, address, tmp_path / "run2.log"), tmp_path / "run2.log", 400 * load_factor)
+        time.sleep(max(0.0, 3 - (time.monotonic() - killed)))  # rerun 3 s after the kill, as a user would
+        start = time.monotonic()
+        rerun = driver(config, address, tmp_path / "run2.log")
+        while "taking over" not in (tmp_path / "run2.log").read_text() and rerun.poll() is None:
+            time.sleep(0.05)
+        took_over_s = time.monotonic() - start
+        text = finish(rerun, tmp_path / "run2.log", 400 * load_factor)
+        with capsys.disabled():
+            print(f"\n[one writer] a killed driver's lease taken over {took_over_s:.2f} s after the rerun started")
+        assert f"[sae-traits] output: taking over from build pid {first.pid} on host " in text
+        assert f"its process (pid {first.pid} on this machine) has exited" in text
+        assert took_over_s < 5 * load_factor
         asked_again = [r.marker for r in server.received]
         assert f"stage annotate: resuming, {len(written)} rows written earlier" in text
         assert not written & set(asked_again), "paid twice for answers already written"
-        assert len(asked_again) == len(set(asked_again)) == 103 - len(written)
-        assert written | set(asked_again) == units
-    assert_same_build(ref, out)
+        assert len(asked_again) == len(set(asked_again)) == UNITS - len(written)
+    assert_same_build(llm_reference, out)
+
+
+def second_driver_refused(config: Path, address: str, tmp_path: Path, lease_held, load_factor: float, capsys) -> str:
+    """Start a build, then the same command again once the first holds the output's lease: the
+    second must stop within 5 s (exit 4) naming the first; the first must finish. Returns its log."""
+    first = driver(config, address, tmp_path / "first.log")
+    deadline = time.monotonic() + 120 * load_factor
+    while not lease_held():
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.05)
+    start = time.monotonic()
+    second = subprocess.run([sys.executable, "-m", "pipeline.build", "--config", str(config), "--set",
+                             f"ray.address={address}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert first.poll() is None, "the first build had finished before the second was refused"
+    text = finish(first, tmp_path / "first.log", 400 * load_factor)
+    error = second.stderr.strip().splitlines()
+    with capsys.disabled():
+        print(f"\n[one writer] second driver refused in {took:.2f} s (exit {second.returncode}):\n  {error[-1]}")
+    assert second.returncode == 4, second.stderr[-3000:]
+    assert took < 5 * load_factor
+    assert error[-1].startswith("error: another build is writing ") and f": pid {first.pid} on host " in error[-1]
+    assert "Traceback" not in second.stderr and "stage " not in second.stdout
+    return text
+
+
+def test_a_second_build_on_the_same_output_is_refused_and_the_first_pays_once(address, demo_dir, demo_build,
+                                                                             llm_reference, load_factor, tmp_path, capsys):
+    clean, _ = demo_build
+    with FakeOpenAIServer(latency_s=0.3, capacity=4) as server:
+        out = tmp_path / "build"
+        config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", *llm_keys(server)])
+        from_finished_candidates(clean, out, config)
+        second_driver_refused(config, address, tmp_path, lambda: any((out / LEASE).glob("*.json")), load_factor, capsys)
+        asked = [r.marker for r in server.received]
+        assert len(asked) == len(set(asked)) == UNITS, "one LLM request per unit"
+    assert_same_build(llm_reference, out)
+    assert not list((out / LEASE).glob("*.json")), "the lease is released when the build ends"
+
+
+def test_a_second_build_on_the_same_s3_output_is_refused(address, demo_dir, demo_build, llm_reference, load_factor,
+                                                         s3_server, tmp_path, capsys):
+    """The same on s3:// (the moto server): the lease record is created with a conditional PutObject."""
+    clean, _ = demo_build
+    fs = client(s3_server)
+    if not fs.exists("one-writer"):
+        fs.mkdir("one-writer")
+    remote = f"one-writer/{uuid.uuid4().hex[:8]}"
+    with FakeOpenAIServer(latency_s=0.3, capacity=4) as server:
+        config = write_config(demo_dir, tmp_path / "build.yaml",
+                              [f"output=s3://{remote}", *llm_keys(server), *storage_keys(s3_server)])
+        from_finished_candidates(clean, tmp_path / "staged", config)
+        upload(fs, tmp_path / "staged", remote)
+        second_driver_refused(config, address, tmp_path, lambda: bool(fs.find(f"{remote}/{LEASE}")), load_factor, capsys)
+        asked = [r.marker for r in server.received]
+        assert len(asked) == len(set(asked)) == UNITS, "one LLM request per unit"
+    assert_same_build(llm_reference, download(fs, remote, tmp_path / "downloaded"))
+    assert not fs.find(f"{remote}/{LEASE}")
 
 
 def test_rerun_of_a_finished_build_redoes_nothing(demo_dir, demo_build, tmp_path, capsys):

@@ -294,7 +294,7 @@ def test_demo_build_reads_from_and_writes_to_s3_like_the_local_build(demo_dir, d
     fs = client(s3_server)
     run = uuid.uuid4().hex[:8]  # fresh paths: local_copy's node cache is keyed by URL
 
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config
 
     output = f"s3://builds/{run}/demo"

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.build import Build
+from pipeline.graph import Build
 from pipeline.config import BuildConfig, validate
 from pipeline.contract import ACTIVATIONS_SCHEMA, STAGE, STATE
 

@@ -552,7 +552,7 @@ SERVE_BUILD = ["encoder.num_gpus=1", "encoder.num_cpus=0.25", "annotate.num_cpus
 def serve_build(app, demo_dir, tmp_path_factory):
     """(output, manifest) of the demo build with annotate.llm.kind serve: the build's annotate actors
     call TraitDescriber through a DeploymentHandle."""
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config
 
     out = tmp_path_factory.mktemp("serve_build") / "build"
@@ -588,7 +588,7 @@ def test_describer_replicas_killed_mid_build(app, serve_build, demo_dir, tmp_pat
     import ray
     from ray import serve
 
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config
     from tests.tables import assert_same_build
 

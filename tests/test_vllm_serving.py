@@ -277,7 +277,7 @@ def test_demo_build_annotates_crops_through_the_annotator_app(serving, demo_dir,
     crop per member of a consensus group — because the engine enforces it."""
     import pyarrow.parquet as pq
 
-    from pipeline.build import Build
+    from pipeline.graph import Build
     from pipeline.demo.run import demo_build_config
 
     out = tmp_path_factory.mktemp("vllm_build") / "build"

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.build import Build
+from pipeline.graph import Build
 from pipeline.config import ConfigError, SourceConfig
 from pipeline.contract import STAGE
 from pipeline.demo.run import demo_build_config

@@ -19,7 +19,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.build import Build
+from pipeline.graph import Build
 from pipeline.config import BuildConfig, ConfigError, TrainSAEConfig, merge, parse_overrides, validate
 from pipeline.console import quiet, say
 from pipeline.demo.specimens import generate_demo_dataset

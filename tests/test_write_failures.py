@@ -1,0 +1,85 @@
+"""An output that cannot be written ends the build with one line and exit 3, and loses nothing:
+a read-only file system is found by the lease's probe before Ray starts; a disk that fills up
+during encode stops the build, and once space is freed the same command resumes to the clean
+build's tables. The file systems are real: small tmpfs mounts (the tests run as root, as CI does)."""
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.tables import assert_same_build
+from tests.test_resume import REPO, write_config
+
+FREE_AT_START = 48 * 1024  # bytes left on the full disk: the lease, config and index fit, the activations do not
+
+
+@contextmanager
+def tmpfs(path: Path, size: str):
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"these tests mount a small tmpfs (root or CAP_SYS_ADMIN): {mounted.stderr}"
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def build(config: Path, *extra: str, timeout_s: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.build", "--config", str(config), *extra], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout_s)
+    return proc, time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def address(ray_local):
+    return ray_local.get_runtime_context().gcs_address
+
+
+def test_a_read_only_output_is_refused_before_ray_starts(demo_dir, tmp_path, capsys):
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        (disk / "out").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        proc, took = build(write_config(demo_dir, tmp_path / "build.yaml", [f"output={disk}/out"]))
+    with capsys.disabled():
+        print(f"\n[write failures] read-only output: exit {proc.returncode} in {took:.1f} s:\n  {proc.stderr.strip()}")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: cannot write {disk}/out/_build: Read-only file system (errno 30); what was "
+                                   "written is kept: make the output writable and rerun the same command to resume")
+    assert proc.stdout == ""  # not a stage started: found before Ray (and torch) load
+
+
+def test_a_disk_that_fills_during_encode_stops_the_build_in_one_line_and_the_rerun_resumes(
+        address, demo_dir, demo_build, load_factor, tmp_path, capsys):
+    clean, _ = demo_build
+    with tmpfs(tmp_path / "disk", "64m") as disk:  # the traits hold their renderings: ~20 MB
+        out = disk / "out"
+        config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}"])
+        filler = disk / "filler"
+        stat = os.statvfs(disk)
+        with open(filler, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, stat.f_bavail * stat.f_frsize - FREE_AT_START)
+        proc, took = build(config, "--set", f"ray.address={address}", timeout_s=300 * load_factor)
+        error = proc.stderr.strip().splitlines()
+        with capsys.disabled():
+            print(f"\n[write failures] disk full during encode: exit {proc.returncode} after {took:.1f} s:\n  "
+                  + "\n  ".join(error[-2:]))
+        assert proc.returncode == 3, proc.stderr[-3000:]
+        assert "stage index: 104 rows" in proc.stdout and "stage encode ..." in proc.stdout
+        assert error[0].startswith(f"error: cannot write {out}"), error
+        assert error[0].endswith("No space left on device (errno 28); what was written is kept: free space and rerun "
+                                 "the same command to resume"), error
+        assert len(error) == 2 and error[1].startswith("  the traceback is in "), error
+        assert "Traceback" not in proc.stderr
+
+        filler.unlink()
+        proc, _ = build(config, "--set", f"ray.address={address}", timeout_s=300 * load_factor)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "stage index: done in an earlier run" in proc.stdout
+        assert_same_build(clean, out)
