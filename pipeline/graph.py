@@ -163,6 +163,7 @@ class Build:
             self.stages[name] = {**done, "resumed": True}
             say(f"{PREFIX} stage {name}: done in an earlier run ({done['rows']} rows)")
             return
+        self.lease.check()
         say(f"{PREFIX} stage {name} ...")
         self.current = name
         stage = STAGE[name]
@@ -175,6 +176,7 @@ class Build:
         wall = time.perf_counter() - start
         record = {"rows": storage.count_rows(self.fs, self.path(stage.output)), "wall_s": round(wall, 3),
                   **({} if name == "index" else {"runs_on": "driver" if self.in_driver(name) else "ray"}), **extra}
+        self.lease.check()  # a driver that lost the output to another writes no marker
         storage.write_json(self.fs, self.path(f"{STATE}/stages/{name}.json"), record)  # done from here on
         self.stages[name] = record
         say(f"{PREFIX} stage {name}: {record['rows']} rows in {wall:.1f} s")
@@ -408,7 +410,11 @@ class Build:
             init_ray(cfg.ray)
             context = ray.get_runtime_context()
             self.lease.note_ray(context.gcs_address, context.get_job_id())  # a driver elsewhere can then prove it dead
-            ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+            data_context = ray.data.DataContext.get_current()
+            data_context.enable_progress_bars = sys.stderr.isatty()
+            # A task's own exception, not Ray Data's UserCodeException wrapper (whose cause does not survive
+            # pickling): an unreachable store or a full disk in a write task is then named as in the driver.
+            data_context.raise_original_map_exception = True
             n_cpus = cluster_cpus()
             pools = self.pools(n_cpus)
             # Never wait for a pool no node can hold: stop now, naming the key (nothing submitted yet).

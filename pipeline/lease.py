@@ -151,9 +151,10 @@ class OutputLease:
 
     def __init__(self, url: str, storage_options: dict | None, lease_s: float, what: str = "build"):
         self.url, self.lease_s = url, lease_s
-        self.fs, root = storage.filesystem(url, storage_options)
-        self.dir = storage.join(root, LEASE)
+        self.fs, self.root = storage.filesystem(url, storage_options)
+        self.dir = storage.join(self.root, LEASE)
         self.local = storage.is_local(self.fs)
+        self.new_output = self.local and not os.path.exists(self.root)  # removed again if left empty
         self.record = holder_record(what)
         self.generation: int | None = None
         self.took_over: str | None = None  # whom this lease was taken from, and why
@@ -279,7 +280,14 @@ class OutputLease:
                 pass
         self.lost = f"this driver lost its lease on {self.url}{holder} (it had not been refreshed in time)"
         self._stop.set()
-        _thread.interrupt_main()  # the driver stops writing (see pipeline.build.main)
+        # The driver stops writing: interrupted now where its signal handling allows (pipeline.build.main
+        # turns that into LeaseLost), and at the latest at its next check() (each stage's start and end).
+        _thread.interrupt_main()
+
+    def check(self) -> None:
+        """Raise LeaseLost if another driver has taken this output over."""
+        if self.lost:
+            raise LeaseLost(self.lost)
 
     def _keep(self) -> None:
         while not self._stop.wait(REFRESH_S):
@@ -302,8 +310,14 @@ class OutputLease:
             try:
                 self._remove(self.path(self.generation))
             except Exception:  # a dead holder's record is taken over by the next driver anyway
-                logger.warning("could not release the lease on %s", self.url, exc_info=True)
+                logger.debug("could not release the lease on %s", self.url, exc_info=True)
         self.generation = None
+        if self.local:  # a run refused before it wrote anything leaves no folder behind
+            for folder in (self.dir, os.path.dirname(self.dir), *([self.root] if self.new_output else [])):
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty: the build's own files are there
+                    break
 
     def __enter__(self) -> OutputLease:
         return self.acquire()

@@ -460,8 +460,9 @@ def publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Write ``path`` so that it appears whole or not at all, even if the process is killed
     mid-write (what resume relies on): a local file is written beside and renamed; an object
     store's upload is all-or-nothing already."""
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
     local = is_local(fs)
+    if local:  # an object store has no folders (s3fs would only probe, or create, the bucket)
+        fs.makedirs(posixpath.dirname(path), exist_ok=True)
     target = f"{path}.partial" if local else path
     try:
         with fs.open(target, "wb") as f:

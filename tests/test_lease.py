@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import storage
-from pipeline.lease import LEASE, OutputBusy, OutputLease, judge
+from pipeline.lease import LEASE, LeaseLost, OutputBusy, OutputLease, judge
 from tests.s3_server import FAKE_KEY, FAKE_SECRET
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,19 +123,23 @@ def test_a_holder_naming_a_ray_job_is_judged_by_its_cluster(ray_local, tmp_path)
     assert judge({"host": "another-host", "pid": 1, "ray": gone}, 61, 60)[0] is False
 
 
-def test_a_holder_that_lost_its_lease_is_told_and_stops(tmp_path):
+def test_a_holder_that_lost_its_lease_is_told_and_stops(tmp_path, monkeypatch):
+    interrupted = []
+    monkeypatch.setattr("pipeline.lease._thread.interrupt_main", lambda: interrupted.append(True))
     with OutputLease(str(tmp_path / "out"), None, 60) as lease:
+        lease.check()
         newer = Path(lease.path(lease.generation + 1))
         newer.write_text(json.dumps({"what": "build", "host": "another-host", "pid": 99, "started": "2026-12-06"}))
-        with pytest.raises(KeyboardInterrupt):  # the driver's main thread is interrupted
-            lease.refresh()
-            time.sleep(1)
-        assert "lost its lease" in lease.lost and "pid 99 on host another-host" in lease.lost
+        lease.refresh()
+        assert interrupted == [True]  # the driver's main thread is interrupted ...
+        with pytest.raises(LeaseLost, match="lost its lease .* pid 99 on host another-host"):
+            lease.check()  # ... and stops at its next check at the latest
     assert newer.exists()  # the new holder's record is left alone
 
 
 @pytest.fixture
-def s3(s3_server):
+def s3(s3_server, monkeypatch):
+    monkeypatch.setattr("pipeline.lease._thread.interrupt_main", lambda: None)
     options = {"endpoint_url": s3_server, "key": FAKE_KEY, "secret": FAKE_SECRET}
     fs, _ = storage.filesystem("s3://leases", options)
     if not fs.exists("leases"):
@@ -153,10 +157,9 @@ def test_on_s3_the_lease_is_created_with_a_conditional_put(s3):
             OutputLease(url, options, 60).acquire()
         first.refresh()  # over its own record (If-Match on its ETag)
         fs.rm(first.path(first.generation))  # ... which another driver has removed: lost
-        with pytest.raises(KeyboardInterrupt):
-            first.refresh()
-            time.sleep(1)
-        assert first.lost
+        first.refresh()
+        with pytest.raises(LeaseLost):
+            first.check()
     finally:
         first.release()
     with OutputLease(url, options, 60) as again:
