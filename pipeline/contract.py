@@ -20,6 +20,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 STATE = "_build"  # resume state under the output: the config, the index, stage markers, fault switches
+# The version of the tables' meaning: part of every stage's fingerprint (pipeline.fingerprint). Bump
+# it when a stage writes different rows from the same inputs, so no later build reuses older rows.
+CONTRACT_VERSION = "1"
 
 INDEX_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("species", pa.string()), ("genus", pa.string()), ("family", pa.string()),
@@ -91,15 +94,23 @@ class Stage:
     resume_key: str | None = None
     """Row id by which a killed run's output is kept and only the missing rows are redone; None:
     a partial output is cleared and the stage redone (it is cheap)."""
+    reads: tuple[str, ...] = ()
+    """The config keys (a key, or a whole section) whose values its rows depend on; runtime keys
+    under them never count (pipeline.fingerprint)."""
+    reads_stages: tuple[str, ...] = ()
+    """The stages whose outputs it reads (their fingerprints are part of its own)."""
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("index", None, f"{STATE}/index", INDEX_SCHEMA),
-    Stage("encode", f"{STATE}/index", "activations", ACTIVATIONS_SCHEMA, resume_key="image_id"),
-    Stage("count", "activations", "counts", COUNTS_SCHEMA),
-    Stage("select", "counts", "selected", SELECTED_SCHEMA),
-    Stage("candidates", "activations", "candidates", CANDIDATES_SCHEMA),
-    Stage("annotate", "candidates", "traits", TRAITS_SCHEMA, resume_key="annotation_id"),
+    Stage("index", None, f"{STATE}/index", INDEX_SCHEMA, reads=("source",)),
+    Stage("encode", f"{STATE}/index", "activations", ACTIVATIONS_SCHEMA, resume_key="image_id",
+          reads=("preprocess", "backbone", "sae"), reads_stages=("index",)),
+    Stage("count", "activations", "counts", COUNTS_SCHEMA, reads=("counting",), reads_stages=("index", "encode")),
+    Stage("select", "counts", "selected", SELECTED_SCHEMA, reads=("contrast",), reads_stages=("index", "count")),
+    Stage("candidates", "activations", "candidates", CANDIDATES_SCHEMA,
+          reads=("contrast.max_latents_per_species", "candidates"), reads_stages=("encode", "select")),
+    Stage("annotate", "candidates", "traits", TRAITS_SCHEMA, resume_key="annotation_id",
+          reads=("annotate", "preprocess"), reads_stages=("candidates",)),
 )
 STAGE = {stage.name: stage for stage in STAGES}
 # Every folder a build writes, in stage order, then errors/.

@@ -58,6 +58,7 @@ from pipeline.contract import ERRORS, SELECTED_SCHEMA, STAGE, STAGES, STATE, TAB
 from pipeline.counting import counts_of, reduce_counts, taxonomy_codes
 from pipeline.encoding import check_models
 from pipeline.errors import compact_errors, write_errors
+from pipeline.fingerprint import stage_fingerprints
 from pipeline.execution import (SHARD_BATCHES, ActorPool, cluster_cpus, encode_images, encoder_pool, ensure_placeable,
                                 in_shards, in_tasks, init_ray, write_named_files, write_shard)
 from pipeline.lease import LEASE, OutputLease
@@ -101,6 +102,7 @@ class Build:
         self.progress: Progress | None = None
         self.log_path: str | None = None
         self.current: str | None = None  # the stage running now (what a write failure names)
+        self.fingerprints: dict[str, str] = {}  # by stage, once the index is known (pipeline.fingerprint)
 
     def path(self, name: str) -> str:
         return storage.join(self.root, name)
@@ -162,6 +164,8 @@ class Build:
         if done is not None:
             self.stages[name] = {**done, "resumed": True}
             say(f"{PREFIX} stage {name}: done in an earlier run ({done['rows']} rows)")
+            if name in self.fingerprints:
+                self.warn_if_changed(name)
             return
         self.lease.check()
         say(f"{PREFIX} stage {name} ...")
@@ -175,11 +179,26 @@ class Build:
             extra = (run() if ctx is None else run(ctx)) or {}
         wall = time.perf_counter() - start
         record = {"rows": storage.count_rows(self.fs, self.path(stage.output)), "wall_s": round(wall, 3),
-                  **({} if name == "index" else {"runs_on": "driver" if self.in_driver(name) else "ray"}), **extra}
+                  **({} if name == "index" else {"runs_on": "driver" if self.in_driver(name) else "ray",
+                                                 "fingerprint": self.fingerprints[name]}), **extra}
         self.lease.check()  # a driver that lost the output to another writes no marker
         storage.write_json(self.fs, self.path(f"{STATE}/stages/{name}.json"), record)  # done from here on
         self.stages[name] = record
         say(f"{PREFIX} stage {name}: {record['rows']} rows in {wall:.1f} s")
+
+    def record_fingerprint(self, name: str) -> None:
+        """Add the index stage's fingerprint to the marker this run wrote (it needs the index itself)."""
+        if self.stages[name].get("resumed"):
+            return self.warn_if_changed(name)
+        marker = self.path(f"{STATE}/stages/{name}.json")
+        storage.write_json(self.fs, marker, {**storage.read_json(self.fs, marker), "fingerprint": self.fingerprints[name]})
+        self.stages[name]["fingerprint"] = self.fingerprints[name]
+
+    def warn_if_changed(self, name: str) -> None:
+        """A stage finished in an earlier run whose inputs have changed in place since (same config)."""
+        if self.stages[name].get("fingerprint") not in (None, self.fingerprints[name]):
+            say(f"{PREFIX} warning: what stage {name} read has changed since it ran (an image, the backbone's or "
+                "the SAE's files); its rows are kept: --overwrite redoes them", err=True)
 
     def rows_written(self, name: str):
         """Rows in the complete files of stage ``name``'s output so far (each file's footer read once)."""
@@ -405,6 +424,8 @@ class Build:
     def run_stages(self, started: datetime, t0: float, patch_px: int | None) -> dict:
         cfg = self.cfg
         self.run_stage("index")
+        self.fingerprints = stage_fingerprints(cfg, self.index())
+        self.record_fingerprint("index")
         n_cpus, pools = 1, {}
         if any(self.finished_stage(name) is None and not self.in_driver(name) for name in STAGE_NAMES[1:]):
             init_ray(cfg.ray)

@@ -91,10 +91,15 @@ class Vocabulary:
 
 
 @functools.lru_cache(maxsize=16)
+def vocabulary_path(name_or_path: str) -> Path:
+    """The YAML file of a bundled vocabulary's name, or the path itself."""
+    bundled = "/" not in name_or_path and not name_or_path.endswith((".yaml", ".yml"))
+    return VOCABULARIES / f"{name_or_path}.yaml" if bundled else Path(name_or_path)
+
+
 def load_vocabulary(name_or_path: str) -> Vocabulary:
     """A bundled vocabulary by name (insect, bird, plant) or a YAML file of the same shape."""
-    path = VOCABULARIES / f"{name_or_path}.yaml" if "/" not in name_or_path and not name_or_path.endswith(
-        (".yaml", ".yml")) else Path(name_or_path)
+    path = vocabulary_path(name_or_path)
     if not path.is_file():
         bundled = sorted(p.stem for p in VOCABULARIES.glob("*.yaml"))
         raise ValueError(f"no vocabulary {name_or_path!r}: name one of {bundled} or a YAML file")
