@@ -82,6 +82,8 @@ def content_digest(url: str, options: dict | None = None, revision: str | None =
     if storage.hub_reference(url) is not None:
         return f"hub:{url}@{storage.hub_commit(url, revision) or revision or 'main'}"
     fs, path = storage.filesystem(url, options)
+    if not fs.exists(path):  # not needed by this run (its stage finished earlier): nothing to identify
+        return f"missing:{url}"
     files = sorted(fs.find(path)) if fs.isdir(path) else [path]
     stamps = file_identities(fs, files)
     cache_file = storage.cache_dir() / DIGESTS

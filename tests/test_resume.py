@@ -227,7 +227,7 @@ def second_driver_refused(config: Path, address: str, tmp_path: Path, lease_held
 def test_a_second_build_on_the_same_output_is_refused_and_the_first_pays_once(address, demo_dir, demo_build,
                                                                              llm_reference, load_factor, tmp_path, capsys):
     clean, _ = demo_build
-    with FakeOpenAIServer(latency_s=0.3, capacity=4) as server:
+    with FakeOpenAIServer(latency_s=0.05, capacity=4) as server:
         out = tmp_path / "build"
         config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", *llm_keys(server)])
         from_finished_candidates(clean, out, config)
@@ -246,7 +246,7 @@ def test_a_second_build_on_the_same_s3_output_is_refused(address, demo_dir, demo
     if not fs.exists("one-writer"):
         fs.mkdir("one-writer")
     remote = f"one-writer/{uuid.uuid4().hex[:8]}"
-    with FakeOpenAIServer(latency_s=0.3, capacity=4) as server:
+    with FakeOpenAIServer(latency_s=0.05, capacity=4) as server:
         config = write_config(demo_dir, tmp_path / "build.yaml",
                               [f"output=s3://{remote}", *llm_keys(server), *storage_keys(s3_server)])
         from_finished_candidates(clean, tmp_path / "staged", config)

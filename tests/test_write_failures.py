@@ -5,15 +5,13 @@ build's tables. The file systems are real: small tmpfs mounts (the tests run as 
 
 import os
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
+from pipeline.build import main
 from tests.tables import assert_same_build
-from tests.test_resume import REPO, write_config
+from tests.test_resume import write_config
 
 FREE_AT_START = 48 * 1024  # bytes left on the full disk: the lease, config and index fit, the activations do not
 
@@ -30,33 +28,31 @@ def tmpfs(path: Path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def build(config: Path, *extra: str, timeout_s: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+def build(capsys, config: Path) -> tuple[int, str, str, float]:
+    """`sae-traits build --config CONFIG` in this process, on the session's Ray: (exit code, stdout, stderr, seconds)."""
+    capsys.readouterr()
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "pipeline.build", "--config", str(config), *extra], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout_s)
-    return proc, time.monotonic() - start
-
-
-@pytest.fixture(scope="module")
-def address(ray_local):
-    return ray_local.get_runtime_context().gcs_address
+    code = main(["--config", str(config)])
+    took = time.monotonic() - start
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err, took
 
 
 def test_a_read_only_output_is_refused_before_ray_starts(demo_dir, tmp_path, capsys):
     with tmpfs(tmp_path / "disk", "1m") as disk:
         (disk / "out").mkdir()
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
-        proc, took = build(write_config(demo_dir, tmp_path / "build.yaml", [f"output={disk}/out"]))
+        code, out, err, took = build(capsys, write_config(demo_dir, tmp_path / "build.yaml", [f"output={disk}/out"]))
     with capsys.disabled():
-        print(f"\n[write failures] read-only output: exit {proc.returncode} in {took:.1f} s:\n  {proc.stderr.strip()}")
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    assert proc.stderr.strip() == (f"error: cannot write {disk}/out/_build: Read-only file system (errno 30); what was "
-                                   "written is kept: make the output writable and rerun the same command to resume")
-    assert proc.stdout == ""  # not a stage started: found before Ray (and torch) load
+        print(f"\n[write failures] read-only output: exit {code} in {took:.1f} s:\n  {err.strip()}")
+    assert code == 3, err[-3000:]
+    assert err.strip() == (f"error: cannot write {disk}/out/_build: Read-only file system (errno 30); what was "
+                           "written is kept: make the output writable and rerun the same command to resume")
+    assert out == ""  # not a stage started: found before the build graph (and torch, and Ray) is even imported
 
 
 def test_a_disk_that_fills_during_encode_stops_the_build_in_one_line_and_the_rerun_resumes(
-        address, demo_dir, demo_build, load_factor, tmp_path, capsys):
+        demo_dir, demo_build, tmp_path, capsys):
     clean, _ = demo_build
     with tmpfs(tmp_path / "disk", "64m") as disk:  # the traits hold their renderings: ~20 MB
         out = disk / "out"
@@ -65,21 +61,20 @@ def test_a_disk_that_fills_during_encode_stops_the_build_in_one_line_and_the_rer
         stat = os.statvfs(disk)
         with open(filler, "wb") as f:
             os.posix_fallocate(f.fileno(), 0, stat.f_bavail * stat.f_frsize - FREE_AT_START)
-        proc, took = build(config, "--set", f"ray.address={address}", timeout_s=300 * load_factor)
-        error = proc.stderr.strip().splitlines()
+        code, out_text, err, took = build(capsys, config)
+        error = err.strip().splitlines()
         with capsys.disabled():
-            print(f"\n[write failures] disk full during encode: exit {proc.returncode} after {took:.1f} s:\n  "
-                  + "\n  ".join(error[-2:]))
-        assert proc.returncode == 3, proc.stderr[-3000:]
-        assert "stage index: 104 rows" in proc.stdout and "stage encode ..." in proc.stdout
+            print(f"\n[write failures] disk full during encode: exit {code} after {took:.1f} s:\n  " + "\n  ".join(error[-2:]))
+        assert code == 3, err[-3000:]
+        assert "stage index: 104 rows" in out_text and "stage encode ..." in out_text
         assert error[0].startswith(f"error: cannot write {out}"), error
         assert error[0].endswith("No space left on device (errno 28); what was written is kept: free space and rerun "
                                  "the same command to resume"), error
         assert len(error) == 2 and error[1].startswith("  the traceback is in "), error
-        assert "Traceback" not in proc.stderr
+        assert "Traceback" not in err
 
         filler.unlink()
-        proc, _ = build(config, "--set", f"ray.address={address}", timeout_s=300 * load_factor)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert "stage index: done in an earlier run" in proc.stdout
+        code, out_text, err, _ = build(capsys, config)
+        assert code == 0, err[-3000:]
+        assert "stage index: done in an earlier run" in out_text
         assert_same_build(clean, out)
