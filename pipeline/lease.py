@@ -307,10 +307,15 @@ class OutputLease:
         if self._thread is not None:  # not waited for long: a refresh may be stuck on a store that went away
             self._thread.join(timeout=1.0)
         if self.generation is not None and self.lost is None:
+            store_log = logging.getLogger(storage.__name__)
+            level = store_log.level
+            store_log.setLevel(logging.ERROR)  # after the build's log has closed: its retries are not the user's news
             try:
                 self._remove(self.path(self.generation))
             except Exception:  # a dead holder's record is taken over by the next driver anyway
                 logger.debug("could not release the lease on %s", self.url, exc_info=True)
+            finally:
+                store_log.setLevel(level)
         self.generation = None
         if self.local:  # a run refused before it wrote anything leaves no folder behind
             for folder in (self.dir, os.path.dirname(self.dir), *([self.root] if self.new_output else [])):

@@ -5,13 +5,14 @@ build's tables. The file systems are real: small tmpfs mounts (the tests run as 
 
 import os
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.build import main
 from tests.tables import assert_same_build
-from tests.test_resume import write_config
+from tests.test_resume import REPO, write_config
 
 FREE_AT_START = 48 * 1024  # bytes left on the full disk: the lease, config and index fit, the activations do not
 
@@ -29,13 +30,22 @@ def tmpfs(path: Path, size: str):
 
 
 def build(capsys, config: Path) -> tuple[int, str, str, float]:
-    """`sae-traits build --config CONFIG` in this process, on the session's Ray: (exit code, stdout, stderr, seconds)."""
+    """`sae-traits build --config CONFIG` in this process: (exit code, stdout, stderr, seconds)."""
     capsys.readouterr()
     start = time.monotonic()
     code = main(["--config", str(config)])
     took = time.monotonic() - start
     captured = capsys.readouterr()
     return code, captured.out, captured.err, took
+
+
+def driver(config: Path, address: str, timeout_s: float) -> tuple[int, str, str, float]:
+    """The same as a driver process of its own joined to the session's Ray: its exit ends its job's
+    workers (a failed build's encoder actor would otherwise hold the GPU its rerun asks for)."""
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "pipeline.build", "--config", str(config), "--set",
+                           f"ray.address={address}"], cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+    return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
 
 
 def test_a_read_only_output_is_refused_before_ray_starts(demo_dir, tmp_path, capsys):
@@ -52,7 +62,8 @@ def test_a_read_only_output_is_refused_before_ray_starts(demo_dir, tmp_path, cap
 
 
 def test_a_disk_that_fills_during_encode_stops_the_build_in_one_line_and_the_rerun_resumes(
-        demo_dir, demo_build, tmp_path, capsys):
+        ray_local, demo_dir, demo_build, load_factor, tmp_path, capsys):
+    address = ray_local.get_runtime_context().gcs_address
     clean, _ = demo_build
     with tmpfs(tmp_path / "disk", "64m") as disk:  # the traits hold their renderings: ~20 MB
         out = disk / "out"
@@ -61,7 +72,7 @@ def test_a_disk_that_fills_during_encode_stops_the_build_in_one_line_and_the_rer
         stat = os.statvfs(disk)
         with open(filler, "wb") as f:
             os.posix_fallocate(f.fileno(), 0, stat.f_bavail * stat.f_frsize - FREE_AT_START)
-        code, out_text, err, took = build(capsys, config)
+        code, out_text, err, took = driver(config, address, 300 * load_factor)
         error = err.strip().splitlines()
         with capsys.disabled():
             print(f"\n[write failures] disk full during encode: exit {code} after {took:.1f} s:\n  " + "\n  ".join(error[-2:]))
@@ -74,7 +85,7 @@ def test_a_disk_that_fills_during_encode_stops_the_build_in_one_line_and_the_rer
         assert "Traceback" not in err
 
         filler.unlink()
-        code, out_text, err, _ = build(capsys, config)
+        code, out_text, err, _ = driver(config, address, 300 * load_factor)
         assert code == 0, err[-3000:]
         assert "stage index: done in an earlier run" in out_text
         assert_same_build(clean, out)
