@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from datetime import datetime, timezone
 from typing import Any
 
@@ -81,7 +82,8 @@ def _machine() -> dict[str, str | None]:
 
 def holder_record(what: str) -> dict[str, Any]:
     pid = os.getpid()
-    return {"what": what, **_machine(), "pid": pid, "pid_started": _process_start(pid),
+    # token: this lease's own mark, to know a record as ours when a retried write's first answer was lost
+    return {"what": what, "token": uuid.uuid4().hex, **_machine(), "pid": pid, "pid_started": _process_start(pid),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300],
             "ray": None}
@@ -235,6 +237,19 @@ class OutputLease:
             self._etag = self.fs.pipe_file(path, data, mode="create").get("ETag")
             return True
         except FileExistsError:
+            return self._ours(path)
+
+    def _ours(self, path: str) -> bool:
+        """Whether the record at ``path`` is this lease's own: a conditional write that the store
+        applied but whose answer was lost is retried, and the retry's condition then fails (412)."""
+        self.fs.invalidate_cache(path)
+        try:
+            with self.fs.open(path) as f:
+                mine = json.load(f).get("token") == self.record["token"]
+            if mine:
+                self._etag = self.fs.info(path).get("ETag")
+            return mine
+        except (OSError, ValueError):
             return False
 
     def note_ray(self, gcs_address: str, job_id: str) -> None:
@@ -253,10 +268,13 @@ class OutputLease:
         if not self.local:
             try:  # only over our own record, as we last wrote it
                 self._etag = self.fs.pipe_file(path, data, IfMatch=self._etag).get("ETag")
-            except OSError as exc:  # 404: deleted; 412: rewritten by another driver
-                if isinstance(exc, FileNotFoundError) or "condition" in str(exc):
+            except FileNotFoundError:  # removed by a driver that took the lease over
+                return self._lose(None)
+            except OSError as exc:  # 412: rewritten by another driver, or our own write applied but unanswered
+                if "condition" not in str(exc):
+                    raise
+                if not self._ours(path):
                     return self._lose(None)
-                raise
             return None
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".lease-")
         try:
