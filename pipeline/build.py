@@ -1,6 +1,6 @@
 """Build a trait dataset from a config: the driver of the build graph (:mod:`pipeline.graph`).
 
-    sae-traits build --config FILE.yaml [--set key=value ...] [--overwrite] [--verbose]
+    sae-traits build --config FILE.yaml [--set key=value ...] [--reuse OUT ...] [--update] [--overwrite] [--verbose]
     (= python -m pipeline.build ...)
 
 Before it loads torch or Ray, the driver checks the config and takes the output's lease
@@ -28,12 +28,21 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "python -m pipeline.build", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, BuildConfig, "build.md")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing build in the output")
+    parser.add_argument("--reuse", action="append", default=[], metavar="OUT",
+                        help="an earlier finished build to take results from instead of computing them (repeatable; "
+                             "adds to the config's reuse: list)")
+    parser.add_argument("--update", action="store_true", help="bring the finished build in the output up to date "
+                        "with its source: only new or changed images are encoded, only new requests asked")
     parser.add_argument("--verbose", action="store_true", help="also show what Ray and the libraries print (Ray's "
                         "INFO lines, execution plans, workers' output); by default it goes to OUT/_build/logs/")
     args = parser.parse_args(argv)
-    build = lease = None
+    build = lease = cfg = None
     try:
         cfg = load_config(BuildConfig, args.config, args.overrides)  # fails before Ray starts
+        if args.reuse:
+            cfg.reuse = [*cfg.reuse, *(r for r in args.reuse if r not in cfg.reuse)]
+        if args.update and args.overwrite:
+            raise ConfigError("--update and --overwrite: choose one (--overwrite rebuilds from scratch)")
         with OutputLease(cfg.output, cfg.storage_options, cfg.output_lease_s, "build") as lease:
             if lease.took_over:
                 say(f"{PREFIX} output: taking over from {lease.took_over}")
@@ -42,36 +51,43 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             from pipeline.graph import Build
             build = Build(cfg, lease)
             try:
-                manifest = build.run(overwrite=args.overwrite, quiet_log=not args.verbose)
+                manifest = build.run(overwrite=args.overwrite, quiet_log=not args.verbose, update=args.update)
             except KeyboardInterrupt:
                 if lease.lost:  # the lease's refresh found another driver holding the output
                     raise LeaseLost(lease.lost) from None
                 raise
-    except ConfigError as exc:
-        say(f"error: {exc}", err=True)
-        return EXIT_CONFIG
-    except (OutputBusy, LeaseLost) as exc:
-        say(f"error: {exc}", err=True)
-        return EXIT_BUSY
     except Exception as exc:
-        if (unavailable := storage.unavailable_error(exc)) is not None:  # retries spent, in the driver or a task
-            say(f"error: storage unreachable: {unavailable.message}\n  the build of {cfg.output} stopped; what it "
-                "wrote is kept: rerun the same command once the store answers again and it resumes", err=True)
-            return EXIT_STORAGE  # not 1 (a crash) nor 2 (a config to fix): the same command may work later
-        where = storage.join(cfg.output, STAGE[build.current].output) if build and build.current else cfg.output
-        if (unwritable := storage.write_failure(exc, cfg.output, where)) is not None:
-            say(f"error: {unwritable}" + (f"\n  the traceback is in {build.log_path}" if build and build.log_path else ""),
-                err=True)
-            return EXIT_STORAGE
-        if args.verbose or build is None or build.log_path is None:
-            raise
-        say(f"error: the build failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            f"\n  the full traceback is in {build.log_path}; what was written is kept and the same command resumes",
-            err=True)
-        return EXIT_FAILED
+        return failure_exit(exc, cfg, build, args.verbose)
     say(f"{PREFIX} built {cfg.output} in {manifest['wall_s']:.1f} s"
         + (f"; log: {build.log_path}" if build.log_path else ""))
     return 0
+
+
+def failure_exit(exc: Exception, cfg: BuildConfig | None, build, verbose: bool) -> int:
+    """One clear line for a build that stopped, and its exit code (re-raised when nothing better can be said)."""
+    if isinstance(exc, ConfigError):
+        say(f"error: {exc}", err=True)
+        return EXIT_CONFIG
+    if isinstance(exc, (OutputBusy, LeaseLost)):
+        say(f"error: {exc}", err=True)
+        return EXIT_BUSY
+    if cfg is None:
+        raise exc
+    if (unavailable := storage.unavailable_error(exc)) is not None:  # retries spent, in the driver or a task
+        say(f"error: storage unreachable: {unavailable.message}\n  the build of {cfg.output} stopped; what it "
+            "wrote is kept: rerun the same command once the store answers again and it resumes", err=True)
+        return EXIT_STORAGE  # not 1 (a crash) nor 2 (a config to fix): the same command may work later
+    where = storage.join(cfg.output, STAGE[build.current].output) if build and build.current else cfg.output
+    if (unwritable := storage.write_failure(exc, cfg.output, where)) is not None:
+        say(f"error: {unwritable}" + (f"\n  the traceback is in {build.log_path}" if build and build.log_path else ""),
+            err=True)
+        return EXIT_STORAGE
+    if verbose or build is None or build.log_path is None:
+        raise exc
+    say(f"error: the build failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        f"\n  the full traceback is in {build.log_path}; what was written is kept and the same command resumes",
+        err=True)
+    return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -439,6 +439,10 @@ class BuildConfig(LeasedOutput):
     """Write the browsable HTML report (OUT/report/, see pipeline.report) at the end of the build."""
     output: str = runtime()
     """Output root of the build (local path or fsspec URL); may change on resume (a moved folder)."""
+    reuse: list[str] = runtime(default_factory=list)
+    """Earlier finished builds (local or fsspec URLs) whose results this build takes instead of
+    computing them: whole stages with the same fingerprint, images already encoded, LLM answers
+    to the same requests (docs/reuse.md). Changes no result (also --reuse OUT, repeatable)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> BuildConfig:

@@ -19,17 +19,20 @@ import json
 import os
 import posixpath
 from collections import defaultdict
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
 from pipeline import storage
 from pipeline.annotation.vocabulary import vocabulary_path
 from pipeline.config import BuildConfig, flat_config, runtime_keys
-from pipeline.contract import CONTRACT_VERSION, STAGES
+from pipeline.contract import CONTRACT_VERSION, INDEX_SCHEMA, STAGE, STAGES
 
 RUNTIME = runtime_keys(BuildConfig)
 DIGESTS = "digests.json"  # the content-digest cache, under storage.cache_dir()
+IMAGE_KEYS = pa.schema([("image_id", pa.string()), ("image_key", pa.string()), ("encode_key", pa.string())])
+REQUEST_KEYS = pa.schema([("annotation_id", pa.string()), ("request_key", pa.string())])
+UNIT_GROUPING = ("annotate.images_per_prompt",)  # annotate keys that decide which units exist, not what one asks
 
 
 def digest(value: Any, n: int = 32) -> str:
@@ -70,10 +73,11 @@ def image_identities(index: pa.Table, fs) -> pa.Array:
     return pa.array([known[h] for h in holders], pa.string())
 
 
-def source_identity(index: pa.Table, fs) -> str:
+def images_digest(index: pa.Table, identities: pa.Array) -> str:
+    """One digest of the index's ids, rows and :func:`image_identities` (the index stage's outside identity)."""
     ids = index.column("image_id").to_pylist()
     rows = index.column("source_row").to_pylist()
-    return digest(sorted(zip(ids, rows, image_identities(index, fs).to_pylist()), key=lambda r: r[0]))
+    return digest(sorted(zip(ids, rows, identities.to_pylist()), key=lambda r: r[0]))
 
 
 def content_digest(url: str, options: dict | None = None, revision: str | None = None) -> str:
@@ -108,11 +112,11 @@ def content_digest(url: str, options: dict | None = None, revision: str | None =
     return digest(parts)
 
 
-def outside_identities(cfg: BuildConfig, index: pa.Table) -> dict[str, dict[str, str]]:
-    """By stage, the identities of what it reads from outside the build (see the module's docstring)."""
-    source_fs, _ = storage.filesystem(cfg.source.root, cfg.source.fsspec_options)
+def outside_identities(cfg: BuildConfig, index: pa.Table, images: pa.Array) -> dict[str, dict[str, str]]:
+    """By stage, the identities of what it reads from outside the build (see the module's docstring);
+    ``images``: :func:`image_identities` of the index."""
     return {
-        "index": {"source": source_identity(index, source_fs)},
+        "index": {"source": images_digest(index, images)},
         "encode": {"backbone.model": content_digest(cfg.backbone.model, cfg.options_for(cfg.backbone.model),
                                                     cfg.backbone.revision),
                    "sae.checkpoint": content_digest(cfg.sae.checkpoint, cfg.options_for(cfg.sae.checkpoint),
@@ -121,12 +125,57 @@ def outside_identities(cfg: BuildConfig, index: pa.Table) -> dict[str, dict[str,
     }
 
 
-def stage_fingerprints(cfg: BuildConfig, index: pa.Table) -> dict[str, str]:
-    """Every stage's fingerprint, in stage order (each includes those of the stages it reads)."""
-    config, outside = cfg.model_dump(mode="json"), outside_identities(cfg, index)
+class Fingerprints(NamedTuple):
+    stages: dict[str, str]
+    """Every stage's fingerprint, in stage order."""
+    images: pa.Table
+    """Per index row (:data:`IMAGE_KEYS`): its image key (id, where its bytes are and their
+    identity) and its encode key (the image key, its index row and everything encode reads)."""
+    request: str
+    """The part of every request key that the config and the vocabulary file make (:func:`request_keys`)."""
+
+
+def fingerprints(cfg: BuildConfig, index: pa.Table) -> Fingerprints:
+    """The build's stage fingerprints and per-item keys (the source is listed once)."""
+    source_fs, _ = storage.filesystem(cfg.source.root, cfg.source.fsspec_options)
+    identities = image_identities(index, source_fs)
+    config, outside = cfg.model_dump(mode="json"), outside_identities(cfg, index, identities)
     prints: dict[str, str] = {}
     for stage in STAGES:
         prints[stage.name] = digest({"contract": CONTRACT_VERSION, "stage": stage.name,
                                      "keys": key_values(config, stage.reads), "outside": outside.get(stage.name, {}),
                                      "inputs": {name: prints[name] for name in stage.reads_stages}})
-    return prints
+    encode = digest({"contract": CONTRACT_VERSION, "keys": key_values(config, STAGE["encode"].reads),
+                     "outside": outside["encode"]})
+    columns = {name: index.column(name).to_pylist() for name in INDEX_SCHEMA.names}
+    image_keys, encode_keys = [], []
+    for i, identity in enumerate(identities.to_pylist()):
+        image = digest([columns["image_id"][i], columns["path"][i], columns["source_file"][i],
+                        columns["source_row"][i], identity])
+        image_keys.append(image)
+        encode_keys.append(digest([image, encode, *(columns[name][i] for name in INDEX_SCHEMA.names)]))
+    images = pa.table([index.column("image_id"), pa.array(image_keys), pa.array(encode_keys)], schema=IMAGE_KEYS)
+    # A request does not depend on how units are grouped (a single of a 3-image build is the same
+    # request as in a 1-image build: the member count is in the annotation_id's prompt version).
+    request_config = {k: v for k, v in key_values(config, STAGE["annotate"].reads).items() if k not in UNIT_GROUPING}
+    request = digest({"contract": CONTRACT_VERSION, "keys": request_config, "outside": outside["annotate"]})
+    return Fingerprints(prints, images, request)
+
+
+def stage_fingerprints(cfg: BuildConfig, index: pa.Table) -> dict[str, str]:
+    """Every stage's fingerprint, in stage order (each includes those of the stages it reads)."""
+    return fingerprints(cfg, index).stages
+
+
+def request_keys(units: pa.Table, images: pa.Table, request: str) -> pa.Array:
+    """Per unit (:func:`pipeline.annotation.units.with_annotation_ids` rows), its request key: a
+    digest of its annotation_id, the config part ``request`` (:attr:`Fingerprints.request`), and
+    each member image's key with its boxes — what the LLM is asked, so an answer is reused only for
+    the same question."""
+    image_key = dict(zip(images["image_id"].to_pylist(), images["image_key"].to_pylist()))
+    members = units["members"].combine_chunks()
+    flat, offsets = members.flatten(), members.offsets.to_numpy()
+    ids, boxes = flat.field("image_id").to_pylist(), flat.field("boxes").to_pylist()
+    keys = [digest([annotation, request, [(image_key.get(ids[j]), boxes[j]) for j in range(start, end)]])
+            for annotation, start, end in zip(units["annotation_id"].to_pylist(), offsets[:-1], offsets[1:])]
+    return pa.array(keys, pa.string())

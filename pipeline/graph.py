@@ -34,6 +34,7 @@ import platform
 import sys
 import time
 import traceback
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -54,15 +55,18 @@ from pipeline.annotation.units import unit_table, with_annotation_ids
 from pipeline.candidates import find_candidates, keep_top_images, top_candidates
 from pipeline.config import BuildConfig, ConfigError, config_changes, runtime_keys
 from pipeline.console import PREFIX, Progress, quiet, say
-from pipeline.contract import ERRORS, SELECTED_SCHEMA, STAGE, STAGES, STATE, TABLES, TRAITS_SCHEMA
+from pipeline.contract import (CONTRACT_VERSION, ERRORS, ERRORS_SCHEMA, SELECTED_SCHEMA, STAGE, STAGES, STATE, TABLES,
+                               TRAITS_SCHEMA)
 from pipeline.counting import counts_of, reduce_counts, taxonomy_codes
 from pipeline.encoding import check_models
 from pipeline.errors import compact_errors, write_errors
-from pipeline.fingerprint import stage_fingerprints
+from pipeline.fingerprint import REQUEST_KEYS, Fingerprints, fingerprints, request_keys
 from pipeline.execution import (SHARD_BATCHES, ActorPool, cluster_cpus, encode_images, encoder_pool, ensure_placeable,
                                 in_shards, in_tasks, init_ray, write_named_files, write_shard)
 from pipeline.lease import LEASE, OutputLease
 from pipeline.report import write_report
+from pipeline.reuse import (DECODE, ITEMS, PREVIOUS, EarlierBuild, answered, copy_folder, decode_errors, matching, reuse_counts,
+                            reused_rows, whole_match)
 from pipeline.sae import sae_metadata
 from pipeline.selection import select_by_contrast_group, select_latents, taxonomy_of_species
 from pipeline.sources import build_index
@@ -103,6 +107,10 @@ class Build:
         self.log_path: str | None = None
         self.current: str | None = None  # the stage running now (what a write failure names)
         self.fingerprints: dict[str, str] = {}  # by stage, once the index is known (pipeline.fingerprint)
+        self.keys: Fingerprints | None = None  # and the per-item keys (reuse)
+        self.earlier: list[EarlierBuild] = []  # the finished builds this one reuses (pipeline.reuse)
+        self.undecodable: pa.Array = pa.array([], pa.string())  # images whose errors/ rows were reused
+        self.reused_now: Counter[str] = Counter()  # rows this run took from earlier builds, by stage
 
     def path(self, name: str) -> str:
         return storage.join(self.root, name)
@@ -148,7 +156,8 @@ class Build:
             changes = config_changes(storage.read_json(self.fs, saved), current, RESUMABLE_KEYS)
             if changes:
                 raise ConfigError(f"output: {cfg.output} holds a build made with a different config ({changes}); "
-                                  "rerun with that config to resume it, choose another output, or pass --overwrite")
+                                  "rerun with that config to resume it, build into another output with "
+                                  f"--reuse {cfg.output} (only what changed is computed), or pass --overwrite")
             return
         if any(self.fs.exists(self.path(name)) for name in (*TABLES, "manifest.json")):
             raise ConfigError(f"output: {cfg.output} already holds files of another build; "
@@ -174,9 +183,13 @@ class Build:
         if stage.resume_key is None:  # a partial output of a killed run is cleared; these stages are cheap
             self.remove(stage.output)
         start = time.perf_counter()
-        run = getattr(self, f"stage_{name}")
-        with Progress(name, "rows", None, self.rows_written(name)) as self.progress:
-            extra = (run() if ctx is None else run(ctx)) or {}
+        if (earlier := whole_match(self.earlier, name, self.fingerprints.get(name))) is not None:
+            extra = self.take_whole(name, earlier)
+        else:
+            run = getattr(self, f"stage_{name}")
+            with Progress(name, "rows", None, self.rows_written(name)) as self.progress:
+                extra = (run() if ctx is None else run(ctx)) or {}
+            extra |= self.reused_items(name)
         wall = time.perf_counter() - start
         record = {"rows": storage.count_rows(self.fs, self.path(stage.output)), "wall_s": round(wall, 3),
                   **({} if name == "index" else {"runs_on": "driver" if self.in_driver(name) else "ray",
@@ -185,6 +198,96 @@ class Build:
         storage.write_json(self.fs, self.path(f"{STATE}/stages/{name}.json"), record)  # done from here on
         self.stages[name] = record
         say(f"{PREFIX} stage {name}: {record['rows']} rows in {wall:.1f} s")
+
+    # -- reuse of earlier builds (pipeline.reuse) ------------------------------------------------
+
+    def take_whole(self, name: str, earlier: EarlierBuild) -> dict:
+        """Stage ``name``'s output from an earlier build with the same fingerprint (encode: with
+        the errors/ rows of its images that did not decode)."""
+        folder = STAGE[name].output
+        copy_folder(earlier.fs, earlier.build.path(folder), self.fs, self.path(folder))
+        if name == "encode" and (failed := decode_errors(earlier)) is not None:
+            self.write_reused_errors(failed)
+        rows = storage.count_rows(self.fs, self.path(folder))
+        say(f"{PREFIX} stage {name}: reused whole from {earlier.label} ({rows} rows)")
+        return {"reused": {"from": [{**earlier.name, "rows": rows}], "rows": rows, "whole": True}}
+
+    def write_reused_errors(self, rows: pa.Table) -> None:
+        ids = sorted(set(rows.column("image_id").to_pylist()))
+        storage.write_table(self.fs, self.path(f"{ERRORS}/{DECODE}-reused-{storage.stable_digest(ids)}.parquet"),
+                            rows.select(ERRORS_SCHEMA.names).cast(ERRORS_SCHEMA))
+
+    def reuse_images(self) -> None:
+        """activations/ rows (and errors/ rows of images that did not decode) of the images whose
+        encode key an earlier build holds, written here before the stage encodes the rest."""
+        if not self.earlier:
+            return
+        wanted = self.keys.images.filter(pc.invert(pc.is_in(self.keys.images["image_id"],
+                                                            value_set=self.written_ids("encode"))))
+        undecodable = []
+        for earlier in self.earlier:
+            hit = matching(wanted, "encode_key", earlier.keys("images"))
+            ids = wanted["image_id"].filter(hit).combine_chunks()
+            if not len(ids):
+                continue
+            n = 0
+            for rows in reused_rows(earlier, "activations", "image_id", ids):
+                write_shard(rows, output=self.cfg.output, storage_section=self.cfg.storage, folder="activations",
+                            key="image_id")
+                n += rows.num_rows
+            if (failed := decode_errors(earlier, ids)) is not None:
+                self.write_reused_errors(failed)
+                undecodable += failed.column("image_id").to_pylist()
+            self.reused_now["encode"] += n + (failed.num_rows if failed is not None else 0)
+            say(f"{PREFIX} stage encode: {n} images reused from {earlier.label}")
+            wanted = wanted.filter(pc.invert(hit))
+        self.undecodable = pa.array(sorted(set(undecodable)), pa.string())
+
+    def reuse_answers(self, units: pa.Table) -> None:
+        """traits/ rows (never failed ones) of the units whose request key an earlier build holds,
+        written here before the stage asks for the rest."""
+        if not self.earlier:
+            return
+        wanted = units.select(["annotation_id", "request_key"])
+        wanted = wanted.filter(pc.invert(pc.is_in(wanted["annotation_id"], value_set=self.written_ids("annotate"))))
+        for earlier in self.earlier:
+            ids = wanted["annotation_id"].filter(matching(wanted, "request_key", earlier.keys("requests"))).combine_chunks()
+            if not len(ids):
+                continue
+            n = 0
+            for rows in reused_rows(earlier, "traits", "annotation_id", ids, keep=answered):
+                write_shard(rows, output=self.cfg.output, storage_section=self.cfg.storage, folder="traits",
+                            key="annotation_id")
+                n += rows.num_rows
+            if n:
+                self.reused_now["annotate"] += n
+                say(f"{PREFIX} stage annotate: {n} answers reused from {earlier.label}")
+            wanted = wanted.filter(pc.invert(pc.is_in(wanted["annotation_id"], value_set=self.written_ids("annotate"))))
+
+    def reused_items(self, name: str) -> dict:
+        """For a per-item stage's marker: the rows now in its output that earlier builds gave, by
+        build; for annotate also what this build asked the LLM for itself (the rows it computed)."""
+        if name not in ("encode", "annotate"):
+            return {}
+        given, extra = pa.array([], pa.string()), {}
+        if self.earlier:
+            kind, ours, key = (("images", self.keys.images.select(["image_id", "encode_key"]), "encode_key")
+                               if name == "encode" else
+                               ("requests", storage.read_table(self.fs, self.path(f"{ITEMS}/requests.parquet")),
+                                "request_key"))
+            by_build, given = reuse_counts(ours, key, self.written_ids(name), self.earlier, kind)
+            extra["reused"] = {"from": by_build, "rows": len(given), "whole": False}
+        if name == "annotate" and self.fs.exists(self.path("traits")):
+            traits = storage.read_table(self.fs, self.path("traits"),
+                                        columns=["annotation_id", "attempts", "prompt_tokens", "completion_tokens"])
+            if traits.num_rows:
+                asked = traits.filter(pc.invert(pc.is_in(traits["annotation_id"], value_set=given)))
+                total = {c: pc.sum(asked[c]).as_py() or 0 for c in ("attempts", "prompt_tokens", "completion_tokens")}
+                extra["computed"] = {"rows": asked.num_rows,
+                                     "llm_requests": 0 if self.cfg.annotate.llm.kind == "none" else total["attempts"],
+                                     "prompt_tokens": total["prompt_tokens"],
+                                     "completion_tokens": total["completion_tokens"]}
+        return extra
 
     def record_fingerprint(self, name: str) -> None:
         """Add the index stage's fingerprint to the marker this run wrote (it needs the index itself)."""
@@ -238,10 +341,13 @@ class Build:
         """The stage's input rows not yet written (all of them on a first run); None when nothing is left.
         The stage's progress line counts them, in ``unit``."""
         done = self.written_ids(name)
+        if name == "encode" and len(self.undecodable):  # their errors/ rows came from an earlier build
+            done = pa.concat_arrays([done, self.undecodable])
         if len(done):
             key = STAGE[name].resume_key
             rows = rows.filter(pc.invert(pc.is_in(rows[key], value_set=done)))
-            say(f"{PREFIX} stage {name}: resuming, {len(done)} rows written earlier, {rows.num_rows} to do")
+            if (earlier_run := len(done) - self.reused_now[name]) > 0:
+                say(f"{PREFIX} stage {name}: resuming, {earlier_run} rows written earlier, {rows.num_rows} to do")
         if self.progress is not None:
             self.progress.expect(rows.num_rows, unit)
         return rows if rows.num_rows else None
@@ -273,6 +379,7 @@ class Build:
         cfg = self.cfg
         # Output files of at most a shard: a killed build redoes only what was in flight.
         shard_rows = SHARD_BATCHES * cfg.encoder.batch_size
+        self.reuse_images()
         if (todo := self.pending("encode", self.index(), "images")) is None:
             return
         activations = encode_images(in_shards(todo, shard_rows), ctx.pools["encode"], source=cfg.source,
@@ -324,7 +431,12 @@ class Build:
             return
         # Shards of one batch (so every actor gets work), keyed by annotation_id: a resumed build
         # sends only the units whose answers were never written.
-        if (todo := self.pending("annotate", with_annotation_ids(ann, units), "units")) is None:
+        units = with_annotation_ids(ann, units)
+        units = units.append_column("request_key", request_keys(units, self.keys.images, self.keys.request))
+        storage.write_table(self.fs, self.path(f"{ITEMS}/requests.parquet"),
+                            units.select(REQUEST_KEYS.names).cast(REQUEST_KEYS))
+        self.reuse_answers(units)
+        if (todo := self.pending("annotate", units.drop_columns(["request_key"]), "units")) is None:
             return
         batch = self.annotate_batch(ctx.n_cpus)
         if self.in_driver("annotate"):  # the pool's own callable, one batch at a time, a file each
@@ -377,13 +489,14 @@ class Build:
 
     # -- the whole build -----------------------------------------------------------------------
 
-    def run(self, overwrite: bool = False, quiet_log: bool = False) -> dict:
+    def run(self, overwrite: bool = False, quiet_log: bool = False, update: bool = False) -> dict:
         """Build (or resume, or just summarise a finished build). ``quiet_log``: what Ray and the
-        libraries print goes to a log file under OUT/_build/logs/ instead of the console."""
+        libraries print goes to a log file under OUT/_build/logs/ instead of the console.
+        ``update``: bring a finished build up to date with its source (:meth:`start_update`)."""
         if self.lease is None:  # a build run from Python (the demo, the tests): it holds the lease too
             with OutputLease(self.cfg.output, self.cfg.storage_options, self.cfg.output_lease_s, "build") as self.lease:
                 try:
-                    return self.run(overwrite, quiet_log)
+                    return self.run(overwrite, quiet_log, update)
                 finally:
                     self.lease = None
         cfg = self.cfg
@@ -391,8 +504,11 @@ class Build:
         t0 = time.perf_counter()
         # Checked before anything is written or Ray starts: the backbone's patch grid, its weights, the SAE (issue 23).
         patch_px = check_models(cfg.backbone, cfg.sae, cfg.preprocess, cfg.storage) \
-            if overwrite or self.finished_stage("encode") is None else None
+            if overwrite or update or self.finished_stage("encode") is None else None
         self.open_output(overwrite)
+        if update:
+            self.start_update()
+        self.earlier = self.open_earlier()
         if self.fs.exists(self.path("manifest.json")):  # finished earlier: nothing to redo
             manifest = storage.read_json(self.fs, self.path("manifest.json"))
             say(format_summary(manifest["summary"], resumed=True))
@@ -412,6 +528,32 @@ class Build:
             self.log_path = kept
         return manifest
 
+    def start_update(self) -> None:
+        """An update rebuilds the output over its source as it is now, reusing the build it held:
+        that build's tables, markers and manifest move to _build/previous/ (an earlier build like
+        any other, removed once the update has finished). A killed update is resumed by the same
+        command: the snapshot is already there."""
+        previous = self.path(PREVIOUS)
+        if not self.fs.exists(self.path("manifest.json")):
+            if self.fs.exists(storage.join(previous, "manifest.json")):
+                return
+            raise ConfigError(f"--update: {self.cfg.output} holds no finished build to update; rerun the command "
+                              "without --update to finish it first")
+        say(f"{PREFIX} update: the build in {self.cfg.output} is reused for what has not changed")
+        for name in (*TABLES, "renderings", "report", STAGE["index"].output, f"{STATE}/stages", ITEMS, "manifest.json"):
+            if self.fs.exists(self.path(name)):  # the manifest last: until it moves, a rerun finishes the move
+                storage.move(self.fs, self.path(name), storage.join(previous, name))
+
+    def open_earlier(self) -> list[EarlierBuild]:
+        """The finished builds this one reuses: an update's snapshot, then reuse: in order (refused,
+        naming the path, when one is not a finished build of this data-contract version)."""
+        cfg = self.cfg
+        earlier = [EarlierBuild(url, cfg.options_for(url), cfg.output) for url in cfg.reuse]
+        if self.fs.exists(self.path(f"{PREVIOUS}/manifest.json")):
+            earlier.insert(0, EarlierBuild(storage.join(cfg.output, PREVIOUS), cfg.storage_options,
+                                           label=f"{cfg.output} (before this update)"))
+        return earlier
+
     def log_file(self, started: datetime) -> tuple[Path, str]:
         """(where this run's log is written, where it is kept): OUT/_build/logs/build-TIME.log; for
         a remote output a local file first (~/.cache/sae-traits/logs/), copied there at the end."""
@@ -424,7 +566,9 @@ class Build:
     def run_stages(self, started: datetime, t0: float, patch_px: int | None) -> dict:
         cfg = self.cfg
         self.run_stage("index")
-        self.fingerprints = stage_fingerprints(cfg, self.index())
+        self.keys = fingerprints(cfg, self.index())
+        self.fingerprints = self.keys.stages
+        storage.write_table(self.fs, self.path(f"{ITEMS}/images.parquet"), self.keys.images)
         self.record_fingerprint("index")
         n_cpus, pools = 1, {}
         if any(self.finished_stage(name) is None and not self.in_driver(name) for name in STAGE_NAMES[1:]):
@@ -448,6 +592,9 @@ class Build:
         self.stages["errors"] = {"rows": errors.num_rows}
         manifest = {
             "status": "succeeded",
+            "build_id": uuid.uuid4().hex[:16],  # how a build that reuses this one names it
+            "contract": CONTRACT_VERSION,
+            "reused": [b.name for b in self.earlier],
             "started": started.isoformat(),
             "finished": datetime.now(timezone.utc).isoformat(),
             "wall_s": round(time.perf_counter() - t0, 3),
@@ -460,6 +607,7 @@ class Build:
             "hub": hub_revisions(cfg),
         }
         storage.write_json(self.fs, self.path("manifest.json"), manifest)
+        self.remove(PREVIOUS)  # an update's snapshot: what it could give has been taken
         say(format_summary(manifest["summary"]))
         if cfg.report:
             self.write_report()
@@ -480,17 +628,24 @@ class Build:
         traits = storage.read_table(self.fs, self.path("traits"), columns=["status"])
         selected = storage.read_table(self.fs, self.path("selected"), columns=["species"])
         rejected = Counter(s for s in errors.column("stage").to_pylist() if s != "annotate") if errors.num_rows else {}
+        def reused(name):
+            return self.stages.get(name, {}).get("reused", {}).get("rows", 0)
+
         return {
             "images_read": rows("index") + self.stages.get("index", {}).get("rejected", 0),
             "images_indexed": rows("index"),
-            "images_encoded": rows("encode"),
+            "images_encoded": rows("encode") - reused("encode"),
+            "images_reused": reused("encode"),
             "images_rejected": dict(sorted(rejected.items())),
             "latents_selected": rows("select"),
             "species_with_latents": len(set(selected.column("species").to_pylist())) if selected.num_rows else 0,
             "candidates": rows("candidates"),
             "annotations": dict(sorted(Counter(traits.column("status").to_pylist()).items())) if traits.num_rows else {},
+            "annotations_reused": reused("annotate"),
             "errors": errors.num_rows,
-            "stages": {name: {"rows": s.get("rows"), "wall_s": s.get("wall_s"), "resumed": bool(s.get("resumed"))}
+            "stages": {name: {"rows": s.get("rows"), "wall_s": s.get("wall_s"), "resumed": bool(s.get("resumed")),
+                              "reused": s.get("reused", {}).get("rows", 0), "whole": s.get("reused", {}).get("whole", False),
+                              "reused_from": [b["path"] for b in s.get("reused", {}).get("from", [])]}
                        for name, s in self.stages.items() if name in STAGE_NAMES},
         }
 
@@ -500,15 +655,21 @@ def format_summary(summary: dict, resumed: bool = False) -> str:
     lines = ["", "sae-traits build summary" + (" (finished earlier; nothing to redo)" if resumed else ""),
              f"  {'stage':<12}{'rows':>10}{'wall s':>10}"]
     for name, s in summary["stages"].items():
-        lines.append(f"  {name:<12}{s['rows']:>10}{s['wall_s']:>10.1f}" + ("  (earlier run)" if s["resumed"] else ""))
+        lines.append(f"  {name:<12}{s['rows']:>10}{s['wall_s']:>10.1f}" + ("  (earlier run)" if s["resumed"] else "")
+                     + (f"  ({reused_how(s)} from {', '.join(s['reused_from'])})" if s.get("reused") else ""))
     rejected = sum(summary["images_rejected"].values())
-    lines += [f"  images: {summary['images_read']} read, {summary['images_encoded']} encoded, {rejected} rejected"
+    reused = f" ({summary['images_reused']} more reused)" if summary.get("images_reused") else ""
+    lines += [f"  images: {summary['images_read']} read, {summary['images_encoded']} encoded{reused}, {rejected} rejected"
               + (f" ({', '.join(f'{k} {v}' for k, v in summary['images_rejected'].items())})" if rejected else ""),
               f"  latents selected: {summary['latents_selected']} over {summary['species_with_latents']} species; "
               f"candidates: {summary['candidates']}",
               "  annotations: " + (", ".join(f"{k} {v}" for k, v in summary["annotations"].items()) or "none"),
               f"  errors/: {summary['errors']} rows", ""]
     return "\n".join(lines)
+
+
+def reused_how(stage: dict) -> str:
+    return "reused whole" if stage.get("whole") else f"{stage['reused']} rows reused"
 
 
 def versions() -> dict:

@@ -520,6 +520,20 @@ def describe_size(url: str, storage_options: dict | None = None) -> str:
         return "size unknown"
 
 
+def move(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move a file or folder: a rename on a local disk; on an object store each object copied
+    (server-side), then deleted, so a move cut short is finished by running it again."""
+    if is_local(fs) and not fs.exists(dst):
+        fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        return
+    files = [src] if fs.isfile(src) else sorted(fs.find(src))
+    for path in files:
+        target = dst if path == src else join(dst, posixpath.relpath(path, src))
+        fs.copy(path, target)
+        fs.rm(path)
+
+
 def count_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
     """Rows of a Parquet folder, from the footers only."""
     return sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in parquet_files(fs, path))

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Entry points allowed to import actors (they assemble the pipeline); edit as drivers change.
-DRIVERS = {"pipeline.build", "pipeline.graph", "pipeline.train_sae"}
+DRIVERS = {"pipeline.build", "pipeline.graph", "pipeline.sweep", "pipeline.train_sae"}
 # Function-level imports of project modules allowed, with the reason (the only ones).
 DEFERRED = {("pipeline.build", "pipeline.graph"): "the build driver takes the output's lease before torch, "
-            "transformers and Ray load (~8 s): a second driver on the same output is refused in seconds"}
+            "transformers and Ray load (~8 s): a second driver on the same output is refused in seconds",
+            ("pipeline.sweep", "pipeline.graph"): "a sweep checks every build's config (a bad --vary value is "
+            "refused naming the key) before torch, transformers and Ray load"}
 
 PACKAGES = ("pipeline", "actors")
 
