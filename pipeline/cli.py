@@ -2,7 +2,7 @@
 
     sae-traits build --config build.yaml [--set key=value ...]   (= python -m pipeline.build)
     sae-traits demo --out demo_out
-    sae-traits train-sae | export | review | report | cluster-check ...
+    sae-traits sweep | train-sae | export | review | report | cluster-check ...
 
 Each subcommand is the module's own ``main`` with the rest of the command line, so
 ``python -m pipeline.<module>`` keeps working and both take the same flags; ``--help`` on a
@@ -16,6 +16,7 @@ import sys
 # subcommand → (module whose main() it runs, one line for the overview)
 COMMANDS = {
     "build": ("pipeline.build", "build a trait dataset from a config (resumes an interrupted build)"),
+    "sweep": ("pipeline.sweep", "build every combination of some config values, each build reusing the ones before"),
     "demo": ("pipeline.demo.run", "the offline demo: synthetic photos, tiny models, a trained SAE, a whole build"),
     "train-sae": ("pipeline.train_sae", "train a sparse autoencoder on backbone activations (Ray Train)"),
     "export": ("pipeline.export", "a finished build as a Hugging Face dataset folder or a Darwin Core Archive"),

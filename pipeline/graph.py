@@ -205,6 +205,7 @@ class Build:
         """Stage ``name``'s output from an earlier build with the same fingerprint (encode: with
         the errors/ rows of its images that did not decode)."""
         folder = STAGE[name].output
+        earlier.check_folder(folder)
         copy_folder(earlier.fs, earlier.build.path(folder), self.fs, self.path(folder))
         if name == "encode" and (failed := decode_errors(earlier)) is not None:
             self.write_reused_errors(failed)

@@ -84,6 +84,12 @@ class EarlierBuild:
                 self.check_schema(folder, path, pf.schema_arrow)
                 yield pf.read()
 
+    def check_folder(self, folder: str) -> None:
+        """The contract's schema in its table ``folder`` (the first file's footer: a build writes one schema)."""
+        if folder in TABLES and (files := self.build.files(folder)):
+            with self.fs.open(files[0], "rb") as f:
+                self.check_schema(folder, files[0], pq.ParquetFile(f).schema_arrow)
+
     def check_schema(self, folder: str, path: str, schema: pa.Schema) -> None:
         """Every column the contract names, of the contract's type (extra columns are allowed)."""
         if folder in self._checked:

@@ -154,8 +154,8 @@ def run_sweep(config: str | None, varies: list[tuple[str, list[Any]]], out: str,
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.sweep", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog or "python -m pipeline.sweep", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser, BuildConfig, "reuse.md")
     parser.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                         help="a config key and its values (repeatable: the sweep builds every combination)")

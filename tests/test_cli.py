@@ -24,6 +24,7 @@ def test_an_unknown_command_is_refused_naming_it(capsys):
     ("build", ["contrast", "annotate", "ray"], "docs/build.md"),
     ("train-sae", ["sae", "train"], "docs/training.md"),
     ("export", ["format", "include_background"], "docs/export.md"),
+    ("sweep", ["contrast", "annotate"], "docs/reuse.md"),
 ])
 def test_help_lists_the_config_sections_and_the_docs_page(command, sections, page, capsys):
     with pytest.raises(SystemExit) as exit_:
