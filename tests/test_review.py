@@ -332,6 +332,9 @@ def test_scores_are_linked_from_the_build_report(builds, review, tmp_path, capsy
     run(capsys, "score", folder)
     scores = json.loads((folder / "scores/scores.json").read_text())
     assert [b["raw_mean"] for b in scores["builds"]] == [2.5, 3.5]
+    # the paper's cost columns: the demo's 3 images per prompt; templated descriptions have no tokens
+    assert [(b["images_per_prompt"], b["tokens_per_annotation"]) for b in scores["builds"]] == [(3, None)] * 2
+    assert "| Build " in (folder / "scores/scores.md").read_text() and " Images/prompt " in (folder / "scores/scores.md").read_text()
     for b, build in enumerate(builds):
         pointer = json.loads(next((build / "reviews").glob("*.json")).read_text())
         assert pointer["this_build"] == b and pointer["scores"] == str((folder / "scores/scores.md").resolve())
@@ -339,6 +342,26 @@ def test_scores_are_linked_from_the_build_report(builds, review, tmp_path, capsy
     summary = Path(index).with_name("summary.html").read_text()
     assert "Expert reviews" in summary and f"<b>{LABELS[1]}</b> (this build)" in summary
     assert "<td class=num>3.5</td>" in summary and (folder / "scores/scores.md").resolve().as_uri() in summary
+
+
+def test_tokens_per_annotation_average_the_answers_that_did_not_fail(builds, tmp_path):
+    from pipeline.config import StorageConfig
+    from pipeline.review.score import build_costs
+
+    build = tmp_path / "build"
+    shutil.copytree(builds[1], build)
+    traits = pq.read_table(build / "traits")
+    n = traits.num_rows
+    status = ["failed"] + traits["status"].to_pylist()[1:]
+    for name, values, kind in (("prompt_tokens", [10_000] + [300 + k for k in range(1, n)], pa.int64()),
+                               ("completion_tokens", [0] + [50] * (n - 1), pa.int64()), ("status", status, pa.string())):
+        traits = traits.set_column(traits.schema.get_field_index(name), name, pa.array(values, kind))
+    for f in (build / "traits").glob("*.parquet"):
+        f.unlink()
+    pq.write_table(traits, build / "traits" / "part-0.parquet")
+    costs = build_costs(str(build), StorageConfig())
+    assert costs == {"images_per_prompt": 3, "tokens_per_annotation": pytest.approx(np.mean([350 + k for k in range(1, n)]))}
+    assert build_costs(str(tmp_path / "moved"), StorageConfig()) == {"images_per_prompt": None, "tokens_per_annotation": None}
 
 
 def test_bad_invocations_are_refused_naming_the_key(builds, review, tmp_path, capsys):

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import fsspec_options
+from pipeline.finished import FinishedBuild
 from pipeline.review.config import FLAG_LABELS, FLAGS, RATINGS, ReviewScoreConfig
 from pipeline.review.folder import SCORES_DIR, Rating, ReviewFolder
 from pipeline.review.pointers import write_pointer
@@ -129,9 +130,10 @@ def interval(ci) -> str:
 
 def table_rows(scores: dict) -> tuple[list[str], list[list[str]]]:
     pct = f"{scores['level']:.0%} CI"
-    header = ["Build", "Items", "Ratings", "Mean (raw)", pct, "Mean (normalised)", pct, "α (ordinal)",
-              *(FLAG_LABELS[f].capitalize() for f in FLAGS)]
-    rows = [[r["label"], f"{r['items_rated']}/{r['items']}", str(r["ratings"]), fmt(r["raw_mean"]), interval(r["raw_ci"]),
+    header = ["Build", "Images/prompt", "Tokens/annotation", "Items", "Ratings", "Mean (raw)", pct, "Mean (normalised)",
+              pct, "α (ordinal)", *(FLAG_LABELS[f].capitalize() for f in FLAGS)]
+    rows = [[r["label"], str(r.get("images_per_prompt") or "–"), fmt(r.get("tokens_per_annotation"), 1),
+             f"{r['items_rated']}/{r['items']}", str(r["ratings"]), fmt(r["raw_mean"]), interval(r["raw_ci"]),
              fmt(r["normalised_mean"]), interval(r["normalised_ci"]), fmt(r["alpha"], 3),
              *(str(r["flags"][f]) for f in FLAGS)] for r in scores["builds"]]
     return header, rows
@@ -153,7 +155,8 @@ def scores_markdown(scores: dict, review: str) -> str:
     return (f"# Expert review: {review}\n\n"
             f"{len(scores['reviewers'])} reviewers, {scores['items']} items; ratings 1 (wrong) to 5 (accurate and "
             f"specific). Normalised: each rating divided by its reviewer's mean over every item they rated, times "
-            f"the grand mean ({fmt(scores['grand_mean'])}). Intervals: percentile bootstrap over the build's items "
+            f"the grand mean ({fmt(scores['grand_mean'])}). Images/prompt: the build's annotate.images_per_prompt; "
+            f"tokens/annotation: its mean prompt + completion tokens over the answers that did not fail. Intervals: percentile bootstrap over the build's items "
             f"({scores['bootstrap']} resamples, seed {scores['seed']}). α: Krippendorff's alpha, ordinal "
             f"(whole review: {fmt(scores['alpha'], 3)}). Flags: (reviewer, item) judgements with the flag.\n\n"
             f"{markdown_table(header, rows)}\n\n## Reviewers\n\n{reviewers}\n\n![Mean ratings](scores.svg)\n")
@@ -209,11 +212,30 @@ def link_builds(cfg: ReviewScoreConfig, folder: ReviewFolder, key: dict, scores:
     return written
 
 
+def build_costs(path: str, storage_section) -> dict:
+    """The paper's cost columns of a build: its images per prompt and its mean tokens per annotation
+    (prompt + completion, over the answers it holds that did not fail); None where the build cannot
+    be read or recorded no tokens (templated descriptions)."""
+    try:
+        build = FinishedBuild.open(path, fsspec_options(storage_section, path))
+        traits = build.read("traits", columns=["status", "prompt_tokens", "completion_tokens"])
+        per_prompt = build.resolved.get("annotate", {}).get("images_per_prompt")
+    except Exception:  # a build that moved: its ratings still score
+        return {"images_per_prompt": None, "tokens_per_annotation": None}
+    answered = [(p or 0) + (c or 0) for s, p, c in zip(*(traits[k].to_pylist() for k in
+                                                          ("status", "prompt_tokens", "completion_tokens")))
+                if s != "failed"]
+    tokens = float(np.mean(answered)) if answered and any(answered) else None
+    return {"images_per_prompt": per_prompt, "tokens_per_annotation": tokens}
+
+
 def score(cfg: ReviewScoreConfig, log=print) -> dict:
     """Score the review ``cfg`` names, write scores/ (and the builds' pointers); returns the scores."""
     folder = ReviewFolder(cfg.review)
     key = folder.key()
     scores = score_review(folder.all_ratings(), key, cfg.bootstrap, cfg.level, cfg.seed)
+    for row in scores["builds"]:
+        row.update(build_costs(row["build"], cfg.storage))
     scores["scored_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     out = Path(folder.scores_dir)
     out.mkdir(exist_ok=True)
