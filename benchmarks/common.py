@@ -18,6 +18,16 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+def offline_env(root: Path) -> None:
+    """What every benchmark's processes need before Ray or the models load: the checkout on
+    PYTHONPATH (children and Ray workers import the package from it), the hub offline, quiet
+    libraries, Ray without token auth."""
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])])
+    for key, value in (("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_OFFLINE", "1"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TQDM_DISABLE", "1"), ("RAY_AUTH_MODE", "disabled")):
+        os.environ.setdefault(key, value)
+
+
 # --------------------------------------------------------------------------- output
 
 RESULTS: list[str] = []
