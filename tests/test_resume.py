@@ -156,7 +156,7 @@ def llm_reference(address, demo_dir, demo_build, load_factor, tmp_path_factory) 
     finished candidates: the reference of the tests below (answers depend on the unit, not the server)."""
     clean, _ = demo_build
     tmp = tmp_path_factory.mktemp("llm-reference")
-    with FakeOpenAIServer(latency_s=0.3, capacity=4) as server:
+    with FakeOpenAIServer(latency_s=0.1, capacity=4) as server:
         ref = tmp / "ref"
         from_finished_candidates(clean, ref, write_config(demo_dir, tmp / "ref.yaml", [f"output={ref}", *llm_keys(server)]))
         finish(driver(tmp / "ref.yaml", address, tmp / "ref.log"), tmp / "ref.log", 400 * load_factor)
@@ -168,7 +168,7 @@ def test_driver_killed_during_annotate_never_pays_twice(address, demo_dir, demo_
                                                         tmp_path, capsys):
     """... and its rerun takes over the dead driver's lease at once (same machine, its pid gone)."""
     clean, _ = demo_build
-    with FakeOpenAIServer(latency_s=0.3, capacity=4) as server:
+    with FakeOpenAIServer(latency_s=0.1, capacity=4) as server:
         out = tmp_path / "build"
         config = write_config(demo_dir, tmp_path / "build.yaml", [f"output={out}", *llm_keys(server)])
         from_finished_candidates(clean, out, config)

@@ -38,7 +38,8 @@ BASE = ["encoder.num_gpus=1", "encoder.num_cpus=0.25", "report=false"]
 # Image paths name the store they were read from: the one column a build on S3 differs in.
 ON_S3 = {"activations": ["path"], "candidates": ["path"], "traits": ["path"]}
 RETRY = "[sae-traits] retrying s3 "
-UNREACHABLE_S = 60  # the bound on the time from the store going away to the build's error
+UNREACHABLE_S = 40  # the bound on the time from the store going away to the build's error
+GIVE_UP_S = 10  # storage.give_up_after_s of the unreachable-store build (the default, 30 s, is only slower)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -121,7 +122,7 @@ def test_unreachable_store_ends_the_build_naming_the_path_and_a_rerun_resumes(ra
     with FaultProxy(s3_server) as proxy:
         # batch_size 8: 13 encoder batches (one activations/ file each), so that the store can go away mid-stage.
         cfg = demo_build_config(demo_dir, [*inputs, f"output=s3://{out}", *BASE, "encoder.batch_size=8",
-                                           *storage_keys(proxy.url)])
+                                           *storage_keys(proxy.url), f"storage.give_up_after_s={GIVE_UP_S}"])
         config = tmp_path / "build.yaml"
         config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         proxy.unreachable_after(rf"^PUT /{out}/activations/[^?]+\.parquet")
@@ -151,7 +152,7 @@ def test_unreachable_store_ends_the_build_naming_the_path_and_a_rerun_resumes(ra
             print(f"\n[s3 unreachable] exit {code} {took:.1f} s after the store went away ({proxy.counts()['refused']} "
                   f"connections refused); activations/ files kept: {len(kept)}; the error:\n{err.strip()[-1000:]}")
         assert code == 3, err[-3000:]
-        # storage.give_up_after_s (30 s) plus the backoff in progress and the driver's exit; on a loaded
+        # storage.give_up_after_s (GIVE_UP_S) plus the backoff in progress and the driver's exit; on a loaded
         # machine the processes themselves are slower by this run's load factor.
         assert took < UNREACHABLE_S * load_factor, (took, load_factor)
         # The last words: the path of the request that failed last (one of this run's), what it got, the way on.
