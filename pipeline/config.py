@@ -408,10 +408,11 @@ class RayConfig(Section):
 
 class BuildRayConfig(RayConfig):
     small_build_images: int = Field(default=5000, ge=0)
-    """A build of at most this many images runs count, select, candidates and a templated annotate
-    (llm.kind none) in its driver, on whole tables, instead of Ray Data tasks, shuffles and actor
-    pools, whose fixed costs (seconds a stage) would dominate; the same rows either way. 0: always
-    Ray. Encode (the GPU pool) and the LLM kinds always run on Ray."""
+    """A build of at most this many images runs count, select, candidates and its annotate stage
+    when templated (llm.kind none) or asking an OpenAI-compatible server (openai) in its driver, on
+    whole tables, instead of Ray Data tasks, shuffles and actor pools, whose fixed costs (seconds a
+    stage) would dominate; the same rows either way. 0: always Ray. Encode (the GPU pool) and the
+    transformers and serve kinds always run on Ray."""
 
 
 class LeasedOutput(Section):

@@ -8,8 +8,8 @@
     candidates/ → unit shards (driver) → annotate (actor pool) → traits/      [resumed by annotation_id]
     rejected rows anywhere → errors/ (de-duplicated at the end; present, maybe empty, in every build)
 
-A small build (at most ``ray.small_build_images`` images) runs count, select, candidates and a
-templated annotate in the driver on whole tables, with the same library functions: Ray's fixed
+A small build (at most ``ray.small_build_images`` images) runs count, select, candidates and an
+annotate that is templated or asks an OpenAI-compatible server in the driver on whole tables, with the same library functions: Ray's fixed
 costs (planning, shuffle actors, actor starts) would otherwise be most of its time.
 
 The stages, their folders, schemas and resume keys are declared once, in :mod:`pipeline.contract`.
@@ -355,11 +355,13 @@ class Build:
 
     def small(self) -> bool:
         """Whether this build is small enough to run its table stages in the driver (ray.small_build_images)."""
-        return self.index().num_rows <= self.cfg.ray.small_build_images
+        return self.cfg.ray.small_build_images > 0 and self.index().num_rows <= self.cfg.ray.small_build_images
 
     def in_driver(self, name: str) -> bool:
-        """Whether stage ``name`` runs in the driver rather than on Ray (see :meth:`small`)."""
-        if name == "annotate" and self.cfg.annotate.llm.kind != "none":
+        """Whether stage ``name`` runs in the driver rather than on Ray (see :meth:`small`): an
+        OpenAI-compatible server is asked from the driver too; a transformers model or the Serve app
+        runs in the annotate pool."""
+        if name == "annotate" and self.cfg.annotate.llm.kind not in ("none", "openai"):
             return False
         return name in ("count", "select", "candidates", "annotate") and self.small()
 
@@ -440,11 +442,20 @@ class Build:
         if (todo := self.pending("annotate", units.drop_columns(["request_key"]), "units")) is None:
             return
         batch = self.annotate_batch(ctx.n_cpus)
-        if self.in_driver("annotate"):  # the pool's own callable, one batch at a time, a file each
+        if self.in_driver("annotate"):  # the pool's own callable, a file per batch
             annotate = AnnotateActor(**self.annotate_kwargs(ann.max_in_flight))
-            for start in range(0, todo.num_rows, batch):
+
+            def annotate_batch(start: int) -> None:
                 write_shard(annotate(todo.slice(start, batch)), output=self.cfg.output, storage_section=self.cfg.storage,
                             folder="traits", key="annotation_id")
+            # An LLM kind waits on the server: its batches overlap as in the actor (max_concurrent_batches
+            # threads share its max_in_flight requests); templated descriptions are CPU work, one at a time.
+            pool = ThreadPoolExecutor(1 if ann.llm.kind == "none" else ann.max_concurrent_batches)
+            try:
+                for done in [pool.submit(annotate_batch, start) for start in range(0, todo.num_rows, batch)]:
+                    done.result()
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)  # a failed or interrupted build sends nothing more
             return
         traits = ctx.pools["annotate"].map_batches(in_shards(todo, batch), batch_size=batch, batch_format="pyarrow")
         self.write_named(traits, "annotate")

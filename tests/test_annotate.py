@@ -7,6 +7,7 @@ same rows as one batch at a time."""
 import asyncio
 import io
 import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -21,6 +22,7 @@ from pipeline.annotation.units import annotation_id, annotation_units, prompt_ve
 from pipeline.graph import Build, RunContext
 from pipeline.config import AnnotateConfig, validate
 from pipeline.demo.run import demo_build_config
+from pipeline.fingerprint import fingerprints
 from pipeline.storage import StorageUnavailable
 
 CONSENSUS_ANSWER = json.dumps({
@@ -184,10 +186,12 @@ def test_batches_called_at_once_overlap_and_share_the_request_slots(demo_dir, un
     assert comparable(overlapped) == comparable(one_at_a_time) and len(overlapped) == 8
 
 
-def test_annotate_pool_overlaps_batches_in_one_actor(demo_dir, demo_build, tmp_path):
+@pytest.mark.parametrize("runs_on", ["ray", "driver"])
+def test_annotate_pool_overlaps_batches_in_one_actor(demo_dir, demo_build, tmp_path, runs_on):
     """The build's annotate pool on Ray (one actor, max_concurrent_batches 2, batches of 8, 3 of
-    them): while the server holds the first request, a whole other batch is answered. traits/
-    holds the rows the stage gives for those units in one call."""
+    them), or a small build's driver (the same callable from max_concurrent_batches threads): while
+    the server holds the first request, a whole other batch is answered. traits/ holds the rows the
+    stage gives for those units in one call."""
     clean, _ = demo_build
     out = tmp_path / "build"
     candidates = pq.read_table(clean / "candidates")
@@ -196,13 +200,17 @@ def test_annotate_pool_overlaps_batches_in_one_actor(demo_dir, demo_build, tmp_p
     pq.write_table(pa.Table.from_pylist([r for r in candidates.to_pylist() if (r["image_id"], r["latent"]) in some],
                                         candidates.schema), out / "candidates" / "part.parquet")
     units = annotation_units(pq.read_table(out / "candidates").to_pylist(), images_per_prompt=3)
-    overrides = [f"output={out}", "annotate.batch_size=8", "annotate.max_concurrent_batches=2"]
+    overrides = [f"output={out}", "annotate.batch_size=8", "annotate.max_concurrent_batches=2",
+                 f"ray.small_build_images={0 if runs_on == 'ray' else 5000}"]
     with FakeOpenAIServer(answer=fake_answer) as server:
         cfg = openai_build(demo_dir, server.base_url, overrides)
         expected, _ = AnnotateUnits(cfg.annotate, cfg.source, cfg.preprocess)(pa.Table.from_pylist(units))
     assert expected.num_rows == 24
+    shutil.copytree(clean / "_build" / "index", out / "_build" / "index")
     with HoldingServer(others=8) as server:
         build = Build(openai_build(demo_dir, server.base_url, overrides))
+        build.keys = fingerprints(build.cfg, build.index())  # what the build computes before its stages
+        assert build.in_driver("annotate") == (runs_on == "driver")
         build.stage_annotate(RunContext(n_cpus=2, patch_px=None, pools=build.pools(n_cpus=2)))
         answered_while_held, max_open = server.answered_while_held, server.max_open
     assert answered_while_held >= 8, "the actor waited for the held request's batch: batches are barriers again"
