@@ -520,11 +520,11 @@ class Build:
         self.open_output(overwrite)
         if update:
             self.start_update()
-        self.earlier = self.open_earlier()
         if self.fs.exists(self.path("manifest.json")):  # finished earlier: nothing to redo
             manifest = storage.read_json(self.fs, self.path("manifest.json"))
             say(format_summary(manifest["summary"], resumed=True))
             return manifest
+        self.earlier = self.open_earlier()
         if not quiet_log:
             return self.run_stages(started, t0, patch_px)
         local_log, kept = self.log_file(started)
@@ -551,6 +551,11 @@ class Build:
                 return
             raise ConfigError(f"--update: {self.cfg.output} holds no finished build to update; rerun the command "
                               "without --update to finish it first")
+        try:  # refused before anything moves
+            EarlierBuild(self.cfg.output, self.cfg.storage_options)
+        except ConfigError as exc:
+            raise ConfigError(f"--update: the build in {self.cfg.output} cannot be updated ({exc}); "
+                              "rebuild it with --overwrite") from None
         say(f"{PREFIX} update: the build in {self.cfg.output} is reused for what has not changed")
         for name in (*TABLES, "renderings", "report", STAGE["index"].output, f"{STATE}/stages", ITEMS, "manifest.json"):
             if self.fs.exists(self.path(name)):  # the manifest last: until it moves, a rerun finishes the move
@@ -657,6 +662,7 @@ class Build:
             "errors": errors.num_rows,
             "stages": {name: {"rows": s.get("rows"), "wall_s": s.get("wall_s"), "resumed": bool(s.get("resumed")),
                               "reused": s.get("reused", {}).get("rows", 0), "whole": s.get("reused", {}).get("whole", False),
+                              "computed": (s.get("rows") or 0) - s.get("reused", {}).get("rows", 0),
                               "reused_from": [b["path"] for b in s.get("reused", {}).get("from", [])]}
                        for name, s in self.stages.items() if name in STAGE_NAMES},
         }

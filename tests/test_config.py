@@ -69,7 +69,7 @@ def test_resume_may_change_only_the_keys_marked_runtime():
     from pipeline.config import TrainSAEConfig, runtime_keys
 
     assert set(runtime_keys(BuildConfig)) == {
-        "output", "output_lease_s", "ray.", "storage.", "report", "source.storage_options", "preprocess.batch_size",
+        "output", "output_lease_s", "reuse", "ray.", "storage.", "report", "source.storage_options", "preprocess.batch_size",
         "encoder.batch_size", "encoder.num_gpus", "encoder.num_cpus", "encoder.min_actors", "encoder.max_actors",
         "encoder.fail_once_after_batches", "annotate.max_in_flight", "annotate.max_concurrent_batches",
         "annotate.num_actors", "annotate.num_gpus",

@@ -117,6 +117,12 @@ def test_an_images_per_prompt_sweep_reuses_encode_and_candidates_and_only_the_pr
     assert 0 < one["answers_reused"] and one["llm_requests"] == len(new) == len(server.received)
     twin(config, tmp_path / "twin", ["annotate.images_per_prompt=1"])
     assert_same_build(tmp_path / "twin", tmp_path / "ipp" / one["build"])
+    # The paper's human comparison from the sweep's folder: a blinded review set over its builds.
+    from pipeline.review.__main__ import main as review_main
+    assert review_main(["sample", "--sweep", str(tmp_path / "ipp"), "--per-build", "4", "--out", str(tmp_path / "review")]) == 0
+    key = json.loads((tmp_path / "review" / "key.json").read_text())
+    assert [(b["label"], b["build"]) for b in key["builds"]] == [(b["build"], str(tmp_path / "ipp" / b["build"]))
+                                                                 for b in (three, one)]
 
 
 def source_copy(demo_dir: Path, dest: Path, keep) -> list[dict]:
@@ -166,20 +172,22 @@ def test_an_update_encodes_only_added_and_replaced_images_and_equals_a_build_fro
     assert main(["--config", str(config), "--update", "--set", "contrast.t_freq=0.01"]) == 2
     assert f"--reuse {out}" in capsys.readouterr().err
 
-    # The SAE's file changed in place (same path, new bytes): no image's encode key matches any more.
+    # The SAE's, then the backbone's weights changed in place (same path and size, new bytes): no
+    # image's encode key matches the build's any more, nor its encode stage's fingerprint.
     cfg = load_config(BuildConfig, config)
     index = pq.read_table(out / STATE / "index")
-    before = fingerprints(cfg, index)
-    weights = models / "sae" / "model.safetensors"
-    data = bytearray(weights.read_bytes())
-    data[-8:] = bytes(8)  # same size, different content
-    weights.write_bytes(bytes(data))
-    after = fingerprints(cfg, index)
-    assert after.stages["encode"] != before.stages["encode"] and after.stages["index"] == before.stages["index"]
     earlier = EarlierBuild(str(out), None)
+    before = fingerprints(cfg, index)
     assert earlier.fingerprint("encode") == before.stages["encode"]
-    assert not pa.compute.any(matching(after.images, "encode_key", earlier.keys("images"))).as_py()
     assert pa.compute.all(matching(before.images, "encode_key", earlier.keys("images"))).as_py()
+    for weights in (models / "sae" / "model.safetensors", models / "dinov2-tiny" / "model.safetensors"):
+        original = weights.read_bytes()
+        weights.write_bytes(original[:-8] + bytes(b ^ 0xFF for b in original[-8:]))
+        after = fingerprints(cfg, index)
+        assert after.stages["encode"] != before.stages["encode"] and after.stages["index"] == before.stages["index"]
+        assert not pa.compute.any(matching(after.images, "encode_key", earlier.keys("images"))).as_py(), weights
+        weights.write_bytes(original)  # the same bytes again (a new mtime): a content digest, so reusable again
+        assert fingerprints(cfg, index) == before
 
 
 def test_a_sweep_orders_its_builds_for_reuse_and_refuses_a_bad_vary_naming_the_key(demo_dir, tmp_path, capsys):
@@ -196,7 +204,7 @@ def test_a_sweep_orders_its_builds_for_reuse_and_refuses_a_bad_vary_naming_the_k
     assert not (tmp_path / "sweep").exists()
 
 
-def test_reuse_is_refused_naming_the_path_when_it_cannot_be_trusted(demo_build, tmp_path):
+def test_reuse_is_refused_naming_the_path_when_it_cannot_be_trusted(demo_dir, demo_build, tmp_path):
     clean, _ = demo_build
     with pytest.raises(ConfigError, match=f"reuse: {tmp_path / 'none'} cannot be reused: .*no manifest.json"):
         EarlierBuild(str(tmp_path / "none"), None)
@@ -209,6 +217,9 @@ def test_reuse_is_refused_naming_the_path_when_it_cannot_be_trusted(demo_build, 
     (older / "manifest.json").write_text(json.dumps({**manifest, "contract": "0"}))
     with pytest.raises(ConfigError, match=f"reuse: {older} was written under data-contract version 0"):
         EarlierBuild(str(older), None)
+    with pytest.raises(ConfigError, match=f"--update: the build in {older} cannot be updated .*--overwrite"):
+        Build(demo_build_config(demo_dir, [f"output={older}", "encoder.num_gpus=1", "encoder.num_cpus=0.25"])).run(update=True)
+    assert (older / "manifest.json").exists() and not (older / PREVIOUS).exists()  # nothing moved
     (older / "manifest.json").write_text(json.dumps(manifest))
     file = sorted((older / "activations").glob("*.parquet"))[0]
     table = pq.read_table(file)
