@@ -30,6 +30,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw a blinded review set from finished builds")
     s.add_argument("--build", dest="builds", action="append", help="a finished build's output folder (repeatable; key builds)")
     s.add_argument("--label", dest="labels", action="append", help="what the scores call that build (repeatable; key labels)")
+    s.add_argument("--sweep", help="a sweep's folder: each of its builds, labelled by its varied values (key sweep)")
     s.add_argument("--per-build", dest="per_build", type=int, help="annotations drawn from each build (key per_build)")
     s.add_argument("--seed", type=int, help="seed of the draw and the shuffle (key seed)")
     s.add_argument("--out", help="the review folder to write (key out)")
@@ -45,7 +46,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"sample": (ReviewSampleConfig, ("builds", "labels", "per_build", "seed", "out")),
+COMMANDS = {"sample": (ReviewSampleConfig, ("builds", "labels", "sweep", "per_build", "seed", "out")),
             "serve": (ReviewServeConfig, ("review", "host", "port")),
             "score": (ReviewScoreConfig, ("review",))}
 

@@ -32,8 +32,11 @@ def local_review_folder(path: str) -> str:
 
 class ReviewSampleConfig(Section):
     """``python -m pipeline.review sample``: a blinded, seeded review set drawn from finished builds."""
-    builds: list[str] = Field(min_length=1)
+    builds: list[str] = Field(default_factory=list)
     """The finished builds' output folders (local paths or fsspec URLs), one per configuration compared."""
+    sweep: str | None = None
+    """A sweep's folder (``sae-traits sweep --out``): each of its builds (from sweep.json), after
+    ``builds``, labelled by its folder name (its varied values)."""
     labels: list[str] | None = None
     """What the scores call each build, in the order of builds (null: each folder's name). Kept in the
     key only, never shown to reviewers."""
@@ -61,6 +64,10 @@ class ReviewSampleConfig(Section):
 
     @model_validator(mode="after")
     def _labels_match_builds(self) -> ReviewSampleConfig:
+        if not self.builds and self.sweep is None:
+            raise ValueError("builds: give at least one build (--build), or a sweep (--sweep)")
+        if self.labels is not None and self.sweep is not None:
+            raise ValueError("labels: a sweep's builds are labelled by their folder names; leave labels out")
         if self.labels is not None and len(self.labels) != len(self.builds):
             raise ValueError(f"labels: {len(self.labels)} given for {len(self.builds)} builds")
         if len(set(self.builds)) != len(self.builds):

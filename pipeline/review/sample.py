@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import storage
 from pipeline.config import ConfigError, fsspec_options
 from pipeline.contract import RENDERINGS_FIELD
 from pipeline.export import ExportedBuild, Pictures, image_suffix
@@ -119,8 +120,20 @@ def prepare_folder(cfg: ReviewSampleConfig) -> tuple[Path, Path]:
     return partial, out
 
 
+def sweep_builds(sweep: str, storage_section) -> list[str]:
+    """The output folders of a sweep's builds, in the order it built them (its sweep.json)."""
+    fs, root = storage.filesystem(sweep, fsspec_options(storage_section, sweep))
+    path = storage.join(root, "sweep.json")
+    if not fs.exists(path):
+        raise ConfigError(f"sweep: {sweep} holds no sweep.json (sae-traits sweep writes it when its builds have finished)")
+    return [b["output"] for b in storage.read_json(fs, path)["builds"]]
+
+
 def sample(cfg: ReviewSampleConfig, log=print) -> dict:
     """Write the review set ``cfg`` asks for; returns its figures."""
+    if cfg.sweep is not None:
+        cfg = cfg.model_copy(update={"builds": [*cfg.builds, *(b for b in sweep_builds(cfg.sweep, cfg.storage)
+                                                                 if b not in cfg.builds)]})
     labels = cfg.labels or [label_of(b) for b in cfg.builds]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"labels: the builds' names repeat ({labels}); give each a label (--label)")
