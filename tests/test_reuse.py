@@ -246,3 +246,10 @@ def test_a_build_on_s3_reuses_local_and_s3_builds(ray_local, demo_dir, demo_buil
         assert manifest["summary"]["images_encoded"] == 0 and manifest["summary"]["images_reused"] == 104
         assert manifest["summary"]["annotations_reused"] == manifest["stages"]["annotate"]["rows"] > 0
         assert_same_build(clean, download(fs, f"reuse-{run}/{name}", tmp_path / name))
+    # An update's snapshot on s3: each object copied, then deleted; a move cut short is finished by running it again.
+    from pipeline import storage
+    objects = sorted(p.removeprefix(f"reuse-{run}/b/") for p in fs.find(f"reuse-{run}/b"))
+    storage.move(fs, f"reuse-{run}/b/activations", f"reuse-{run}/moved/activations")  # as if killed after one folder
+    storage.move(fs, f"reuse-{run}/b", f"reuse-{run}/moved")
+    assert sorted(p.removeprefix(f"reuse-{run}/moved/") for p in fs.find(f"reuse-{run}/moved")) == objects
+    assert not fs.find(f"reuse-{run}/b")
