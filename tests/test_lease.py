@@ -174,11 +174,14 @@ def test_on_a_store_that_loses_answers_a_retried_conditional_write_keeps_the_lea
     from benchmarks.fault_proxy import FaultProxy
 
     url, options, _ = s3
-    with FaultProxy(s3_server, share=0.4, seed=3, kinds=("cut",)) as proxy:
-        lease = OutputLease(url, {**options, "endpoint_url": proxy.url}, 60)
+    # 30 % of requests cut, 10 attempts each: a request fails outright with p = 0.3^10; 30 refreshes
+    # put a cut on fewer than two PUTs with p < 0.001.
+    retries = {"config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
+    with FaultProxy(s3_server, share=0.3, seed=3, kinds=("cut",)) as proxy:
+        lease = OutputLease(url, {**options, **retries, "endpoint_url": proxy.url}, 60)
         lease.acquire()
         try:
-            for _ in range(12):
+            for _ in range(30):
                 lease.refresh()
             assert lease.lost is None, lease.lost
             lease.check()
