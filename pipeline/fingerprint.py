@@ -162,11 +162,6 @@ def fingerprints(cfg: BuildConfig, index: pa.Table) -> Fingerprints:
     return Fingerprints(prints, images, request)
 
 
-def stage_fingerprints(cfg: BuildConfig, index: pa.Table) -> dict[str, str]:
-    """Every stage's fingerprint, in stage order (each includes those of the stages it reads)."""
-    return fingerprints(cfg, index).stages
-
-
 def request_keys(units: pa.Table, images: pa.Table, request: str) -> pa.Array:
     """Per unit (:func:`pipeline.annotation.units.with_annotation_ids` rows), its request key: a
     digest of its annotation_id, the config part ``request`` (:attr:`Fingerprints.request`), and

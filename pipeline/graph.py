@@ -9,8 +9,9 @@
     rejected rows anywhere → errors/ (de-duplicated at the end; present, maybe empty, in every build)
 
 A small build (at most ``ray.small_build_images`` images) runs count, select, candidates and an
-annotate that is templated or asks an OpenAI-compatible server in the driver on whole tables, with the same library functions: Ray's fixed
-costs (planning, shuffle actors, actor starts) would otherwise be most of its time.
+annotate that is templated or asks an OpenAI-compatible server in the driver on whole tables, with
+the same library functions: Ray's fixed costs (planning, shuffle actors, actor starts) would
+otherwise be most of its time.
 
 The stages, their folders, schemas and resume keys are declared once, in :mod:`pipeline.contract`.
 Resume: the same command over the same output picks up where a killed run stopped. A finished
@@ -255,15 +256,16 @@ class Build:
             ids = wanted["annotation_id"].filter(matching(wanted, "request_key", earlier.keys("requests"))).combine_chunks()
             if not len(ids):
                 continue
-            n = 0
+            taken = []  # a failed answer is not taken: a later build may hold one for the same request
             for rows in reused_rows(earlier, "traits", "annotation_id", ids, keep=answered):
                 write_shard(rows, output=self.cfg.output, storage_section=self.cfg.storage, folder="traits",
                             key="annotation_id")
-                n += rows.num_rows
-            if n:
-                self.reused_now["annotate"] += n
-                say(f"{PREFIX} stage annotate: {n} answers reused from {earlier.label}")
-            wanted = wanted.filter(pc.invert(pc.is_in(wanted["annotation_id"], value_set=self.written_ids("annotate"))))
+                taken += rows.column("annotation_id").chunks
+            if taken:
+                taken = pa.chunked_array(taken, pa.string()).combine_chunks()
+                self.reused_now["annotate"] += len(taken)
+                say(f"{PREFIX} stage annotate: {len(taken)} answers reused from {earlier.label}")
+                wanted = wanted.filter(pc.invert(pc.is_in(wanted["annotation_id"], value_set=taken)))
 
     def reused_items(self, name: str) -> dict:
         """For a per-item stage's marker: the rows now in its output that earlier builds gave, by

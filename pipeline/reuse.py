@@ -77,23 +77,18 @@ class EarlierBuild:
         return self._keys[name]
 
     def tables(self, folder: str):
-        """Its table ``folder`` file by file, each checked against the contract's schema."""
-        for path in self.build.files(folder):
-            with self.fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                self.check_schema(folder, path, pf.schema_arrow)
-                yield pf.read()
+        """Its table ``folder`` file by file, once its schema is checked against the contract's."""
+        self.check_folder(folder)
+        yield from self.build.tables(folder)
 
     def check_folder(self, folder: str) -> None:
         """The contract's schema in its table ``folder`` (the first file's footer: a build writes one schema)."""
-        if folder in TABLES and (files := self.build.files(folder)):
+        if folder in TABLES and folder not in self._checked and (files := self.build.files(folder)):
             with self.fs.open(files[0], "rb") as f:
                 self.check_schema(folder, files[0], pq.ParquetFile(f).schema_arrow)
 
     def check_schema(self, folder: str, path: str, schema: pa.Schema) -> None:
         """Every column the contract names, of the contract's type (extra columns are allowed)."""
-        if folder in self._checked:
-            return
         wrong = [f"{field.name} ({'missing' if field.name not in schema.names else schema.field(field.name).type})"
                  for field in TABLES[folder] if field.name not in schema.names
                  or schema.field(field.name).type != field.type]

@@ -13,9 +13,13 @@ import pytest
 from pipeline import fingerprint, storage
 from pipeline.contract import STAGES, STATE
 from pipeline.demo.run import demo_build_config
-from pipeline.fingerprint import key_values, stage_fingerprints
+from pipeline.fingerprint import fingerprints, key_values
 
 NAMES = [stage.name for stage in STAGES]
+
+
+def stage_fingerprints(cfg, index) -> dict[str, str]:
+    return fingerprints(cfg, index).stages
 
 
 @pytest.fixture
