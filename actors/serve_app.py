@@ -39,7 +39,7 @@ from pipeline.encoding import FiringEncoder, backbone_patch_px
 from pipeline.endpoint import (ANSWER_FIELDS, REJECT_STATUS, BuildCatalog, RequestLimits, check_bearer, check_open_access,
                                choose_latents, openapi_document, read_request, sae_fingerprint)
 from pipeline.errors import ImageRejected
-from pipeline.preprocessing import Geometry, decode_image, prepare_pixels
+from pipeline.preprocessing import Geometry, decode_image, prepare_bytes
 
 
 @serve.deployment(name=DEPLOYMENT)
@@ -130,10 +130,10 @@ class AnnotateEndpoint:
                 "annotations": [a for a in annotations if a is not None]}
 
     def prepare(self, data: bytes) -> tuple[np.ndarray, np.ndarray, Geometry]:
-        """Bytes → original RGB [H, W, 3], model input [S, S, 3] and their geometry."""
-        img = decode_image(data, self.decode)
-        pixels, geom = prepare_pixels(img, self.decode, self.patch_px)
-        return np.asarray(img), pixels, geom
+        """Bytes → original RGB [H, W, 3], model input [S, S, 3] and their geometry: the input as a
+        build makes it (a reduced decode), the original whole for the renderings."""
+        pixels, geom = prepare_bytes(data, self.decode, self.patch_px)
+        return np.asarray(decode_image(data, self.decode)), pixels, geom
 
     async def annotate_latent(self, rgb: np.ndarray, geom: Geometry, firing: dict, latent: int, **kw) -> dict | None:
         on = firing["latent"] == latent
