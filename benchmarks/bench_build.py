@@ -698,20 +698,17 @@ def bench_counting(args, scratch: Path) -> None:
 
 # --------------------------------------------------------------------------- 4. gpu_encoder
 
-def bench_gpu_encoder(args, scratch: Path, smoke_cpu: bool = False) -> None:
-    """FiringEncoder alone at full size. ``smoke_cpu`` (hidden --gpu-smoke-cpu) runs the same code
-    with a tiny config on the CPU, only to check the code path."""
+def full_size_encoder(folder: Path, smoke_cpu: bool = False):
+    """The build's FiringEncoder at full size — DINOv2-base's config with random weights, block 10,
+    an SAE 768 → 24,576 whose shared b_enc gives ~3,000 firings per image at τ = 0.9 — in bf16;
+    ``smoke_cpu``: a tiny config in fp32, only to check a code path on a CPU. Returns (encoder,
+    a line describing it, batch sizes, warm-up and timed batches)."""
     import torch
     from transformers import Dinov2Config, Dinov2Model
 
     from pipeline.encoding import FiringEncoder, PatchFeatures
     from pipeline.sae import SAESpec, SparseAutoencoder, save_sae
 
-    header("gpu_encoder: the encoder actor alone at full size (bf16)")
-    if not torch.cuda.is_available() and not smoke_cpu:
-        print(f"  skipped: no GPU (torch {torch.__version__}, cuda build: {torch.version.cuda})")
-        result("gpu_encoder", None, "", None, note="skipped: no GPU")
-        return
     if smoke_cpu:
         config = Dinov2Config(hidden_size=64, num_hidden_layers=12, num_attention_heads=4, intermediate_size=256)
         batches, warmup, timed, dtype = (8,), 1, 2, "float32"
@@ -720,7 +717,6 @@ def bench_gpu_encoder(args, scratch: Path, smoke_cpu: bool = False) -> None:
         batches, warmup, timed, dtype = (256, 512), 3, 20, "bfloat16"
     layer, tau, target_per_image = 10, 0.9, 3000
     d, m = config.hidden_size, 32 * config.hidden_size
-    folder = scratch / "gpu_encoder"
     torch.manual_seed(0)
     model_dir = folder / "dinov2-base-random"
     Dinov2Model(config).eval().save_pretrained(model_dir)
@@ -743,12 +739,26 @@ def bench_gpu_encoder(args, scratch: Path, smoke_cpu: bool = False) -> None:
         sae.b_enc.fill_(tau - cut)
     del features, feats, pre, w
     sae_dir = save_sae(sae, folder / "sae")
-    print(f"  {device_name}; DINOv2 config hidden {d}, {config.num_hidden_layers} blocks, patch "
-          f"{config.patch_size}, image {config.image_size}, random weights; layer {layer}; SAE {d}->{m:,} random, "
-          f"b_enc={tau - cut:+.4f} (calibrated for ~{target_per_image} firings/image at tau={tau}); {dtype}",
-          flush=True)
-
+    line = (f"{device_name}; DINOv2 config hidden {d}, {config.num_hidden_layers} blocks, patch "
+            f"{config.patch_size}, image {config.image_size}, random weights; layer {layer}; SAE {d}->{m:,} random, "
+            f"b_enc={tau - cut:+.4f} (calibrated for ~{target_per_image} firings/image at tau={tau}); {dtype}")
     encoder = FiringEncoder(str(model_dir), layer, str(sae_dir), tau, dtype=dtype)
+    return encoder, line, batches, warmup, timed
+
+
+def bench_gpu_encoder(args, scratch: Path, smoke_cpu: bool = False) -> None:
+    """FiringEncoder alone at full size. ``smoke_cpu`` (hidden --gpu-smoke-cpu) runs the same code
+    with a tiny config on the CPU, only to check the code path."""
+    import torch
+
+    header("gpu_encoder: the encoder actor alone at full size (bf16)")
+    if not torch.cuda.is_available() and not smoke_cpu:
+        print(f"  skipped: no GPU (torch {torch.__version__}, cuda build: {torch.version.cuda})")
+        result("gpu_encoder", None, "", None, note="skipped: no GPU")
+        return
+    encoder, line, batches, warmup, timed = full_size_encoder(scratch / "gpu_encoder", smoke_cpu)
+    print(f"  {line}", flush=True)
+    device_name = line.split(";")[0]
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     rows, best_ms = [], None
     for bs in batches:

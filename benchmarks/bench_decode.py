@@ -6,6 +6,7 @@ bicubic resample), one process, one thread; and what it means for a GPU that enc
 cores it needs to stay busy.
 
     python benchmarks/bench_decode.py [--seconds 3] [--demo DIR]
+    python benchmarks/bench_decode.py --gpu          # on a GPU: preprocess.decode=gpu end to end
 
 Images: the demo's synthetic specimens resized to each size with mild sensor noise (sigma 2),
 JPEG quality 90 (and one PNG). Each size is timed in two rounds (today, new, today, new), and the
@@ -17,6 +18,10 @@ the firing Jaccard (the draft decode is not bit-identical), and checks that at t
 (no draft scale applies) the model input is identical byte for byte.
 
 Prints ``RESULT decode_<size>: ratio=X (target >= T) PASS|MISS`` per size and a table.
+
+``--gpu`` (CUDA; needs neither Ray nor the demo): 1024x768 JPEG bytes through the encode actor's
+DeviceDecoder (nvJPEG, batched, and the resample on the GPU) and the full-size encoder (DINOv2-B
+config with random weights + SAE 768 -> 24,576), against the encoder alone on decoded pixels.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import header, machine_info, print_summary, print_table, result  # noqa: E402
+from benchmarks.common import header, machine_info, offline_env, print_summary, print_table, record, result  # noqa: E402
 from pipeline.config import PreprocessConfig  # noqa: E402
 from pipeline.preprocessing import decode_image, plan_geometry, prepare_bytes  # noqa: E402
 
@@ -126,6 +132,56 @@ def demo_checks(demo: Path, cfg: PreprocessConfig) -> None:
     result("decode_firing_jaccard_1024x768", jaccard, ">= 0.95", jaccard >= 0.95, "Jaccard, not a speed ratio")
 
 
+def bench_gpu_decode(demo_images: list[str], seconds: float, smoke_cpu: bool) -> None:
+    """preprocess.decode: gpu on one GPU: 1024x768 JPEG bytes in → firings out (the DeviceDecoder,
+    nvJPEG batched, then the full-size encoder), against the encoder alone on decoded pixels."""
+    import tempfile
+
+    from benchmarks.bench_build import full_size_encoder, make_pixels, passthrough_columns
+    from pipeline.preprocessing import GEOMETRY_COLUMNS, IMAGE_BYTES, DeviceDecoder, check_bytes
+
+    header("gpu_decode: 1024x768 JPEG bytes in -> firings out on one GPU, vs the encoder alone")
+    if not torch.cuda.is_available() and not smoke_cpu:
+        result("gpu_decode", None, "", None, note=f"skipped: no GPU (torch {torch.__version__})")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        encoder, line, batches, _, _ = full_size_encoder(Path(tmp), smoke_cpu)
+    print(f"  {line}", flush=True)
+    cfg, bs = PreprocessConfig(decode="gpu"), batches[0]
+    photos = specimen_photos(demo_images, 1024, 768, "JPEG", 16)
+    photos = [photos[i % len(photos)] for i in range(bs)]
+    as_bytes = passthrough_columns(bs)
+    geoms = [check_bytes(d, cfg) for d in photos]
+    for k in GEOMETRY_COLUMNS:
+        as_bytes[k] = np.array([getattr(g, k) for g in geoms], dtype=as_bytes[k].dtype if k in as_bytes else None)
+    as_bytes[IMAGE_BYTES] = np.array(photos, dtype=object)
+    as_pixels = {"pixels": make_pixels(bs, seed=2), **passthrough_columns(bs)}
+    decoder = DeviceDecoder(cfg, encoder.features.patch_px, encoder.device)
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+
+    def rate(step) -> float:
+        step()
+        sync()
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            step()
+            n += bs
+        sync()
+        return n / (time.perf_counter() - start)
+
+    alone = rate(lambda: encoder(as_pixels))
+    decode_only = rate(lambda: decoder(as_bytes))
+    end_to_end = rate(lambda: encoder(decoder(as_bytes)[0]))
+    print_table(["what", "images/s"], [["encoder alone (pixels decoded up front)", alone],
+                                       ["DeviceDecoder alone (nvJPEG + resample)", decode_only],
+                                       ["bytes in -> firings out", end_to_end]])
+    print(f"  batch {bs}, {seconds:g} s each after one warm-up batch; 1024x768 JPEGs of "
+          f"{np.mean([len(d) for d in photos]) / 1024:.0f} KB")
+    record(f"RESULT gpu_decode: bytes in -> firings out {end_to_end:,.0f} images/s = {end_to_end / alone:.2f} of "
+           f"the encoder alone ({alone:,.0f} images/s); a measurement, no target"
+           + ("  [CPU smoke run, not a measurement]" if smoke_cpu else f"  [{line.split(';')[0]}]"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="timed seconds per measurement")
@@ -135,7 +191,12 @@ def main() -> int:
     parser.add_argument("--demo", type=Path, default=None,
                         help="a prepared demo folder: adds the firing Jaccard and the identity check")
     parser.add_argument("--geometry", default="squash", choices=["squash", "pad", "center_crop"])
+    parser.add_argument("--gpu", action="store_true",
+                        help="only the GPU check: preprocess.decode=gpu end to end vs the encoder alone")
+    parser.add_argument("--gpu-smoke-cpu", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    offline_env(ROOT)
+    torch.set_num_threads(1)  # per core, as in a decode task (Ray runs a 1-CPU task with one thread)
     machine_info()
     header(f'decode, one process, geometry {args.geometry}')
     cfg = PreprocessConfig(geometry=args.geometry)
@@ -147,6 +208,10 @@ def main() -> int:
         tmp = Path(tempfile.mkdtemp(prefix="bench_decode_"))
         generate_demo_dataset(tmp, images_per_species=1, seed=0)
         demo_images = sorted(glob.glob(str(tmp / "**" / "*.jpg"), recursive=True))
+    if args.gpu or args.gpu_smoke_cpu:
+        bench_gpu_decode(demo_images, args.seconds, args.gpu_smoke_cpu)
+        print_summary()
+        return 0
     rows = []
     for label, w, h, fmt, target in CASES:
         images = specimen_photos(demo_images, w, h, fmt, max(2, args.images if w * h < 4e6 else 3))

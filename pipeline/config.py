@@ -225,6 +225,12 @@ class PreprocessConfig(Section):
     formats: list[Literal["JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "JPEG2000"]] | None = None
     """Image formats accepted, told apart by their bytes (Pillow's format names); null: every format
     Pillow reads. Others are refused as not_an_image before any decoder runs."""
+    decode: Literal["cpu", "gpu"] = "cpu"
+    """cpu: decode tasks decode and resize every image (a JPEG at 1/2, 1/4 or 1/8 scale where the
+    input allows). gpu: they only read the bytes and check the headers; the encode actors decode
+    JPEGs with nvJPEG on their GPU and resize there (other formats on the actor's CPU), so a GPU
+    needs far fewer CPU cores. Both give the same geometry; the pixels differ by a grey level or
+    two, so the choice is part of what encode's output depends on."""
     batch_size: int = runtime(default=64, ge=1)
     """Rows per decode task batch."""
 

@@ -152,11 +152,14 @@ class PatchFeatures:
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
 
     @torch.inference_mode()
-    def __call__(self, pixels: np.ndarray) -> torch.Tensor:
+    def __call__(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``pixels``: numpy from a decode task, or a tensor already on the device (decode: gpu)."""
         if pixels.shape[1] % self.patch_px or pixels.shape[2] % self.patch_px:
             raise ValueError(f"preprocess.image_size: pixels of {pixels.shape[2]}x{pixels.shape[1]} do not tile "
                              f"into the backbone's {self.patch_px}-px patches")
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device, non_blocking=True)
+        if isinstance(pixels, np.ndarray):
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+        x = pixels.to(self.device, non_blocking=True)
         x = (x.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
         out = self.backbone(pixel_values=x.to(self.dtype), output_hidden_states=True)
         return out.hidden_states[-1][:, self.n_prefix:, :]
@@ -188,7 +191,7 @@ class FiringEncoder:
                    subtract_b_dec=sae.subtract_b_dec, revision=backbone.revision, sae_revision=sae.revision)
 
     @torch.inference_mode()
-    def firings(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def firings(self, pixels: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """→ (offsets [B+1], latent [F] int32, patch [F] int16, value [F] float32), sorted by
         image, then patch, then latent."""
         feats = self.features(pixels)

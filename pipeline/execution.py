@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import ray
@@ -196,7 +196,12 @@ def decode_task(batch, *, source: SourceConfig, preprocess: PreprocessConfig, pa
 def encode_images(index: ray.data.Dataset, pool: ActorPool, *, source: SourceConfig, preprocess: PreprocessConfig,
                   encoder: EncoderConfig, patch_px: int,
                   errors_to: tuple[str, StorageConfig] | None = None) -> ray.data.Dataset:
-    """index rows → decode tasks → the encoder ``pool`` (:func:`encoder_pool`)."""
+    """index rows → decode tasks → the encoder ``pool`` (:func:`encoder_pool`). With
+    ``preprocess.decode: gpu`` the tasks pass checked bytes and the pool's actors decode them
+    (their ``device_decode`` argument, :mod:`actors.encoder`)."""
+    if preprocess.decode == "gpu":
+        pool = replace(pool, constructor_kwargs={**pool.constructor_kwargs,
+                                                 "device_decode": (preprocess, patch_px, errors_to)})
     pixels = index.map_batches(decode_task, batch_size=preprocess.batch_size, batch_format="numpy",
                                fn_kwargs={"source": source, "preprocess": preprocess, "patch_px": patch_px,
                                           "errors_to": errors_to})

@@ -33,6 +33,9 @@ DIGESTS = "digests.json"  # the content-digest cache, under storage.cache_dir()
 IMAGE_KEYS = pa.schema([("image_id", pa.string()), ("image_key", pa.string()), ("encode_key", pa.string())])
 REQUEST_KEYS = pa.schema([("annotation_id", pa.string()), ("request_key", pa.string())])
 UNIT_GROUPING = ("annotate.images_per_prompt",)  # annotate keys that decide which units exist, not what one asks
+# Keys annotate reads that reach a request only through its boxes (in the request key already):
+# how the model input is decoded changes the firings, not the question asked about a box.
+ONLY_THROUGH_BOXES = ("preprocess.decode",)
 
 
 def digest(value: Any, n: int = 32) -> str:
@@ -157,7 +160,8 @@ def fingerprints(cfg: BuildConfig, index: pa.Table) -> Fingerprints:
     images = pa.table([index.column("image_id"), pa.array(image_keys), pa.array(encode_keys)], schema=IMAGE_KEYS)
     # A request does not depend on how units are grouped (a single of a 3-image build is the same
     # request as in a 1-image build: the member count is in the annotation_id's prompt version).
-    request_config = {k: v for k, v in key_values(config, STAGE["annotate"].reads).items() if k not in UNIT_GROUPING}
+    request_config = {k: v for k, v in key_values(config, STAGE["annotate"].reads).items()
+                      if k not in UNIT_GROUPING + ONLY_THROUGH_BOXES}
     request = digest({"contract": CONTRACT_VERSION, "keys": request_config, "outside": outside["annotate"]})
     return Fingerprints(prints, images, request)
 

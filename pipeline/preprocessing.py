@@ -1,11 +1,15 @@
-"""Decode, convert to RGB and resize specimen photos for the backbone (Ray Data tasks, CPU).
+"""Decode, convert to RGB and resize specimen photos for the backbone (Ray Data tasks, CPU; or,
+with ``preprocess.decode: gpu``, in the encode actors on their GPU).
 
 Every image keeps its :class:`Geometry` — the affine map between original pixels and the model
 input — so any patch maps back to exact original pixels whatever the geometry:
 
     input = original · scale + offset          (per axis, in pixel-edge coordinates)
 
-PIL's resize uses the same pixel-centre convention, so the map is exact, not approximate."""
+PIL's resize and torch's antialiased interpolation use the same pixel-centre convention, so the
+map is exact, not approximate — also for a JPEG decoded at 1/2, 1/4 or 1/8 scale, whose
+resample covers the original's extent in the decoded pixels (x / scale), partial last pixel and
+all (:func:`prepare_bytes`)."""
 
 from __future__ import annotations
 
@@ -232,14 +236,30 @@ def prepare_bytes(data: bytes, cfg: PreprocessConfig, patch_px: int = PATCH_PX) 
 
 
 INDEX_PASSTHROUGH = tuple(INDEX_SCHEMA.names)
+IMAGE_BYTES = "image_bytes"  # decode: gpu — the column that carries each image's bytes to the encode actors
+
+
+def check_bytes(data: bytes, cfg: PreprocessConfig, patch_px: int = PATCH_PX) -> Geometry:
+    """decode: gpu — what a decode task still does for an image the encode actor will decode: its
+    header checked (:func:`open_image`) and its geometry planned. A JPEG without its end marker is
+    decoded here as on the CPU path, so a cut file is rejected as ``truncated`` by the same code
+    (nvJPEG might fill the rest in grey)."""
+    img = open_image(data, cfg)
+    if img.format == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
+        prepare_bytes(data, cfg, patch_px)  # raises for a cut file; a valid one with trailing bytes passes
+    return plan_geometry(cfg.geometry, img.width, img.height, cfg, patch_px)[0]
 
 
 def decode_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, reader,
                  patch_px: int = PATCH_PX) -> tuple[dict[str, np.ndarray], list[Rejected]]:
-    """Index rows → model-ready pixels + geometry columns; bad images become :class:`Rejected`.
+    """Index rows → geometry columns and the model input — uint8 ``pixels`` [B, S, S, 3]
+    (:func:`prepare_bytes`), or with ``preprocess.decode: gpu`` the checked ``image_bytes`` that the
+    encode actor decodes (:func:`check_bytes`, :class:`DeviceDecoder`); bad images become
+    :class:`Rejected`.
 
     ``reader`` is a :class:`pipeline.sources.ImageReader` (anything with ``read(path, file, row)``)."""
-    out = {k: [] for k in INDEX_PASSTHROUGH + GEOMETRY_COLUMNS + ("pixels",)}
+    payload = IMAGE_BYTES if cfg.decode == "gpu" else "pixels"
+    out = {k: [] for k in INDEX_PASSTHROUGH + GEOMETRY_COLUMNS + (payload,)}
     rejected: list[Rejected] = []
     n = len(batch["image_id"])
     for i in range(n):
@@ -249,7 +269,10 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, reader,
                 data = reader.read(row["path"], row["source_file"], row["source_row"])
             except FileNotFoundError as exc:
                 raise ImageRejected("missing_file", str(exc)) from None
-            pixels, geom = prepare_bytes(data, cfg, patch_px)
+            if payload == IMAGE_BYTES:
+                value, geom = data, check_bytes(data, cfg, patch_px)
+            else:
+                value, geom = prepare_bytes(data, cfg, patch_px)
         except ImageRejected as exc:
             rejected.append(Rejected(stage="decode", reason=exc.reason, detail=exc.detail, image_id=row["image_id"]))
             continue
@@ -259,14 +282,85 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: PreprocessConfig, reader,
             rejected.append(Rejected(stage="decode", reason="decode_failed",
                                      detail=error_detail(exc), image_id=row["image_id"]))
             continue
-        for k, v in {**row, **asdict(geom), "pixels": pixels}.items():
+        for k, v in {**row, **asdict(geom), payload: value}.items():
             out[k].append(v)
     s = cfg.image_size
     cols = {k: np.array(v, dtype=object) for k, v in out.items() if k not in GEOMETRY_COLUMNS + ("pixels",)}
     for k, dtype in GEOMETRY_TYPES.items():
         cols[k] = np.array(out[k], dtype=dtype)
-    cols["pixels"] = np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, s, s, 3), np.uint8)
+    if payload == "pixels":
+        cols["pixels"] = np.stack(out["pixels"]) if out["pixels"] else np.zeros((0, s, s, 3), np.uint8)
     return cols, rejected
+
+
+class DeviceDecoder:
+    """``preprocess.decode: gpu``, in the encode actor: a batch's ``image_bytes`` → uint8 ``pixels``
+    [B, S, S, 3] on ``device``, with the geometry the decode task planned. JPEGs (YCbCr or grey)
+    are decoded by nvJPEG, batched (``torchvision.io.decode_jpeg(..., device="cuda")``), and
+    resampled on the GPU by :func:`resample_tensor`; other formats, and any image nvJPEG refuses,
+    take :func:`prepare_bytes` on the actor's CPU. On a CPU device (no GPU) the JPEGs are decoded
+    whole by Pillow instead of nvJPEG, and the rest of the path is the same."""
+
+    def __init__(self, cfg: PreprocessConfig, patch_px: int, device: torch.device | str):
+        self.cfg, self.patch_px, self.device = cfg, patch_px, torch.device(device)
+
+    def decode_jpegs(self, images: list[bytes]) -> list[torch.Tensor | None]:
+        """uint8 [3, H, W] per JPEG on the device at full size; None where the decoder refused it."""
+        if self.device.type != "cuda":
+            return [self.decode_whole(d) for d in images]
+        from torchvision.io import ImageReadMode, decode_jpeg  # GPU only: its image ops need a CUDA torch
+
+        data = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in images]
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad image fails the batch: decode them one by one
+            out = []
+            for d in data:
+                try:
+                    out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def decode_whole(self, data: bytes) -> torch.Tensor | None:
+        try:
+            return torch.from_numpy(np.array(decode_image(data, self.cfg))).permute(2, 0, 1)
+        except ImageRejected:  # prepare_bytes says why, on the way to errors/
+            return None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[dict, list[Rejected]]:
+        """→ (the batch without ``image_bytes``, with ``pixels``, less the rows that did not decode;
+        those as :class:`Rejected`)."""
+        images = list(batch[IMAGE_BYTES])
+        jpegs = [i for i, d in enumerate(images) if on_nvjpeg(d)]
+        decoded = dict(zip(jpegs, self.decode_jpegs([images[i] for i in jpegs]) if jpegs else []))
+        pixels, keep, rejected = [], [], []
+        for i, data in enumerate(images):
+            geom = Geometry.from_row({k: batch[k][i] for k in GEOMETRY_COLUMNS})
+            try:
+                if decoded.get(i) is not None:
+                    _, size = plan_geometry(self.cfg.geometry, geom.orig_w, geom.orig_h, self.cfg, self.patch_px)
+                    pixels.append(resample_tensor(decoded[i], (geom.orig_w, geom.orig_h), geom, size, self.cfg))
+                else:
+                    pixels.append(torch.from_numpy(np.array(prepare_bytes(data, self.cfg, self.patch_px)[0])).to(self.device))
+            except ImageRejected as exc:
+                rejected.append(Rejected(stage="decode", reason=exc.reason, detail=exc.detail,
+                                         image_id=_item(batch["image_id"][i])))
+                continue
+            keep.append(i)
+        s = self.cfg.image_size
+        out = {k: v[keep] for k, v in batch.items() if k != IMAGE_BYTES}
+        out["pixels"] = torch.stack(pixels) if pixels else torch.zeros((0, s, s, 3), dtype=torch.uint8)
+        return out, rejected
+
+
+def on_nvjpeg(data: bytes) -> bool:
+    """A JPEG nvJPEG decodes to the same colours as Pillow: YCbCr or grey (not CMYK/YCCK)."""
+    try:
+        img = Image.open(io.BytesIO(data), formats=["JPEG"])
+    except Exception:
+        return False
+    return img.mode in ("RGB", "L")
 
 
 def _item(value):

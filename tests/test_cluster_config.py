@@ -84,7 +84,7 @@ SCHEMA_ERROR = jsonschema.ValidationError
     (_set("available_node_types/gpu_worker/min_workers", "0"), SCHEMA_ERROR),
     (_set("available_node_types/gpu_worker/num_gpus", 8), SCHEMA_ERROR),         # unknown node-type key
     (_set("head_node_type", "no_such_type"), ValueError),                         # checks after the schema
-    (_set("available_node_types/gpu_worker/min_workers", 9), ValueError),         # sum(min_workers) > max_workers
+    (_set("available_node_types/gpu_worker/min_workers", 99), ValueError),        # sum(min_workers) > max_workers
 ], ids=["unknown-key", "float-gpu", "string-cpu", "negative-cpu", "no-node-config", "no-resources",
         "string-min-workers", "unknown-node-key", "unknown-head-type", "min-over-max"])
 def test_ray_schema_refuses_broken_copies(cluster, mutate, error):

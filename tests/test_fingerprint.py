@@ -51,6 +51,11 @@ def test_a_stage_changes_with_what_it_reads_and_only_that(demo):
     assert changed(base, stage_fingerprints(config("annotate.images_per_prompt=1"), index)) == ["annotate"]
     assert changed(base, stage_fingerprints(config("annotate.llm.model=other"), index)) == ["annotate"]
     assert changed(base, stage_fingerprints(config("sae.threshold=0.5"), index)) == NAMES[1:]
+    # How the input is decoded (nvJPEG or libjpeg) moves the firings, so encode and all after it,
+    # but not the question an LLM request asks about a box (its key has the boxes).
+    assert changed(base, stage_fingerprints(config("preprocess.decode=gpu"), index)) == NAMES[1:]
+    assert fingerprints(config("preprocess.decode=gpu"), index).request == fingerprints(config(), index).request
+    assert fingerprints(config("preprocess.image_size=112"), index).request != fingerprints(config(), index).request
     assert changed(base, stage_fingerprints(config("counting.unit=images"), index)) == ["count", "select", "candidates",
                                                                                       "annotate"]
     # Runtime keys say where and how fast, never what: no fingerprint moves.

@@ -2,6 +2,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pipeline.config import PreprocessConfig
@@ -118,8 +119,6 @@ def test_an_image_that_needs_no_draft_gives_the_bytes_it_always_gave(geometry, s
 
 def test_the_device_resample_in_float_matches_the_cpu_one():
     """The float path (what a GPU runs) and the uint8 one (a CPU) agree to a few grey levels."""
-    import torch
-
     from pipeline.preprocessing import resample_tensor
 
     cfg = PreprocessConfig(geometry="pad")
@@ -267,3 +266,48 @@ def test_error_detail_drops_object_addresses():
 
     detail = error_detail(ValueError("cannot read <_io.BytesIO object at 0x7f6cf5e35620>"))
     assert detail == "ValueError: cannot read <_io.BytesIO object>"
+
+
+def no_scan_jpeg() -> bytes:
+    """A JPEG header and end marker with no image data: it opens, and fails only when decoded."""
+    data = good_jpeg((64, 64))
+    return data[:data.index(b"\xff\xda")] + b"\xff\xd9"
+
+
+def test_decode_gpu_checks_headers_in_the_task_and_decodes_in_the_actor_to_the_same_geometry():
+    """preprocess.decode: gpu — the decode task passes checked bytes (a cut JPEG is still refused
+    there, by the CPU decoder); the actor's DeviceDecoder gives the model input the CPU path gives
+    (to a grey level or two: its resample runs in torch, the GPU's way) and the same geometry; an
+    image that fails only when decoded becomes a rejection there. On this CPU the JPEGs are decoded
+    by Pillow where a GPU uses nvJPEG."""
+    from pipeline.preprocessing import IMAGE_BYTES, DeviceDecoder
+
+    cfg = PreprocessConfig(decode="gpu")
+    big = encode(texture(1003, 901), "JPEG", quality=95)
+    cut = big[: len(big) // 2]
+    cmyk = encode(texture(300, 200).convert("CMYK"), "JPEG")
+    files = {"big": big, "small": encode(texture(256, 334), "JPEG"), "png": encode(texture(640, 480), "PNG"),
+             "cmyk": cmyk, "trailing": encode(texture(400, 300), "JPEG") + b"\0garbage", "cut": cut,
+             "noscan": no_scan_jpeg()}
+    ids = list(files)
+    batch = {"image_id": np.array(ids, dtype=object), "path": np.array(ids, dtype=object),
+             **{k: np.array([None] * len(ids), dtype=object)
+                for k in ("species", "genus", "family", "split", "source_file", "source_row")}}
+    checked, rejected = decode_batch(batch, cfg, DictReader(files))
+    assert "pixels" not in checked and list(checked["image_id"]) == [i for i in ids if i != "cut"]
+    assert [(r.image_id, r.reason) for r in rejected] == [("cut", "truncated")]
+    assert [bytes(b) for b in checked[IMAGE_BYTES]] == [files[i] for i in checked["image_id"]]
+
+    decoded, failed = DeviceDecoder(cfg, 14, "cpu")(checked)
+    assert [(r.image_id, r.reason, r.stage) for r in failed] == [("noscan", "decode_failed", "decode")]
+    assert IMAGE_BYTES not in decoded and list(decoded["image_id"]) == ["big", "small", "png", "cmyk", "trailing"]
+    on_cpu, _ = decode_batch({k: v[:-2] for k, v in batch.items()},
+                             PreprocessConfig(), DictReader(files))
+    assert decoded["pixels"].shape == (5, 224, 224, 3) and decoded["pixels"].dtype == torch.uint8
+    for k in ("orig_w", "orig_h", "scale_x", "scale_y", "offset_x", "offset_y"):
+        assert decoded[k].tolist() == on_cpu[k].tolist()
+    diff = np.abs(decoded["pixels"].numpy().astype(int) - on_cpu["pixels"])
+    assert diff.reshape(5, -1).mean(1).max() < 1.5, diff.reshape(5, -1).mean(1)
+    for i, image_id in enumerate(decoded["image_id"]):  # what nvJPEG does not take goes through prepare_bytes
+        if image_id in ("png", "cmyk"):
+            assert np.array_equal(decoded["pixels"][i].numpy(), on_cpu["pixels"][i])
