@@ -587,17 +587,51 @@ class TrainSAEConfig(LeasedOutput):
 
 # --------------------------------------------------------------------------- exports of a finished build
 
+CAPTION_FIELDS = ("species", "genus", "description", "body_part")
+
+
+class ClipConfig(Section):
+    """Image–caption shards for CLIP training (export format clip, and sae-traits downstream)."""
+    caption_template: str = "A photo of {species} with {description}"
+    """The caption of an (image, ok annotation) sample — the paper's; fields {species}, {genus},
+    {description} (the trait text) and {body_part}."""
+    control_template: str = "A photo of {species}"
+    """The species-only control's caption of the same images (fields as above, less the traits)."""
+    image: Literal["original", "rendering", "crop"] = "original"
+    """original: the source photo as it is (a JPEG's own bytes); rendering: the image the model was
+    sent (boxes outlined); crop: the photo cropped around the boxes (annotate.crop_margin)."""
+    held_out_fraction: float = Field(default=0.2, gt=0, lt=1)
+    """Share of each species' images held out for the zero-shot test (by image id, seeded; a
+    species with one image is trained on only). No held-out image is in a training shard."""
+    split_seed: int = 0
+    """Seed of the train / held-out split."""
+    samples_per_shard: int = Field(default=1000, ge=1)
+    """Samples per WebDataset tar shard."""
+
+    @field_validator("caption_template", "control_template")
+    @classmethod
+    def _known_fields(cls, template: str, info) -> str:
+        allowed = CAPTION_FIELDS if info.field_name == "caption_template" else ("species", "genus")
+        try:
+            template.format(**{k: "" for k in allowed})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"{template!r} is not a template of the fields {', '.join(allowed)} ({exc!r})") from None
+        return template
+
+
 class ExportConfig(Section):
-    """``python -m pipeline.export``: a finished build's traits/ as a Hugging Face dataset folder (hf)
-    or a Darwin Core Archive (dwca). The build is only read; its source images are reached with the
-    build's own config (manifest.json)."""
+    """``python -m pipeline.export``: a finished build's traits/ as a Hugging Face dataset folder (hf),
+    a Darwin Core Archive (dwca) or image–caption WebDataset shards for CLIP training (clip). The
+    build is only read; its source images are reached with the build's own config (manifest.json)."""
     build: str
     """The finished build's output folder (local path or fsspec URL, e.g. s3://bucket/builds/run1)."""
-    format: Literal["hf", "dwca"]
+    format: Literal["hf", "dwca", "clip"]
     """hf: a folder that datasets.load_dataset reads as it is (Parquet data files and a dataset card),
-    ready for push_to_hub; dwca: a Darwin Core Archive (a .zip: Occurrence core, MeasurementOrFact extension)."""
+    ready for push_to_hub; dwca: a Darwin Core Archive (a .zip: Occurrence core, MeasurementOrFact
+    extension); clip: WebDataset shards of trait captions, of a species-only control and of the
+    held-out images (the clip section; docs/downstream.md)."""
     out: str
-    """hf: the dataset folder; dwca: the .zip file. Local path or fsspec URL."""
+    """hf and clip: the folder; dwca: the .zip file. Local path or fsspec URL."""
     overwrite: bool = False
     """Replace what is at out; otherwise an existing file or non-empty folder there is refused."""
     include_background: bool = False
@@ -626,6 +660,8 @@ class ExportConfig(Section):
     media_base_url: str | None = Field(default=None, pattern=r"^https?://")
     """dwca: the public http(s) URL of the build's source.root, for associatedMedia (this URL + the image's
     path under source.root); null: only images the build read from a store (s3://, https://) get one."""
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    """clip: the captions, the image and the held-out split."""
     storage: StorageConfig = Field(default_factory=StorageConfig)
     """How s3:// build and out paths are reached (the source images: the build's own storage section)."""
 
@@ -634,6 +670,72 @@ class ExportConfig(Section):
     def _archive_is_a_zip(cls, out: str, info) -> str:
         if info.data.get("format") == "dwca" and not out.lower().endswith(".zip"):  # format is validated first
             raise ValueError(f"a Darwin Core Archive is one .zip file (got {out})")
+        return out
+
+
+# --------------------------------------------------------------------------- the downstream check
+
+class FineTuneConfig(Section):
+    """open_clip's trainer (``python -m open_clip_train.main``) as both fine-tunes run it: the same
+    steps, seed and hyper-parameters for the trait captions and the species-only control."""
+    epochs: int = Field(default=10, ge=1)
+    """Epochs; a killed fine-tune resumes from its last finished epoch."""
+    samples_per_epoch: int | None = Field(default=None, ge=1)
+    """Samples an epoch draws from the shards (--train-num-samples); null: the training samples."""
+    batch_size: int = Field(default=256, ge=1)
+    """Per GPU (or for the CPU); an epoch has samples_per_epoch / (batch_size x GPUs) steps."""
+    lr: float = Field(default=1e-5, gt=0)
+    wd: float = Field(default=0.2, ge=0)
+    warmup: int = Field(default=100, ge=0)
+    """Warm-up steps of the cosine schedule (open_clip's default, 10,000, suits pre-training)."""
+    seed: int = 0
+    workers: int = Field(default=4, ge=0)
+    """Data loader processes per GPU; lowered so every one gets shards holding a full batch."""
+    precision: Literal["auto", "amp", "amp_bf16", "fp32"] = "auto"
+    """auto: amp on CUDA, fp32 on the CPU."""
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """auto: CUDA when a GPU is visible."""
+    gpus: int | None = Field(default=None, ge=1)
+    """GPUs of this node to train on (torchrun, one process each); null: every visible one."""
+    extra_args: list[str] = Field(default_factory=list)
+    """More flags for open_clip's trainer, passed as they are (e.g. ["--grad-checkpointing"])."""
+
+
+class ZeroShotConfig(Section):
+    templates: Literal["openai", "simple"] = "openai"
+    """openai: the OpenAI ImageNet templates BioCLIP averages over ("a photo of a {c}." ...);
+    simple: open_clip's short list."""
+    batch_size: int = Field(default=64, ge=1)
+
+
+class DownstreamConfig(Section):
+    """``sae-traits downstream``: the paper's downstream check on a finished build — caption shards
+    (export format clip), a fine-tune of a starting CLIP on the trait captions and one on the
+    species-only control with open_clip's own trainer, and zero-shot species classification of the
+    held-out images by the starting model and both fine-tunes."""
+    build: str
+    """The finished build's output folder (local path or fsspec URL)."""
+    out: str
+    """A local folder: shards/, the trainer's runs/, downstream.md and downstream.json. A rerun
+    with the same config skips what is done and resumes a killed fine-tune."""
+    model: str = "hf-hub:imageomics/bioclip"
+    """The starting model: an open_clip model name (with pretrained), hf-hub:ORG/REPO (BioCLIP;
+    the hub's cache offline) or local-dir:FOLDER (open_clip_config.json, with weights or without:
+    then random weights, seeded, for tests)."""
+    pretrained: str = ""
+    """For a model name: an open_clip pretrained tag or a checkpoint file; ignored by hf-hub: and
+    local-dir: models, which carry their weights."""
+    clip: ClipConfig = Field(default_factory=ClipConfig)
+    finetune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    zero_shot: ZeroShotConfig = Field(default_factory=ZeroShotConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """How an s3:// build is reached (its source images: the build's own storage section)."""
+
+    @field_validator("out")
+    @classmethod
+    def _local(cls, out: str) -> str:
+        if "://" in out:
+            raise ValueError(f"{out} is not a local folder: open_clip's trainer writes its runs locally")
         return out
 
 

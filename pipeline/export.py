@@ -1,8 +1,9 @@
-"""Exports of a finished build's traits/ in the formats others read: a Hugging Face dataset folder
-and a Darwin Core Archive.
+"""Exports of a finished build's traits/ in the formats others read: a Hugging Face dataset folder,
+a Darwin Core Archive, and image–caption shards for CLIP training.
 
     python -m pipeline.export --build OUT --format hf --out DIR [--config FILE.yaml] [--set key=value ...]
     python -m pipeline.export --build OUT --format dwca --out FILE.zip
+    python -m pipeline.export --build OUT --format clip --out DIR
 
 - ``hf``: ``DIR/data/train-0000i-of-0000N.parquet`` (one row per annotation, images in the Hugging
   Face ``Image`` encoding, the features in each file's schema metadata) and ``DIR/README.md``, the
@@ -12,6 +13,8 @@ and a Darwin Core Archive.
 - ``dwca``: a zip with ``meta.xml``, ``eml.xml`` (title, method, provenance), an Occurrence core
   (one row per annotated image) and a MeasurementOrFact extension (one row per described or
   measured trait of an image), linked by the occurrenceID.
+- ``clip``: WebDataset shards of (image, trait caption) samples, of a species-only control on the
+  same images and of held-out images (:mod:`pipeline.captions`), for ``sae-traits downstream``.
 
 Only annotations whose status is ok or unparsed are exported unless ``include_background`` /
 ``include_failed`` say otherwise. Every path goes through fsspec (``build`` and ``out`` may be
@@ -40,6 +43,7 @@ import yaml
 from pipeline import storage
 from pipeline.annotation.describer import TEMPLATE_VERSION
 from pipeline.annotation.renderings import UnitImages
+from pipeline.captions import write_caption_shards
 from pipeline.config import BuildConfig, ConfigError, ExportConfig, add_config_arguments, fsspec_options, load_config
 from pipeline.contract import IMAGE_COLUMNS, RENDERINGS_FIELD, TRAITS_SCHEMA
 from pipeline.finished import FinishedBuild
@@ -589,9 +593,22 @@ def export_dwca(cfg: ExportConfig, build: ExportedBuild, log=print) -> dict:
     return {"format": "dwca", "out": cfg.out, "occurrences": len(image_ids), "measurements_or_facts": n_facts}
 
 
+# --------------------------------------------------------------------------- clip
+
+def export_clip(cfg: ExportConfig, build: ExportedBuild, log=print) -> dict:
+    fs, out = prepare_out(cfg, build)
+    pictures = None if cfg.clip.image == "original" else Pictures(
+        build, log, build.saved_renderings(), crop=cfg.clip.image == "crop", threads=cfg.threads)
+    try:
+        return {**write_caption_shards(cfg.clip, build, fs, out, pictures, log), "out": cfg.out}
+    finally:
+        if pictures is not None:
+            pictures.close()
+
+
 # --------------------------------------------------------------------------- entry point
 
-EXPORTERS = {"hf": export_hf, "dwca": export_dwca}
+EXPORTERS = {"hf": export_hf, "dwca": export_dwca, "clip": export_clip}
 
 
 def export(cfg: ExportConfig, log=print) -> dict:
@@ -602,8 +619,9 @@ def export(cfg: ExportConfig, log=print) -> dict:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog or "python -m pipeline.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--build", help="the finished build's output folder (key build)")
-    parser.add_argument("--format", help="hf (a Hugging Face dataset folder) or dwca (a Darwin Core Archive) (key format)")
-    parser.add_argument("--out", help="hf: the dataset folder; dwca: the .zip file (key out)")
+    parser.add_argument("--format", help="hf (a Hugging Face dataset folder), dwca (a Darwin Core Archive) or clip "
+                                         "(image–caption WebDataset shards) (key format)")
+    parser.add_argument("--out", help="hf and clip: the folder; dwca: the .zip file (key out)")
     parser.add_argument("--overwrite", action="store_true", help="replace what is at out (key overwrite)")
     add_config_arguments(parser, ExportConfig, "export.md")
     args = parser.parse_args(argv)

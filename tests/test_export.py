@@ -275,7 +275,7 @@ def refused(capsys, *args) -> str:
 def test_bad_invocations_are_refused_naming_the_key(demo_build, tmp_path, capsys):
     build, _ = demo_build
     err = refused(capsys, "--build", build, "--format", "csv", "--out", tmp_path / "x")
-    assert "format: Input should be 'hf' or 'dwca'" in err
+    assert "format: Input should be 'hf', 'dwca' or 'clip'" in err
     assert "format: Field required" in refused(capsys, "--build", build, "--out", tmp_path / "x")
     (tmp_path / "empty").mkdir()
     err = refused(capsys, "--build", tmp_path / "empty", "--format", "hf", "--out", tmp_path / "x")

@@ -111,3 +111,20 @@ def make_tiny_qwen2_5_vl(folder: str | Path, *, seed: int = 0, head_dim: int = 1
     # 56×56 … 112×112 px: each image is 4×4 … 8×8 patches, i.e. 4 … 16 <|image_pad|> tokens after the 2×2 merge.
     Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
     return folder
+
+
+# A CLIP small enough to fine-tune on a CPU in seconds (open_clip's model_cfg; vocab_size stays
+# 49,408, the size of open_clip's own BPE vocabulary, which ships in its wheel).
+TINY_OPEN_CLIP = {"model_cfg": {"embed_dim": 32,
+                                "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32,
+                                               "patch_size": 8},
+                                "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2,
+                                             "layers": 2}}}
+
+
+def make_tiny_open_clip(folder: str | Path) -> Path:
+    """A folder open_clip loads as ``local-dir:FOLDER`` — its config only, so random weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(TINY_OPEN_CLIP, indent=1))
+    return folder
