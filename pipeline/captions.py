@@ -190,6 +190,6 @@ def write_caption_shards(clip: ClipConfig, build: FinishedBuild, fs, out: str, p
     }
     storage.publish(fs, storage.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
     log(f"[sae-traits] export: {n_samples} image–caption samples of {annotations} annotations on "
-        f"{len(train_images)} images ({summary['shards']['traits']} shards each for traits and species_only), "
+        f"{len(train_images)} images ({summary['shards']['traits']} shard(s) each for traits and species_only), "
         f"{n_held} held-out images of {len(summary['species'])} species → {out}")
     return {k: v for k, v in summary.items() if k not in ("species", "clip")}

@@ -19,7 +19,9 @@ Needs the ``downstream`` extra (open_clip_torch with its training extra)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import shlex
@@ -37,6 +39,17 @@ from pipeline.config import (ConfigError, DownstreamConfig, ExportConfig, add_co
                              load_config)
 from pipeline.export import ExportedBuild, export_clip
 from pipeline.finished import FinishedBuild, NotFinished
+
+@contextlib.contextmanager
+def quiet_open_clip():
+    """open_clip logs on the root logger ("no pretrained weights loaded" for a random start, which
+    is meant): kept off the console while this command makes models; the trainer's go to its log."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
 
 RUNS = {"traits": "fine-tuned on the trait captions", "species_only": "fine-tuned on species-only captions"}
 STARTING = "starting model"
@@ -98,7 +111,8 @@ def starting_model(cfg: DownstreamConfig, open_clip) -> tuple[str, str]:
             start.mkdir(parents=True, exist_ok=True)
             shutil.copy(folder / "open_clip_config.json", start / "open_clip_config.json")
             torch.manual_seed(cfg.finetune.seed)
-            model = open_clip.create_model(cfg.model)
+            with quiet_open_clip():
+                model = open_clip.create_model(cfg.model)
             tmp = start / "weights.tmp"
             torch.save(model.state_dict(), tmp)
             tmp.replace(start / "open_clip_pytorch_model.bin")
@@ -166,6 +180,22 @@ def trainer_command(cfg: DownstreamConfig, run: str, shards: Path, how: dict, mo
     return launcher + args
 
 
+def changed_flags(before: list[str], now: list[str]) -> str:
+    """'--epochs 2 → 3; ...' between two trainer command lines."""
+    def flags(args: list[str]) -> dict[str, str]:
+        out, key = {}, None
+        for a in args:
+            if a.startswith("--"):
+                key = a
+                out[key] = ""
+            elif key is not None:
+                out[key] = (out[key] + " " + a).strip()
+        return out
+    a, b = flags(before), flags(now)
+    return "; ".join(f"{k} {a.get(k, '(none)')} → {b.get(k, '(none)')}" for k in sorted(a.keys() | b.keys())
+                     if a.get(k) != b.get(k)) or "the launcher"
+
+
 def final_checkpoint(cfg: DownstreamConfig, run: str) -> Path:
     return Path(cfg.out) / "runs" / run / "checkpoints" / f"epoch_{cfg.finetune.epochs}.pt"
 
@@ -179,7 +209,7 @@ def fine_tune(cfg: DownstreamConfig, run: str, command: list[str], log) -> dict:
     settings = [a for a in command if a != sys.executable]
     if record.exists() and json.loads(record.read_text())["command"] != settings:
         raise ConfigError(f"out: {folder} holds a fine-tune made with other settings "
-                          f"({shlex.join(json.loads(record.read_text())['command'])}); use another out")
+                          f"({changed_flags(json.loads(record.read_text())['command'], settings)}); use another out")
     checkpoint = final_checkpoint(cfg, run)
     finished = json.loads(record.read_text()).get("seconds") if record.exists() else None
     if finished is not None and checkpoint.exists():  # the trainer exited 0 after writing it
@@ -227,8 +257,9 @@ def held_out_batches(shards: Path, n: int, preprocess, batch_size: int):
 def zero_shot(open_clip, model_name: str, pretrained: str, checkpoint: str | None, species: list[str],
               shards: Path, n_shards: int, cfg: DownstreamConfig, device: str) -> dict:
     """Top-1 and top-k (k = min(5, classes)) of one model over the held-out images."""
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
-                                                                 device=device)
+    with quiet_open_clip():
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained or None,
+                                                                     device=device)
     if checkpoint:
         open_clip.load_checkpoint(model, checkpoint, device=device)
     model.eval()

@@ -158,3 +158,17 @@ def test_downstream_fine_tunes_twice_resumes_a_killed_fine_tune_and_writes_the_t
     assert "downstream.md" in done.stderr + done.stdout
     print(f"fine-tunes: {[r.get('seconds') for r in result['rows']]} s; {time.monotonic() - start:.0f} s in all")
     print((out / "downstream.md").read_text())
+
+
+def test_a_run_folder_made_with_other_settings_is_refused_naming_the_flag(tmp_path):
+    from pipeline.config import DownstreamConfig
+    from pipeline.downstream import fine_tune
+
+    cfg = DownstreamConfig(build="b", out=str(tmp_path))
+    folder = tmp_path / "runs" / "traits"
+    folder.mkdir(parents=True)
+    (folder / "sae_traits_command.json").write_text(json.dumps({"command": ["-m", "open_clip_train.main",
+                                                                            "--epochs", "2", "--lr", "1e-05"]}))
+    with pytest.raises(ConfigError, match=r"other settings \(--epochs 2 → 3\); use another out"):
+        fine_tune(cfg, "traits", [sys.executable, "-m", "open_clip_train.main", "--epochs", "3", "--lr", "1e-05"],
+                  log=lambda _: None)
