@@ -16,7 +16,9 @@ each a thin host around library code:
 ``species``, ``genus`` and ``build`` (a finished build's output folder). It encodes the photo, picks
 the latents to describe — that species' selected latents that fire here (best rank first), else
 the latents firing most strongly — boxes their zones in original pixels, and asks the describer
-about each. An optional bearer token guards the endpoint."""
+about each. An optional bearer token guards the endpoint. The request slots are the app's own
+(:class:`~pipeline.endpoint.Admission`): a request takes one only once its body has arrived, and
+``/healthz`` never takes one, so neither slow clients nor a busy app hold up a probe."""
 
 
 import asyncio
@@ -36,7 +38,8 @@ from pipeline.annotation.record import Annotation
 from pipeline.annotation.renderings import Rendering
 from pipeline.config import AnnotatorAppConfig, fsspec_options, validate
 from pipeline.encoding import FiringEncoder, backbone_patch_px
-from pipeline.endpoint import (ANSWER_FIELDS, REJECT_STATUS, BuildCatalog, RequestLimits, check_bearer, check_open_access,
+from pipeline.endpoint import (ANSWER_FIELDS, REJECT_STATUS, Admission, BuildCatalog, HeaderLimit, RequestLimits,
+                               check_bearer, check_open_access,
                                choose_latents, openapi_document, read_request, sae_fingerprint)
 from pipeline.errors import ImageRejected
 from pipeline.preprocessing import Geometry, decode_image, prepare_bytes
@@ -83,7 +86,11 @@ class PatchEncoder:
         return await self.encode_batch(pixels)
 
 
-api = FastAPI(title="sae-traits annotator", description="Trait descriptions of a specimen photo from SAE latents.")
+# No /docs or /redoc: FastAPI's pages load their scripts from a public CDN (a third party in the page,
+# and nothing at all on an offline cluster); the OpenAPI document itself is at /openapi.json.
+api = FastAPI(title="sae-traits annotator", description="Trait descriptions of a specimen photo from SAE latents.",
+              docs_url=None, redoc_url=None)
+api.add_middleware(HeaderLimit)  # max_header_bytes on every route, probes included
 
 
 @serve.deployment(name="AnnotateEndpoint")
@@ -97,6 +104,9 @@ class AnnotateEndpoint:
         # Where Serve's HTTP proxy listens is known only to the controller (no public API reads it).
         check_open_access(_get_global_client().http_config.host, cfg, self.token)
         self.limits = RequestLimits.of(cfg)
+        api.state.max_header_bytes = cfg.max_header_bytes
+        self.admission = Admission(cfg.endpoint_max_ongoing_requests, cfg.endpoint_max_queued_requests,
+                                   cfg.shed_retry_after_s)
         api.openapi = lambda: openapi_document(api, token_required=bool(self.token))
         self.builds = BuildCatalog(cfg.builds_root,
                                    sae_fingerprint(cfg.sae.checkpoint, fsspec_options(cfg.storage, cfg.sae.checkpoint),
@@ -109,8 +119,12 @@ class AnnotateEndpoint:
 
     @api.post("/annotate")
     async def annotate(self, request: Request) -> dict:
-        check_bearer(request.headers.get("authorization"), self.token)
-        fields = await read_request(request, self.limits)
+        check_bearer(request.headers.getlist("authorization"), self.token)
+        fields = await read_request(request, self.limits)  # the whole body, under its deadline: before a slot
+        async with self.admission.slot():
+            return await self.annotate_photo(fields)
+
+    async def annotate_photo(self, fields: dict) -> dict:
         species, genus = fields.get("species") or None, fields.get("genus") or None
         selected = self.builds.selected(fields["build"], species) if fields.get("build") else None
         try:  # decoding a large photo takes a while: off the event loop
@@ -164,7 +178,9 @@ def build_annotator_app(args: dict) -> serve.Application:
         max_ongoing_requests=cfg.describer_max_ongoing_requests,
         autoscaling_config={"min_replicas": cfg.describer_min_replicas, "max_replicas": cfg.describer_max_replicas,
                             "target_ongoing_requests": cfg.describer_target_ongoing_requests}).bind(cfg)
+    # Serve's own limits are the connections: what a replica holds, and what the router queues while
+    # it picks one (a burst passes through it loosely); the request slots are the app's own (Admission).
     return AnnotateEndpoint.options(
-        ray_actor_options={"num_cpus": cfg.endpoint_num_cpus}, max_ongoing_requests=cfg.endpoint_max_ongoing_requests,
-        max_queued_requests=cfg.endpoint_max_queued_requests,
+        ray_actor_options={"num_cpus": cfg.endpoint_num_cpus}, max_ongoing_requests=cfg.endpoint_max_connections,
+        max_queued_requests=cfg.endpoint_max_connections,
         backpressure_config=BackpressureConfig(retry_after_s=cfg.shed_retry_after_s)).bind(cfg, encoder, describer)

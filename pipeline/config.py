@@ -775,10 +775,16 @@ class AnnotatorAppConfig(Section):
     describer_max_ongoing_requests: int = Field(default=64, ge=1)
     endpoint_num_cpus: float = Field(default=1, ge=0)
     endpoint_max_ongoing_requests: int = Field(default=8, ge=1)
-    """Requests one AnnotateEndpoint replica works on at once (each waits on the encoder and the LLM)."""
+    """Requests one AnnotateEndpoint replica works on at once (each waits on the encoder and the
+    LLM): its request slots. A request takes one only once its body has arrived, and probes never do."""
     endpoint_max_queued_requests: int = Field(default=32, ge=0)
-    """Requests that may wait for a slot; more are shed with 503 and ``Retry-After`` instead of
-    letting latency grow without bound."""
+    """Requests (their bodies read) that may wait for a slot; more are shed with 503 and
+    ``Retry-After`` instead of letting latency grow without bound."""
+    endpoint_max_connections: int = Field(default=256, ge=1)
+    """Requests one replica holds at once in any state — reading a body (at most
+    body_read_timeout_s), waiting for a slot, in one, or a probe (Serve's max_ongoing_requests);
+    as many more wait in Serve's router, and beyond that Serve sheds with its own 503. Bodies in
+    memory: up to this x max_upload_bytes."""
     shed_retry_after_s: float = Field(default=2, ge=0)
     """The ``Retry-After`` a shed request is given."""
     body_read_timeout_s: float = Field(default=30, gt=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -20,15 +21,17 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.datastructures import UploadFile as StarletteUploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from pipeline.config import AnnotatorAppConfig, ConfigError
 from pipeline.finished import MANIFEST, FinishedBuild, NotFinished
 from pipeline.sae import sae_metadata
 from pipeline.selection import going_forward
 
-CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 TEXT_FIELDS = ("species", "genus", "build")
 # The answer's fields an endpoint response carries for each latent described.
 ANSWER_FIELDS = ("status", "description", "body_part", "traits", "common_traits", "model", "prompt_version",
@@ -49,11 +52,14 @@ class AnnotateJSON(BaseModel):
     build: str | None = None
 
 
-def check_bearer(header: str | None, token: str | None) -> None:
-    """401 unless ``header`` is ``Bearer <token>`` (nothing to check when no token is configured)."""
+def check_bearer(headers: list[str], token: str | None) -> None:
+    """400 for more than one ``Authorization`` header (which one would count is a guess); 401
+    unless the one there is ``Bearer <token>`` (nothing to check when no token is configured)."""
+    if len(headers) > 1:
+        raise HTTPException(400, f"authorization: {len(headers)} Authorization headers; send exactly one")
     if not token:
         return
-    scheme, _, given = (header or "").partition(" ")
+    scheme, _, given = (headers[0] if headers else "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise HTTPException(401, "unauthorized: send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
@@ -89,11 +95,61 @@ def check_open_access(host: str, cfg: AnnotatorAppConfig, token: str | None) -> 
             "or set allow_anonymous: true to serve it to anyone who can reach the port")
 
 
+def header_bytes(scope: dict) -> int:
+    return sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+
+
 def check_headers(request: Request, max_header_bytes: int) -> None:
     """431 when the request's headers together pass ``max_header_bytes``."""
-    size = sum(len(k) + len(v) + 4 for k, v in request.scope.get("headers", ()))
+    size = header_bytes(request.scope)
     if size > max_header_bytes:
         raise HTTPException(431, f"request headers are {size} bytes > max_header_bytes={max_header_bytes}")
+
+
+class HeaderLimit:
+    """ASGI middleware: 431 on every route (probes, the schema) for headers over the app's
+    ``max_header_bytes`` (``app.state.max_header_bytes``, set by the replica from its config)."""
+
+    def __init__(self, app, default: int = 16 * 1024):
+        self.app, self.default = app, default
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            limit = getattr(scope["app"].state, "max_header_bytes", self.default) if "app" in scope else self.default
+            size = header_bytes(scope)
+            if size > limit:
+                answer = JSONResponse({"detail": f"request headers are {size} bytes > max_header_bytes={limit}"}, 431)
+                return await answer(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class Admission:
+    """The endpoint's request slots, inside the app: ``/annotate`` takes one only once its body is
+    read (:func:`read_request`, under ``body_read_timeout_s``), so a slow client holds none, and
+    probes never take one. At most ``queued`` requests wait for a slot; more are shed with 503 and
+    ``Retry-After``, with a body that names no internal setting."""
+
+    def __init__(self, slots: int, queued: int, retry_after_s: float):
+        self.free = asyncio.Semaphore(slots)
+        self.queued, self.waiting, self.retry_after_s = queued, 0, retry_after_s
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self.free.locked():
+            if self.waiting >= self.queued:
+                raise HTTPException(503, "busy: every request slot is taken and the queue is full; send it again "
+                                         "after Retry-After seconds", headers={"Retry-After": f"{self.retry_after_s:g}"})
+            self.waiting += 1
+            try:
+                await self.free.acquire()
+            finally:
+                self.waiting -= 1
+        else:
+            await self.free.acquire()
+        try:
+            yield
+        finally:
+            self.free.release()
 
 
 def bounded(request: Request, limit: int, timeout_s: float) -> Request:
@@ -146,9 +202,30 @@ async def read_request(request: Request, limits: RequestLimits) -> dict:
     return out
 
 
+class StrictMultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, strict on text fields: their bytes must be UTF-8, as in a JSON
+    body (Starlette falls back to latin-1, which makes some text of any bytes). Overrides its
+    part-end callback, which the pinned Starlette (fastapi<0.137) has kept since 0.13."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:
+            return super().on_part_end()
+        try:
+            value = bytes(part.data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MultiPartException(f"{part.field_name}: not UTF-8 text") from None
+        self.items.append((part.field_name, value))
+
+
 async def read_form(request: Request) -> dict:
-    """multipart/form-data → fields: ``image`` a file part (bytes), the others text."""
-    form = await request.form(max_files=2, max_fields=len(FORM_FIELDS) + 1, max_part_size=MAX_TEXT_FIELD_BYTES)
+    """multipart/form-data → fields: ``image`` a file part (bytes), the others UTF-8 text."""
+    try:
+        async with contextlib.aclosing(request.stream()) as stream:
+            form = await StrictMultiPartParser(request.headers, stream, max_files=2, max_fields=len(FORM_FIELDS) + 1,
+                                               max_part_size=MAX_TEXT_FIELD_BYTES).parse()
+    except MultiPartException as exc:
+        raise HTTPException(400, exc.message) from None
     try:
         names = [name for name, _ in form.multi_items()]
         unknown = sorted(set(names) - set(FORM_FIELDS))
@@ -249,15 +326,21 @@ class BuildCatalog:
         self.cache: dict[tuple[str, float], dict[str, list[int]]] = {}
 
     def resolve(self, build: str) -> Path:
+        """The build folder a request names: relative to builds_root (when set), and refused (403)
+        when it, or any file a request would read in it (its manifest, selected/), resolves to a
+        place outside builds_root — a symbolic link inside the folder included."""
         if "://" in build:
             raise HTTPException(400, f"build: {build!r} is a URL; name a local build folder (URLs are never fetched)")
         check_text("build", build)
         try:
-            path = Path(build).resolve()
+            path = (self.root / build if self.root is not None else Path(build)).resolve()
+            read = [path / MANIFEST, *sorted((path / "selected").rglob("*"))] if self.root is not None else []
+            outside = next((f for f in read if not f.resolve().is_relative_to(self.root)), None)
         except (OSError, ValueError) as exc:
             raise HTTPException(400, f"build: {build!r} is not a usable path ({type(exc).__name__})") from None
-        if self.root is not None and not path.is_relative_to(self.root):
-            raise HTTPException(403, f"build: {build} is outside builds_root")
+        if self.root is not None and (not path.is_relative_to(self.root) or outside is not None):
+            raise HTTPException(403, f"build: {build} is outside builds_root"
+                                     + (" (a link in it points out)" if path.is_relative_to(self.root) else ""))
         return path
 
     def selected(self, build: str, species: str | None) -> list[int] | None:
@@ -293,7 +376,7 @@ class BuildCatalog:
 
 ERROR_STATUS = {
     400: "the request cannot be read (malformed body, bad base64, a field given twice, control characters)",
-    401: "no or a wrong bearer token", 403: "build is outside builds_root",
+    401: "no or a wrong bearer token", 403: "build is outside builds_root (or a link in it leads out)",
     408: "the body did not arrive within body_read_timeout_s",
     413: "the upload or the photo's pixel count is over the limit", 415: "not an accepted content type or image format",
     422: "an unknown field", 431: "request headers over max_header_bytes",
@@ -333,12 +416,15 @@ def openapi_document(app: FastAPI, token_required: bool) -> dict:
                 "content": {"application/json": {"schema": RESPONSE_SCHEMA}}},
         **{str(code): {"description": why, "content": error} for code, why in ERROR_STATUS.items()
            if code != 401 or token_required},
-        "503": {"description": "shed: more requests than the app queues (endpoint_max_queued_requests); "
-                               "see Retry-After", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+        "503": {"description": "shed: every request slot is taken and endpoint_max_queued_requests wait; "
+                               "send it again after Retry-After", "content": error}}
     if token_required:
         doc.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         operation["security"] = [{"bearer": []}]
-    doc["paths"]["/healthz"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
+    health = doc["paths"]["/healthz"]["get"]["responses"]
+    health["200"]["content"]["application/json"]["schema"] = {
         "type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
+    health["503"] = {"description": "the app's replica is busy or not up (its queue is full, or it is starting)",
+                     "content": {"text/plain": {"schema": {"type": "string"}}}}
     app.openapi_schema = doc
     return doc

@@ -32,6 +32,9 @@ from pipeline.errors import ImageRejected, Rejected, error_detail
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, not a grey band
 
+# The first bytes of the formats specimen photos come in: bytes that start so but do not open are
+# a photo cut short, not some other kind of file.
+SIGNATURES = (("JPEG", b"\xff\xd8\xff"), ("PNG", b"\x89PNG\r\n\x1a\n"), ("TIFF", b"II*\x00"), ("TIFF", b"MM\x00*"))
 PATCH_PX = 14  # DINOv2's; a build passes its backbone's own (pipeline.encoding.backbone_patch_px)
 GEOMETRY_TYPES = {f.name: f.type.to_pandas_dtype().__name__ for f in GEOMETRY_SCHEMA}  # numpy dtype names
 GEOMETRY_COLUMNS = tuple(GEOMETRY_SCHEMA.names)
@@ -123,6 +126,11 @@ def open_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
     try:  # reads the header only; only the accepted formats' plugins look at the bytes
         img = Image.open(io.BytesIO(data), formats=cfg.formats)
     except Exception:  # UnidentifiedImageError and friends; their message names a BytesIO's address
+        cut = next((fmt for fmt, magic in SIGNATURES if data.startswith(magic)
+                    and (cfg.formats is None or fmt in cfg.formats)), None)
+        if cut is not None:  # a photo cut off before the end of its header: the same as one cut later
+            raise ImageRejected("truncated", f"{cut} of {len(data)} bytes whose header Pillow cannot read "
+                                             "(cut short)") from None
         accepted = "/".join(cfg.formats) if cfg.formats else "image"
         raise ImageRejected("not_an_image", f"{len(data)} bytes in no {accepted} format Pillow reads "
                                             f"(they start {bytes(data[:16])!r})") from None

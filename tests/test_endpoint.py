@@ -135,3 +135,143 @@ def test_the_network_gets_the_endpoint_only_with_a_token(host, token, allow_anon
     else:
         with pytest.raises(ConfigError, match=f"listens on {host}.*SAE_TRAITS_TOKEN.*allow_anonymous: true"):
             check_open_access(host, cfg, token)
+
+
+@pytest.mark.parametrize("headers, token, status", [
+    (["Bearer t0ken"], "t0ken", None), (["Bearer t0ken", "Bearer wrong"], "t0ken", 400),
+    (["Bearer wrong", "Bearer t0ken"], "t0ken", 400), (["Bearer t0ken", "Bearer t0ken"], "t0ken", 400),
+    ([], "t0ken", 401), (["Bearer wrong"], "t0ken", 401), (["Basic t0ken"], "t0ken", 401),
+    ([], None, None), (["Bearer a", "Bearer b"], None, 400),
+])
+def test_exactly_one_authorization_header(headers, token, status):
+    from pipeline.endpoint import check_bearer
+
+    if status is None:
+        check_bearer(headers, token)
+        return
+    with pytest.raises(HTTPException) as err:
+        check_bearer(headers, token)
+    assert err.value.status_code == status
+    assert ("send exactly one" in err.value.detail) == (status == 400)
+
+
+def test_build_names_are_relative_to_builds_root_and_no_link_in_a_build_leads_out(tmp_path):
+    root, elsewhere = tmp_path / "builds", tmp_path / "elsewhere"
+    for folder in (root / "demo" / "selected", elsewhere / "selected"):
+        folder.mkdir(parents=True)
+        (folder.parent / "manifest.json").write_text("{}")
+        (folder / "part-0.parquet").write_bytes(b"x")
+    catalog = BuildCatalog(str(root), None)
+    assert catalog.resolve("demo") == (root / "demo").resolve()  # not the server's working directory
+    assert catalog.resolve(str(root / "demo")) == (root / "demo").resolve()
+    (root / "linked").symlink_to(elsewhere)  # the folder itself leads out
+    (root / "inner" / "selected").mkdir(parents=True)
+    (root / "inner" / "manifest.json").symlink_to(elsewhere / "manifest.json")  # a file in it leads out
+    (root / "deep" / "selected").mkdir(parents=True)
+    (root / "deep" / "manifest.json").write_text("{}")
+    (root / "deep" / "selected" / "part-0.parquet").symlink_to(elsewhere / "selected" / "part-0.parquet")
+    for name in ("../elsewhere", str(elsewhere), "linked", "inner", "deep"):
+        with pytest.raises(HTTPException) as err:
+            catalog.resolve(name)
+        assert err.value.status_code == 403 and "outside builds_root" in err.value.detail, name
+
+
+def test_a_photo_cut_short_in_its_header_is_truncated_like_one_cut_later():
+    """The endpoint answers 400 for both (REJECT_STATUS maps only other reasons); a build's errors/
+    says truncated for both."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.config import PreprocessConfig
+    from pipeline.endpoint import REJECT_STATUS
+    from pipeline.errors import ImageRejected
+    from pipeline.preprocessing import decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 200), "red").save(buf, "JPEG")
+    jpeg = buf.getvalue()
+    reasons = []
+    for data in (jpeg[:200], jpeg[:20], jpeg[: len(jpeg) // 2], b"\x89PNG\r\n\x1a\n" + b"\0" * 20):
+        with pytest.raises(ImageRejected) as err:
+            decode_image(data, PreprocessConfig())
+        reasons.append(err.value.reason)
+    assert reasons == ["truncated"] * 4 and REJECT_STATUS.get("truncated", 400) == 400
+
+
+def test_the_published_contract_has_no_cdn_pages_and_lists_every_status_of_the_probe():
+    from actors.serve_app import api
+    from pipeline.endpoint import openapi_document
+
+    assert api.docs_url is None and api.redoc_url is None  # FastAPI's pages load scripts from a public CDN
+    try:
+        doc = openapi_document(api, token_required=True)
+        assert set(doc["paths"]["/healthz"]["get"]["responses"]) == {"200", "503"}
+        assert {"400", "401", "503"} <= set(doc["paths"]["/annotate"]["post"]["responses"])
+    finally:
+        api.openapi_schema = None  # the app's own replica builds it with its token setting
+
+
+@pytest.mark.parametrize("value, says", [
+    (b"Aus \xe9bus", "species: not UTF-8 text"),            # latin-1 bytes: was decoded as latin-1 and accepted
+    ("Aus \x85bus".encode(), "species: control characters"),  # C1 (NEL), in UTF-8: was let through
+    ("Aus bus\x9b".encode(), "species: control characters"),
+])
+def test_multipart_text_fields_are_utf_8_without_controls_as_in_json(value, says):
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\nPNGDATA\r\n--{boundary}\r\n"
+            f"Content-Disposition: form-data; name=\"species\"\r\n\r\n").encode() + value + f"\r\n--{boundary}--\r\n".encode()
+    err = refused(request(body, f"multipart/form-data; boundary={boundary}"))
+    assert err.status_code == 400 and says in err.detail, err.detail
+    good = body.replace(value, "Aus ébus".encode())
+    assert asyncio.run(read_request(request(good, f"multipart/form-data; boundary={boundary}"), LIMITS))["species"] == "Aus ébus"
+    json_err = refused(request(b'{"image_base64": "AAAA", "species": "' + value + b'"}', "application/json"))
+    assert json_err.status_code == 400 and ("not UTF-8" in json_err.detail or says in json_err.detail)
+
+
+def test_admission_sheds_beyond_slots_and_queue_with_a_body_that_names_no_setting():
+    from pipeline.endpoint import Admission
+
+    async def scenario():
+        admission = Admission(slots=2, queued=1, retry_after_s=2)
+        release = asyncio.Event()
+        order = []
+
+        async def work(name):
+            try:
+                async with admission.slot():
+                    order.append(f"in {name}")
+                    await release.wait()
+            except HTTPException as exc:
+                order.append(f"shed {name}")
+                return exc
+
+        tasks = [asyncio.create_task(work(n)) for n in "abcd"]
+        await asyncio.sleep(0.05)
+        assert order == ["in a", "in b", "shed d"] and admission.waiting == 1  # c waits, d is shed
+        release.set()
+        results = await asyncio.gather(*tasks)
+        assert order[-1] == "in c" and admission.waiting == 0
+        return results[3]
+
+    shed = asyncio.run(scenario())
+    assert shed.status_code == 503 and shed.headers == {"Retry-After": "2"}
+    assert "queue is full" in shed.detail and "=" not in shed.detail  # no internal settings
+
+
+def test_headers_over_the_limit_are_431_on_every_route():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from pipeline.endpoint import HeaderLimit
+
+    app = FastAPI()
+    app.add_middleware(HeaderLimit)
+    app.state.max_header_bytes = 2048
+    app.get("/healthz")(lambda: {"status": "ok"})
+    client = TestClient(app)
+    assert client.get("/healthz").status_code == 200
+    r = client.get("/healthz", headers={"x-junk": "j" * 4096})
+    assert r.status_code == 431 and "max_header_bytes=2048" in r.json()["detail"]
+    assert client.get("/openapi.json", headers={"x-junk": "j" * 4096}).status_code == 431
