@@ -57,8 +57,8 @@ def held_out_images(images: dict[str, str], fraction: float, seed: int) -> set[s
 
 
 def image_member(data: bytes, preprocess) -> tuple[str, bytes]:
-    """(WebDataset extension, bytes) of a photo as the trainer reads it: a JPEG, PNG or WebP as it
-    is, anything else (TIFF, 16-bit, CMYK...) converted to an RGB PNG."""
+    """(WebDataset extension, bytes) of a photo or rendering as the trainer reads it: a JPEG, PNG or
+    WebP as it is, anything else (TIFF, 16-bit, CMYK...) converted to an RGB PNG."""
     if data[:3] == b"\xff\xd8\xff":
         return "jpg", data
     if data[:8] == b"\x89PNG\r\n\x1a\n":
@@ -139,8 +139,7 @@ def write_caption_shards(clip: ClipConfig, build: FinishedBuild, fs, out: str, p
     n_samples, train_images, annotations = 0, set(), 0
     # Renderings are made from a row's boxes (or read from its saved renderings): every column then.
     for table in build.tables("traits", TRAITS_READ if pictures is None else None):
-        table = table.filter(pc.equal(table["status"], "ok"))
-        table = table.filter(pc.invert(pc.is_null(table["description"])))
+        table = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["description"])))
         batch = table.to_pylist()
         made = pictures.of(batch) if pictures is not None else [None] * len(batch)
         for row, images in zip(batch, made):
@@ -153,7 +152,7 @@ def write_caption_shards(clip: ClipConfig, build: FinishedBuild, fs, out: str, p
                 if images is None:
                     member = original(image_id)
                 elif k < len(images):
-                    member = ("png" if images[k][:4] == b"\x89PNG" else "jpg", images[k])
+                    member = image_member(images[k], build.config.preprocess)
                 else:
                     member = None
                 if member is None:

@@ -33,12 +33,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import storage
 from pipeline.captions import SUMMARY
-from pipeline.config import (ConfigError, DownstreamConfig, ExportConfig, add_config_arguments, fsspec_options,
-                             load_config)
+from pipeline.config import ConfigError, DownstreamConfig, ExportConfig, add_config_arguments, load_config
 from pipeline.export import ExportedBuild, export_clip
-from pipeline.finished import FinishedBuild, NotFinished
+
 
 @contextlib.contextmanager
 def quiet_open_clip():
@@ -74,19 +72,16 @@ def caption_shards(cfg: DownstreamConfig, log) -> dict:
     section is there already; returns its clip_export.json."""
     shards = Path(cfg.out) / "shards"
     summary_file = shards / SUMMARY
-    fs, root = storage.filesystem(cfg.build, fsspec_options(cfg.storage, cfg.build))
-    try:
-        build_id = FinishedBuild(fs, root, cfg.build).manifest.get("build_id")
-    except NotFinished as exc:
-        raise ConfigError(str(exc)) from None
-    if summary_file.exists():
-        summary = json.loads(summary_file.read_text())
-        if summary.get("build_id") == build_id and summary.get("clip") == cfg.clip.model_dump(mode="json"):
-            log(f"[sae-traits] downstream: caption shards of {cfg.build} already in {shards}")
-            return summary
     export = ExportConfig(build=cfg.build, format="clip", out=str(shards), overwrite=True, clip=cfg.clip,
                           storage=cfg.storage)
-    export_clip(export, ExportedBuild.of(export), log)
+    build = ExportedBuild.of(export)  # NotFinished (a ConfigError) for a folder that holds no finished build
+    if summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        if (summary.get("build_id") == build.manifest.get("build_id")
+                and summary.get("clip") == cfg.clip.model_dump(mode="json")):
+            log(f"[sae-traits] downstream: caption shards of {cfg.build} already in {shards}")
+            return summary
+    export_clip(export, build, log)
     return json.loads(summary_file.read_text())
 
 
@@ -207,11 +202,12 @@ def fine_tune(cfg: DownstreamConfig, run: str, command: list[str], log) -> dict:
     folder = Path(cfg.out) / "runs" / run
     record = folder / "sae_traits_command.json"
     settings = [a for a in command if a != sys.executable]
-    if record.exists() and json.loads(record.read_text())["command"] != settings:
+    recorded = json.loads(record.read_text()) if record.exists() else {"command": settings}
+    if recorded["command"] != settings:
         raise ConfigError(f"out: {folder} holds a fine-tune made with other settings "
-                          f"({changed_flags(json.loads(record.read_text())['command'], settings)}); use another out")
+                          f"({changed_flags(recorded['command'], settings)}); use another out")
     checkpoint = final_checkpoint(cfg, run)
-    finished = json.loads(record.read_text()).get("seconds") if record.exists() else None
+    finished = recorded.get("seconds")
     if finished is not None and checkpoint.exists():  # the trainer exited 0 after writing it
         log(f"[sae-traits] downstream: {run}: done earlier ({checkpoint})")
         return {"checkpoint": str(checkpoint), "seconds": finished}
@@ -305,13 +301,14 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
     for name in RUNS:
         command = trainer_command(cfg, name, shards, how, model, pretrained)
         runs[name] = {**fine_tune(cfg, name, command, log), "command": shlex.join(command)}
-    device = how["device"]
-    rows = [{"model": STARTING, **zero_shot(open_clip, model, pretrained, None, summary["species"], shards,
-                                            summary["shards"]["held_out"], cfg, device)}]
-    for name, label in RUNS.items():
-        rows.append({"model": label, "run": name, **zero_shot(open_clip, model, pretrained, runs[name]["checkpoint"],
-                                                              summary["species"], shards, summary["shards"]["held_out"],
-                                                              cfg, device), **runs[name]})
+
+    def evaluate(checkpoint: str | None) -> dict:
+        return zero_shot(open_clip, model, pretrained, checkpoint, summary["species"], shards,
+                         summary["shards"]["held_out"], cfg, how["device"])
+
+    rows = [{"model": STARTING, **evaluate(None)}]
+    rows += [{"model": label, "run": name, **evaluate(runs[name]["checkpoint"]), **runs[name]}
+             for name, label in RUNS.items()]
     result = {"build": cfg.build, "build_id": summary.get("build_id"), "model": cfg.model, "pretrained": cfg.pretrained,
               "train_samples": summary["samples"], "train_images": summary["train_images"],
               "held_out_images": summary["held_out_images"], "classes": len(summary["species"]),
