@@ -16,6 +16,7 @@ Whether a key may change between a run and its resume is said on the field (:fun
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from pathlib import Path
@@ -925,6 +926,14 @@ def add_config_arguments(parser, model: type[BaseModel] | None = None, docs: str
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set contrast.t_freq=0.01 (repeatable)")
+
+
+def flag_overrides(args: argparse.Namespace, keys: tuple[str, ...]) -> list[str]:
+    """A command's own flags (--build, --out, --overwrite ...) as overrides of the keys they name, to
+    be given after the --set ones: each as a JSON value (valid YAML: a string stays a string); a
+    flag not given (None) or a switch left off (False) is no override."""
+    return [f"{key}={json.dumps(value)}" for key in keys
+            if (value := getattr(args, key, None)) is not None and value is not False]  # (0 == False: a given 0 counts)
 
 
 def _section(field) -> type[Section] | None:

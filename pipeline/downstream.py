@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from pipeline.captions import SUMMARY
-from pipeline.config import ConfigError, DownstreamConfig, ExportConfig, add_config_arguments, load_config
+from pipeline.config import ConfigError, DownstreamConfig, ExportConfig, add_config_arguments, flag_overrides, load_config
 from pipeline.export import ExportedBuild, export_clip
 
 
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--out", help="a local folder for the shards, the fine-tunes and the results (key out)")
     add_config_arguments(parser, DownstreamConfig, "downstream.md")
     args = parser.parse_args(argv)
-    flags = [f"{key}={json.dumps(getattr(args, key))}" for key in ("build", "out") if getattr(args, key) is not None]
+    flags = flag_overrides(args, ("build", "out"))
     try:
         run(load_config(DownstreamConfig, args.config, [*args.overrides, *flags]))
     except ConfigError as exc:

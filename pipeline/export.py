@@ -44,7 +44,8 @@ from pipeline import storage
 from pipeline.annotation.describer import TEMPLATE_VERSION
 from pipeline.annotation.renderings import UnitImages
 from pipeline.captions import write_caption_shards
-from pipeline.config import BuildConfig, ConfigError, ExportConfig, add_config_arguments, fsspec_options, load_config
+from pipeline.config import (BuildConfig, ConfigError, ExportConfig, add_config_arguments, flag_overrides, fsspec_options,
+                             load_config)
 from pipeline.contract import IMAGE_COLUMNS, RENDERINGS_FIELD, TRAITS_SCHEMA
 from pipeline.finished import FinishedBuild
 
@@ -625,9 +626,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace what is at out (key overwrite)")
     add_config_arguments(parser, ExportConfig, "export.md")
     args = parser.parse_args(argv)
-    # The flags are keys like any other, given last: each as a JSON string (a YAML scalar that stays a string).
-    flags = [f"{key}={json.dumps(getattr(args, key))}" for key in ("build", "format", "out")
-             if getattr(args, key) is not None] + (["overwrite=true"] if args.overwrite else [])
+    flags = flag_overrides(args, ("build", "format", "out", "overwrite"))
     try:
         cfg = load_config(ExportConfig, args.config, [*args.overrides, *flags])
         # progress on stderr, the figures alone on stdout (for scripts)

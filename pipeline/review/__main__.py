@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from pipeline.config import ConfigError, add_config_arguments, load_config
+from pipeline.config import ConfigError, add_config_arguments, flag_overrides, load_config
 from pipeline.review.config import (
     ReviewSampleConfig,
     ReviewScoreConfig,
@@ -54,9 +54,7 @@ COMMANDS = {"sample": (ReviewSampleConfig, ("builds", "labels", "sweep", "per_bu
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser(prog).parse_args(argv)
     model, keys = COMMANDS[args.command]
-    # Each flag as a JSON value (valid YAML: a string stays a string), after the --set overrides.
-    flags = [f"{k}={json.dumps(getattr(args, k))}" for k in keys if getattr(args, k) is not None]
-    flags += ["overwrite=true"] if getattr(args, "overwrite", False) else []
+    flags = flag_overrides(args, (*keys, "overwrite"))
     def log(line: str) -> None:  # progress on stderr
         print(line, file=sys.stderr, flush=True)
     try:
