@@ -71,11 +71,10 @@ class RequestLimits:
 
     max_upload_bytes: int
     body_read_timeout_s: float
-    max_header_bytes: int
 
     @classmethod
     def of(cls, cfg: AnnotatorAppConfig) -> RequestLimits:
-        return cls(cfg.max_upload_bytes, cfg.body_read_timeout_s, cfg.max_header_bytes)
+        return cls(cfg.max_upload_bytes, cfg.body_read_timeout_s)
 
 
 LOOPBACK_NAMES = ("localhost",)
@@ -95,17 +94,6 @@ def check_open_access(host: str, cfg: AnnotatorAppConfig, token: str | None) -> 
             "or set allow_anonymous: true to serve it to anyone who can reach the port")
 
 
-def header_bytes(scope: dict) -> int:
-    return sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
-
-
-def check_headers(request: Request, max_header_bytes: int) -> None:
-    """431 when the request's headers together pass ``max_header_bytes``."""
-    size = header_bytes(request.scope)
-    if size > max_header_bytes:
-        raise HTTPException(431, f"request headers are {size} bytes > max_header_bytes={max_header_bytes}")
-
-
 class HeaderLimit:
     """ASGI middleware: 431 on every route (probes, the schema) for headers over the app's
     ``max_header_bytes`` (``app.state.max_header_bytes``, set by the replica from its config)."""
@@ -116,7 +104,7 @@ class HeaderLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
             limit = getattr(scope["app"].state, "max_header_bytes", self.default) if "app" in scope else self.default
-            size = header_bytes(scope)
+            size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
             if size > limit:
                 answer = JSONResponse({"detail": f"request headers are {size} bytes > max_header_bytes={limit}"}, 431)
                 return await answer(scope, receive, send)
@@ -180,7 +168,6 @@ async def read_request(request: Request, limits: RequestLimits) -> dict:
     """The request's fields, ``image`` as bytes; 4xx naming what is wrong. Multipart bodies are
     parsed by Starlette's form parser (python-multipart), which refuses what RFC 7578 does not
     allow in a form (RFC 2231 ``name*=`` / ``boundary*=`` parameters among them) with 400."""
-    check_headers(request, limits.max_header_bytes)
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";")[0].strip().lower()
     if kind == "multipart/form-data":
