@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -695,31 +695,45 @@ def test_the_front_answers_what_serve_should_never_read_and_publishes_two_routes
     assert requests.get(f"{app.url}/-/routes", timeout=30).status_code == 200  # there, but not published
 
 
-def test_serves_own_503_reaches_a_client_through_the_front_as_json_without_its_figures(app, front, load_factor):
+def test_serves_own_503_reaches_a_client_through_the_front_as_json_without_its_figures(app, front, load_factor,
+                                                                                       tmp_path):
     """Serve sheds with its own plain-text 503 naming its queue figures when a deployment's
     max_ongoing_requests and max_queued_requests are full (the app's endpoint_max_connections). A
-    deployment with one of each, mounted at /annotate for this test, is filled with slow calls: the
-    third call straight to Serve reads num_queued_requests; through the front it is a JSON detail with
-    Retry-After and no figure. Then /annotate is the app's again."""
+    deployment with one of each, mounted at /annotate for this test, holds its calls until the test
+    releases them: with one call running, of two more one waits and one is shed at once, its body
+    naming num_queued_requests; through the front the same 503 is a JSON detail with Retry-After and
+    no figure. Then /annotate is the app's again."""
     from ray import serve
+
+    gate = tmp_path  # the replica runs on this machine
 
     @serve.deployment(max_ongoing_requests=1, max_queued_requests=1, ray_actor_options={"num_cpus": 0})
     class Busy:
         async def __call__(self, request):
-            await asyncio.sleep(5)
+            (gate / "started").touch()
+            while not (gate / "release").exists():
+                await asyncio.sleep(0.05)
             return "done"
 
     serve.run(Busy.bind(), name="busy", route_prefix="/annotate")
     try:
         while "/annotate" not in requests.get(f"{app.url}/-/routes", timeout=30).json():  # the proxy has the route
             time.sleep(0.2)
-        with ThreadPoolExecutor(4) as pool:
-            held = [pool.submit(requests.post, f"{app.url}/annotate", timeout=60) for _ in range(2)]
-            time.sleep(1.0)
-            direct = requests.post(f"{app.url}/annotate", timeout=60)
-            fronted = requests.post(f"{front.url}/annotate", headers=AUTH, timeout=60)
-            assert [f.result().status_code for f in held] == [200, 200]
+        with ThreadPoolExecutor(3) as pool:
+            try:
+                running = pool.submit(requests.post, f"{app.url}/annotate", timeout=120)
+                deadline = time.monotonic() + 60 * load_factor
+                while not (gate / "started").exists():
+                    assert time.monotonic() < deadline and not running.done()
+                    time.sleep(0.05)
+                more = [pool.submit(requests.post, f"{app.url}/annotate", timeout=120) for _ in range(2)]
+                direct = next(as_completed(more, timeout=60 * load_factor)).result()  # the shed one, at once
+                fronted = requests.post(f"{front.url}/annotate", headers=AUTH, timeout=60)
+            finally:
+                (gate / "release").touch()
+            codes = sorted(f.result().status_code for f in [running, *more])
         print(f"\nServe's own 503: straight {direct.text!r}; through the front {fronted.text!r}")
+        assert codes == [200, 200, 503]
         assert direct.status_code == 503 and "num_queued_requests" in direct.text
         assert fronted.status_code == 503 and fronted.headers["retry-after"] == "2"
         assert "busy" in fronted.json()["detail"] and "queued" not in fronted.text
