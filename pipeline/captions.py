@@ -23,10 +23,12 @@ import random
 import tarfile
 from collections import defaultdict
 
+import numpy as np
 import pyarrow.compute as pc
-from PIL import Image
 
 from pipeline import storage
+from pipeline.annotation.prompts import sniff_image_mime
+from pipeline.annotation.renderings import png_bytes
 from pipeline.config import ClipConfig
 from pipeline.errors import ImageRejected
 from pipeline.finished import FinishedBuild
@@ -56,22 +58,16 @@ def held_out_images(images: dict[str, str], fraction: float, seed: int) -> set[s
     return held
 
 
+AS_THEY_ARE = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}  # MIME → WebDataset extension
+
+
 def image_member(data: bytes, preprocess) -> tuple[str, bytes]:
     """(WebDataset extension, bytes) of a photo or rendering as the trainer reads it: a JPEG, PNG or
     WebP as it is, anything else (TIFF, 16-bit, CMYK...) converted to an RGB PNG."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg", data
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png", data
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp", data
-    return "png", png_bytes(decode_image(data, preprocess))
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
+    try:
+        return AS_THEY_ARE[sniff_image_mime(data)], data
+    except (ValueError, KeyError):  # not one of those (sniff_image_mime also knows GIF, converted here)
+        return "png", png_bytes(np.asarray(decode_image(data, preprocess)), compress_level=6)  # Pillow's default
 
 
 class TarShards:
