@@ -163,6 +163,7 @@ class OutputLease:
         self.lost: str | None = None
         self._etag: str | None = None
         self._stop = threading.Event()
+        self._refreshing = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def path(self, generation: int) -> str:
@@ -244,8 +245,8 @@ class OutputLease:
         applied but whose answer was lost is retried, and the retry's condition then fails (412)."""
         self.fs.invalidate_cache(path)
         try:
-            with self.fs.open(path) as f:
-                mine = json.load(f).get("token") == self.record["token"]
+            # cat_file, not open: a file opened on S3 reads with If-Match on the ETag it first saw
+            mine = json.loads(self.fs.cat_file(path)).get("token") == self.record["token"]
             if mine:
                 self._etag = self.fs.info(path).get("ETag")
             return mine
@@ -260,6 +261,12 @@ class OutputLease:
 
     def refresh(self) -> None:
         """Rewrite the record (its modification time is the refresh), unless the lease was lost."""
+        # One refresh at a time: the keeper thread's and note_ray's would otherwise race on the ETag
+        # (each other's write fails the other's If-Match, and a read's own If-Match; CI saw a lease lost so).
+        with self._refreshing:
+            self._refresh()
+
+    def _refresh(self) -> None:
         path = self.path(self.generation)
         newer = [g for g in self.generations() if g > self.generation]
         if newer:
@@ -269,7 +276,7 @@ class OutputLease:
             try:  # only over our own record, as we last wrote it
                 self._etag = self.fs.pipe_file(path, data, IfMatch=self._etag).get("ETag")
             except FileNotFoundError:  # removed by a driver that took the lease over
-                return self._lose(None)
+                return None if self._stop.is_set() else self._lose(None)
             except OSError as exc:  # 412: rewritten by another driver, or our own write applied but unanswered
                 if "condition" not in str(exc):
                     raise

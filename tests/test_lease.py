@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -165,6 +166,24 @@ def test_on_s3_the_lease_is_created_with_a_conditional_put(s3):
     with OutputLease(url, options, 60) as again:
         assert again.generation == 1
     assert not fs.exists(f"{url}/{LEASE}/00000001.json")
+
+
+def test_refreshes_at_once_keep_the_lease(s3):
+    """The keeper thread and note_ray refresh the same record; one's write must not make the other
+    think its lease was taken (a 412 on its If-Match, or on the If-Match of s3fs's read of the
+    record: CI saw a lease lost so)."""
+    url, options, _ = s3
+    for _ in range(2):
+        lease = OutputLease(url, options, 60).acquire()
+        try:
+            refreshers = [threading.Thread(target=lambda: [lease.refresh() for _ in range(20)]) for _ in range(3)]
+            for thread in refreshers:
+                thread.start()
+            for thread in refreshers:
+                thread.join()
+            assert lease.lost is None, lease.lost
+        finally:
+            lease.release()
 
 
 def test_on_a_store_that_loses_answers_a_retried_conditional_write_keeps_the_lease(s3, s3_server):
