@@ -177,6 +177,11 @@ class OutputLease:
             return []
         return sorted(int(n) for n in (posixpath.basename(p).removesuffix(".json") for p in names) if n.isdigit())
 
+    def _load(self, path: str) -> dict[str, Any]:
+        # cat_file, not open: a file opened on S3 reads with If-Match on the ETag it first saw, and
+        # its holder's refresh between the two answers 412
+        return json.loads(self.fs.cat_file(path))
+
     def _age_s(self, path: str) -> float:
         info = self.fs.info(path)
         modified = info.get("mtime") or info.get("LastModified") or info.get("created")
@@ -191,8 +196,7 @@ class OutputLease:
             if generations:
                 top = self.path(generations[-1])
                 try:
-                    with self.fs.open(top) as f:
-                        holder = json.load(f)
+                    holder = self._load(top)
                     age_s = self._age_s(top)
                 except FileNotFoundError:
                     continue  # released just now
@@ -245,8 +249,7 @@ class OutputLease:
         applied but whose answer was lost is retried, and the retry's condition then fails (412)."""
         self.fs.invalidate_cache(path)
         try:
-            # cat_file, not open: a file opened on S3 reads with If-Match on the ETag it first saw
-            mine = json.loads(self.fs.cat_file(path)).get("token") == self.record["token"]
+            mine = self._load(path).get("token") == self.record["token"]
             if mine:
                 self._etag = self.fs.info(path).get("ETag")
             return mine
@@ -299,8 +302,7 @@ class OutputLease:
         holder = ""
         if newer is not None:
             try:
-                with self.fs.open(newer) as f:
-                    holder = f": {describe(json.load(f))} took it over"
+                holder = f": {describe(self._load(newer))} took it over"
             except (OSError, ValueError):
                 pass
         self.lost = f"this driver lost its lease on {self.url}{holder} (it had not been refreshed in time)"
