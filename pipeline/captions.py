@@ -27,9 +27,9 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipeline import storage
-from pipeline.annotation.prompts import sniff_image_mime
 from pipeline.annotation.renderings import png_bytes
 from pipeline.config import ClipConfig
+from pipeline.contract import image_format
 from pipeline.errors import ImageRejected
 from pipeline.finished import FinishedBuild
 from pipeline.preprocessing import decode_image
@@ -58,16 +58,16 @@ def held_out_images(images: dict[str, str], fraction: float, seed: int) -> set[s
     return held
 
 
-AS_THEY_ARE = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}  # MIME → WebDataset extension
+AS_THEY_ARE = ("JPEG", "PNG", "WEBP")  # what open_clip's WebDataset loader decodes as they are
 
 
 def image_member(data: bytes, preprocess) -> tuple[str, bytes]:
     """(WebDataset extension, bytes) of a photo or rendering as the trainer reads it: a JPEG, PNG or
-    WebP as it is, anything else (TIFF, 16-bit, CMYK...) converted to an RGB PNG."""
-    try:
-        return AS_THEY_ARE[sniff_image_mime(data)], data
-    except (ValueError, KeyError):  # not one of those (sniff_image_mime also knows GIF, converted here)
-        return "png", png_bytes(np.asarray(decode_image(data, preprocess)), compress_level=6)  # Pillow's default
+    WebP as it is, anything else (TIFF, GIF, 16-bit, CMYK...) converted to an RGB PNG."""
+    fmt = image_format(data)
+    if fmt is not None and fmt.pillow in AS_THEY_ARE:
+        return fmt.suffix, data
+    return "png", png_bytes(np.asarray(decode_image(data, preprocess)), compress_level=6)  # Pillow's default
 
 
 class TarShards:

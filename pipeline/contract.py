@@ -15,6 +15,7 @@ names follow DESIGN §5 (extra columns are allowed, none of the required ones ma
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -81,6 +82,32 @@ ERRORS_SCHEMA = pa.schema([
     ("reason", pa.string()), ("detail", pa.string()),
 ])
 ERRORS = "errors"  # the output folder of ERRORS_SCHEMA rows
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """An image format as its first bytes tell it (never its file name): Pillow's name for it, its
+    MIME type and its file suffix."""
+    pillow: str
+    mime: str
+    suffix: str
+    magic: bytes
+    """A pattern matched at the start of the bytes."""
+
+
+IMAGE_FORMATS = (
+    ImageFormat("JPEG", "image/jpeg", "jpg", rb"\xff\xd8\xff"),
+    ImageFormat("PNG", "image/png", "png", rb"\x89PNG\r\n\x1a\n"),
+    ImageFormat("WEBP", "image/webp", "webp", rb"RIFF.{4}WEBP"),
+    ImageFormat("GIF", "image/gif", "gif", rb"GIF8[79]a"),
+    ImageFormat("TIFF", "image/tiff", "tif", rb"II\*\x00|MM\x00\*"),
+)
+
+
+def image_format(data: bytes) -> ImageFormat | None:
+    """The format whose signature ``data`` starts with, or None."""
+    head = bytes(data[:16])
+    return next((f for f in IMAGE_FORMATS if re.match(f.magic, head, re.DOTALL)), None)
 
 
 @dataclass(frozen=True)

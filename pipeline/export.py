@@ -46,7 +46,7 @@ from pipeline.annotation.renderings import UnitImages
 from pipeline.captions import write_caption_shards
 from pipeline.config import (BuildConfig, ConfigError, ExportConfig, add_config_arguments, flag_overrides, fsspec_options,
                              load_config)
-from pipeline.contract import IMAGE_COLUMNS, RENDERINGS_FIELD, TRAITS_SCHEMA
+from pipeline.contract import IMAGE_COLUMNS, RENDERINGS_FIELD, TRAITS_SCHEMA, image_format
 from pipeline.finished import FinishedBuild
 
 PAPER = ('"Automatic Image-Level Morphological Trait Annotation for Organismal Images" (ICLR 2026)')
@@ -306,7 +306,8 @@ def hf_features(schema: pa.Schema) -> tuple[dict, list]:
 
 
 def image_suffix(data: bytes) -> str:
-    return "png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "jpg"
+    fmt = image_format(data)
+    return fmt.suffix if fmt else "bin"
 
 
 def hf_row(row: dict, pictures: list[bytes], family: str | None, id_name: str) -> dict:

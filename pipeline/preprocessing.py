@@ -24,7 +24,7 @@ from PIL import Image, ImageFile
 
 from pipeline.config import PreprocessConfig
 from pipeline.storage import StorageUnavailable
-from pipeline.contract import GEOMETRY_SCHEMA, INDEX_SCHEMA
+from pipeline.contract import GEOMETRY_SCHEMA, INDEX_SCHEMA, image_format
 from pipeline.errors import ImageRejected, Rejected, error_detail
 
 # We check the pixel count ourselves from the header (max_pixels), before decoding; PIL's own
@@ -32,9 +32,6 @@ from pipeline.errors import ImageRejected, Rejected, error_detail
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error, not a grey band
 
-# The first bytes of the formats specimen photos come in: bytes that start so but do not open are
-# a photo cut short, not some other kind of file.
-SIGNATURES = (("JPEG", b"\xff\xd8\xff"), ("PNG", b"\x89PNG\r\n\x1a\n"), ("TIFF", b"II*\x00"), ("TIFF", b"MM\x00*"))
 PATCH_PX = 14  # DINOv2's; a build passes its backbone's own (pipeline.encoding.backbone_patch_px)
 GEOMETRY_TYPES = {f.name: f.type.to_pandas_dtype().__name__ for f in GEOMETRY_SCHEMA}  # numpy dtype names
 GEOMETRY_COLUMNS = tuple(GEOMETRY_SCHEMA.names)
@@ -126,10 +123,11 @@ def open_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
     try:  # reads the header only; only the accepted formats' plugins look at the bytes
         img = Image.open(io.BytesIO(data), formats=cfg.formats)
     except Exception:  # UnidentifiedImageError and friends; their message names a BytesIO's address
-        cut = next((fmt for fmt, magic in SIGNATURES if data.startswith(magic)
-                    and (cfg.formats is None or fmt in cfg.formats)), None)
-        if cut is not None:  # a photo cut off before the end of its header: the same as one cut later
-            raise ImageRejected("truncated", f"{cut} of {len(data)} bytes whose header Pillow cannot read "
+        # Bytes that start as an accepted format but do not open are a photo cut off before the end
+        # of its header: the same as one cut later, not some other kind of file.
+        cut = image_format(data)
+        if cut is not None and (cfg.formats is None or cut.pillow in cfg.formats):
+            raise ImageRejected("truncated", f"{cut.pillow} of {len(data)} bytes whose header Pillow cannot read "
                                              "(cut short)") from None
         accepted = "/".join(cfg.formats) if cfg.formats else "image"
         raise ImageRejected("not_an_image", f"{len(data)} bytes in no {accepted} format Pillow reads "

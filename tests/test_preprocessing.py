@@ -261,6 +261,23 @@ def test_only_the_accepted_formats_are_decoded_told_apart_by_their_bytes():
         assert err.value.reason == "not_an_image" and "no JPEG/PNG/WEBP/TIFF format" in err.value.detail
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow, on the cut TIFF
+@pytest.mark.parametrize("fmt,suffix", [("JPEG", "jpg"), ("PNG", "png"), ("WEBP", "webp"), ("GIF", "gif"),
+                                        ("TIFF", "tif")])
+def test_a_format_is_told_by_its_bytes_whole_or_cut_short(fmt, suffix):
+    """One table of signatures (contract.IMAGE_FORMATS) tells the format to the decoder, the LLM's
+    MIME type, the caption shards and the exports' file names."""
+    from pipeline.contract import image_format
+    from pipeline.export import image_suffix
+
+    data = encode(Image.new("RGB", (32, 32), "red"), fmt)
+    assert image_format(data).pillow == fmt and image_suffix(data) == suffix
+    with pytest.raises(ImageRejected) as err:  # cut inside its header: a photo cut short, not some other file
+        decode_image(data[:20], PreprocessConfig())
+    assert err.value.reason == "truncated" and err.value.detail.startswith(f"{fmt} of 20 bytes")
+    assert image_format(b"BM" + data[2:]) is None and image_suffix(b"BM" + data[2:]) == "bin"
+
+
 def test_error_detail_drops_object_addresses():
     from pipeline.errors import error_detail
 

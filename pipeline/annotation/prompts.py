@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from pipeline.annotation.llm import ChatRequest
 from pipeline.annotation.vocabulary import ATTRIBUTES, INSECT, Vocabulary
+from pipeline.contract import image_format
 
 TEMPERATURE = 0.01
 # The paper's budgets were for free text; JSON (keys, quotes, braces) costs more tokens for the
@@ -41,6 +42,7 @@ TEMPERATURE = 0.01
 MAX_TOKENS_ONE_IMAGE = 196
 MAX_TOKENS_SEVERAL_IMAGES = 256
 RENDERS = ("overlay", "crop", "mllm_only")
+LLM_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what OpenAI-compatible chat APIs take as image_url
 # Bounds in the answer schema. An engine that enforces the schema (vLLM's guided decoding) needs
 # them to end an answer whose model never stops on its own (random weights do not), and they cap a
 # real model's answer at what the prompts ask for (at most 8 traits alone, 10 for the MLLM-only
@@ -253,17 +255,12 @@ def prompt_version(render: str = "overlay", n_images: int = 1, *, include_taxon:
 # --- images ---------------------------------------------------------------------------------
 
 def sniff_image_mime(data: bytes) -> str:
-    """The true MIME type from the magic number (the reference labelled PNGs as JPEG, §3.3)."""
-    head = bytes(data[:12])
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    raise ValueError(f"not a PNG, JPEG, WebP or GIF image: first bytes {head!r}")
+    """The true MIME type from the magic number (the reference labelled PNGs as JPEG, §3.3), of the
+    formats an OpenAI-compatible server takes."""
+    fmt = image_format(data)
+    if fmt is None or fmt.pillow not in LLM_IMAGE_FORMATS:
+        raise ValueError(f"not a PNG, JPEG, WebP or GIF image: first bytes {bytes(data[:12])!r}")
+    return fmt.mime
 
 
 def image_part(data: bytes) -> dict:
