@@ -17,11 +17,9 @@ import sys
 
 from pipeline import storage
 from pipeline.config import BuildConfig, ConfigError, add_config_arguments, load_config
-from pipeline.console import PREFIX, say
+from pipeline.console import EXIT_FAILED, PREFIX, say, stopped
 from pipeline.contract import STAGE
-from pipeline.lease import LeaseLost, OutputBusy, OutputLease
-
-EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE, EXIT_BUSY = 1, 2, 3, 4
+from pipeline.lease import LeaseLost, OutputLease
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -65,28 +63,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 def failure_exit(exc: Exception, cfg: BuildConfig | None, build, verbose: bool) -> int:
     """One clear line for a build that stopped, and its exit code (re-raised when nothing better can be said)."""
-    if isinstance(exc, ConfigError):
-        say(f"error: {exc}", err=True)
-        return EXIT_CONFIG
-    if isinstance(exc, (OutputBusy, LeaseLost)):
-        say(f"error: {exc}", err=True)
-        return EXIT_BUSY
-    if cfg is None:
-        raise exc
-    if (unavailable := storage.unavailable_error(exc)) is not None:  # retries spent, in the driver or a task
-        say(f"error: storage unreachable: {unavailable.message}\n  the build of {cfg.output} stopped; what it "
-            "wrote is kept: rerun the same command once the store answers again and it resumes", err=True)
-        return EXIT_STORAGE  # not 1 (a crash) nor 2 (a config to fix): the same command may work later
-    where = storage.join(cfg.output, STAGE[build.current].output) if build and build.current else cfg.output
-    if (unwritable := storage.write_failure(exc, cfg.output, where)) is not None:
-        say(f"error: {unwritable}" + (f"\n  the traceback is in {build.log_path}" if build and build.log_path else ""),
-            err=True)
-        return EXIT_STORAGE
-    if verbose or build is None or build.log_path is None:
+    where = storage.join(cfg.output, STAGE[build.current].output) if cfg and build and build.current else None
+    log_path = build.log_path if build else None
+    if (code := stopped(exc, cfg.output if cfg else None, where, resumes=True, log_path=log_path)) is not None:
+        return code
+    if verbose or log_path is None:
         raise exc
     say(f"error: the build failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        f"\n  the full traceback is in {build.log_path}; what was written is kept and the same command resumes",
-        err=True)
+        f"\n  the full traceback is in {log_path}; what was written is kept and the same command resumes", err=True)
     return EXIT_FAILED
 
 

@@ -17,7 +17,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from pipeline import storage
+from pipeline.config import ConfigError
+from pipeline.lease import LeaseLost, OutputBusy
+
 PREFIX = "[sae-traits]"
+# Every command's exit codes (README, docs/build.md): 1 a failure whose traceback is the report;
+# 2 a config to fix; 3 the store or the output could not be reached or written; 4 another driver
+# is writing the output.
+EXIT_FAILED, EXIT_CONFIG, EXIT_STORAGE, EXIT_BUSY = 1, 2, 3, 4
 BAR_WIDTH = 24
 
 _console: tuple[TextIO, TextIO] | None = None  # (out, err) while quiet() holds the real console
@@ -34,6 +42,30 @@ def say(line: str, err: bool = False) -> None:
     stream = _out(err)
     stream.write(line + "\n")
     stream.flush()
+
+
+def stopped(exc: BaseException, output: str | None = None, where: str | None = None, *, resumes: bool = False,
+            log_path: str | Path | None = None) -> int | None:
+    """If ``exc`` is something the user can act on — a config to fix, a store that does not
+    answer, an ``output`` that cannot be written (``where`` names the path when the error does
+    not), another driver on the output — say so in one line and return the exit code; None for
+    anything else (a bug: the caller re-raises or reports it). ``resumes``: the same command goes
+    on from what was written; ``log_path``: where the traceback of a write failure went."""
+    if isinstance(exc, ConfigError):
+        say(f"error: {exc}", err=True)
+        return EXIT_CONFIG
+    if isinstance(exc, (OutputBusy, LeaseLost)):
+        say(f"error: {exc}", err=True)
+        return EXIT_BUSY
+    if (unavailable := storage.unavailable_error(exc)) is not None:  # retries spent, in this process or a task
+        kept = "what was written is kept: " if resumes else ""
+        say(f"error: storage unreachable: {unavailable.message}\n  {kept}rerun the same command once the store "
+            f"answers again{' and it resumes' if resumes else ''}", err=True)
+        return EXIT_STORAGE  # not 1 (a crash) nor 2 (a config to fix): the same command may work later
+    if output is not None and (unwritable := storage.write_failure(exc, output, where or output, resumes)) is not None:
+        say(f"error: {unwritable}" + (f"\n  the traceback is in {log_path}" if log_path else ""), err=True)
+        return EXIT_STORAGE
+    return None
 
 
 def is_terminal() -> bool:

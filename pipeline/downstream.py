@@ -35,6 +35,7 @@ import torch
 
 from pipeline.captions import SUMMARY
 from pipeline.config import ConfigError, DownstreamConfig, ExportConfig, add_config_arguments, flag_overrides, load_config
+from pipeline.console import EXIT_FAILED, stopped
 from pipeline.export import ExportedBuild, export_clip
 
 
@@ -345,14 +346,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_config_arguments(parser, DownstreamConfig, "downstream.md")
     args = parser.parse_args(argv)
     flags = flag_overrides(args, ("build", "out"))
+    cfg = None
     try:
-        run(load_config(DownstreamConfig, args.config, [*args.overrides, *flags]))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
+        cfg = load_config(DownstreamConfig, args.config, [*args.overrides, *flags])
+        run(cfg)
+    except RuntimeError as exc:  # a fine-tune or the evaluation failed: its log is named
         print(f"[sae-traits] downstream failed: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
+    except Exception as exc:
+        if (code := stopped(exc, cfg.out if cfg else None, resumes=True)) is None:
+            raise
+        return code
     return 0
 
 

@@ -321,7 +321,9 @@ class OutputLease:
             try:
                 self.refresh()
             except Exception:  # a store hiccup: the next refresh tries again (the build itself reports outages)
-                logger.warning("could not refresh the lease on %s", self.url, exc_info=True)
+                # Released meanwhile (the driver is ending, its console restored): not the user's news
+                level = logging.DEBUG if self._stop.is_set() else logging.WARNING
+                logger.log(level, "could not refresh the lease on %s", self.url, exc_info=True)
 
     def _remove(self, path: str) -> None:
         try:

@@ -38,7 +38,8 @@ from PIL import Image, ImageDraw
 from pipeline import storage
 from pipeline.annotation.renderings import crop_box, union_box
 from pipeline.boxes import zones_to_boxes
-from pipeline.config import BuildConfig, ConfigError
+from pipeline.config import BuildConfig
+from pipeline.console import stopped
 from pipeline.finished import FinishedBuild
 from pipeline.preprocessing import Geometry, decode_image
 from pipeline.report_data import BuildData, RowsBy
@@ -551,9 +552,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         print(write_report(args.build, args.storage_options, max_species_per_page=args.max_species_per_page,
                            max_images=args.max_images, max_gallery=args.max_gallery, max_rows=args.max_rows))
-    except ConfigError as exc:  # not a finished build (pipeline.finished), or its config unreadable
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # ConfigError: not a finished build (pipeline.finished), or its config unreadable
+        if (code := stopped(exc, args.build)) is None:
+            raise
+        return code
     return 0
 
 

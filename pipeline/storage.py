@@ -212,15 +212,17 @@ _ERRNO_IN_MESSAGE = re.compile(r"\[?errno (\d+)\]?", re.IGNORECASE)  # Arrow's a
 
 
 class OutputUnwritable(Exception):
-    """The build's output could not be written (full, read-only, forbidden); nothing is lost."""
+    """A command's output could not be written (full, read-only, forbidden); with ``resumes`` (a
+    build, a training run) what was written is kept and a rerun goes on from it."""
 
-    def __init__(self, path: str, code: int):
+    def __init__(self, path: str, code: int, resumes: bool = True):
         self.path, self.code = path, code
-        super().__init__(f"cannot write {path}: {os.strerror(code)} (errno {code}); what was written is kept: "
-                         f"{WRITE_ERRNOS[code]} and rerun the same command to resume")
+        kept, then = ("what was written is kept: ", " to resume") if resumes else ("", "")
+        super().__init__(f"cannot write {path}: {os.strerror(code)} (errno {code}); {kept}"
+                         f"{WRITE_ERRNOS[code]} and rerun the same command{then}")
 
 
-def write_failure(exc: BaseException | None, output: str, where: str) -> OutputUnwritable | None:
+def write_failure(exc: BaseException | None, output: str, where: str, resumes: bool = True) -> OutputUnwritable | None:
     """The OutputUnwritable behind ``exc`` (itself, its cause or context, a Ray task's cause), if a
     write under ``output`` failed for want of space or permission; ``where`` names the path when
     the error does not (Arrow's write errors name none; a Ray task's error may carry the task's
@@ -237,9 +239,9 @@ def write_failure(exc: BaseException | None, output: str, where: str) -> OutputU
             code = errno.EACCES
         if code in WRITE_ERRNOS:
             if code not in (errno.EACCES, errno.EPERM):
-                return OutputUnwritable(str(path) if path else where, code)
+                return OutputUnwritable(str(path) if path else where, code, resumes)
             if isinstance(exc, OSError) and (path is None or _under(str(path), output)):
-                return OutputUnwritable(str(path) if path else where, code)
+                return OutputUnwritable(str(path) if path else where, code, resumes)
         inner = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError: the task's own exception
         exc = inner if isinstance(inner, BaseException) else exc.__cause__ or exc.__context__
     return None

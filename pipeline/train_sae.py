@@ -47,11 +47,12 @@ from actors.encoder import PatchActivations
 from pipeline import storage
 from pipeline.config import (ConfigError, SAETrainSpec, SourceConfig, TrainLoop, TrainSAEConfig, add_config_arguments,
                              config_changes, fsspec_options, load_config, runtime_keys)
+from pipeline.console import stopped
 from pipeline.contract import STATE
 from pipeline.encoding import backbone_config, backbone_patch_px
 from pipeline.execution import (SHARD_BATCHES, ActorPool, PoolAsk, encode_images, encoder_pool, ensure_placeable,
                                 in_shards, in_tasks, init_ray)
-from pipeline.lease import OutputBusy, OutputLease
+from pipeline.lease import OutputLease
 from pipeline.sae import CheckpointError, SAESpec, SparseAutoencoder, save_sae, save_saev, save_saev_schema5
 from pipeline.sources import build_index
 
@@ -482,15 +483,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     add_config_arguments(parser, TrainSAEConfig, "training.md")
     parser.add_argument("--overwrite", action="store_true", help="discard an earlier run in the output and start again")
     args = parser.parse_args(argv)
+    cfg = None
     try:
         cfg = load_config(TrainSAEConfig, args.config, args.overrides)
         fit(cfg, overwrite=args.overwrite)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OutputBusy as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 4
+    except Exception as exc:  # a run resumes from its last checkpoint
+        if (code := stopped(exc, cfg.output if cfg else None, resumes=True)) is None:
+            raise
+        return code
     return 0
 
 

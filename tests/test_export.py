@@ -5,6 +5,7 @@ Expected rows are counted from the build's own tables; bad invocations are refus
 import io
 import json
 import shutil
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -295,3 +296,35 @@ def test_bad_invocations_are_refused_naming_the_key(demo_build, tmp_path, capsys
         capsys, "--build", build, "--format", "hf", "--out", tmp_path / "y", "--set", "image=overlay")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert pc.sum(pc.equal(traits_of(build, ["status"])["status"], "ok")).as_py() > 0  # the build is untouched
+
+
+def test_an_export_that_cannot_read_or_write_ends_in_one_line(demo_build, tmp_path, monkeypatch, capsys):
+    """Exit 3 and one line (docs/build.md#exit-codes), as for a build: an out on a read-only file
+    system (a real tmpfs), a build on a store that does not answer; the report command alike."""
+    from pipeline.report import main as report_main
+    from tests.test_write_failures import tmpfs
+
+    build, _ = demo_build
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        capsys.readouterr()
+        assert main(["--build", str(build), "--format", "dwca", "--out", f"{disk}/traits.zip"]) == 3
+        err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {disk}/") and err.strip().endswith(
+        "Read-only file system (errno 30); make the output writable and rerun the same command"), err
+    assert len(err.strip().splitlines()) == 1
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_SECRET)
+    nobody = "http://127.0.0.1:9"  # the discard port: nothing listens
+    for command, argv in ((main, ["--build", "s3://gone/build", "--format", "hf", "--out", tmp_path / "hf",
+                                  "--set", f"storage.endpoint_url={nobody}", "--set", "storage.max_attempts=1"]),
+                          (report_main, ["--build", "s3://gone/build", "--storage-options",
+                                         json.dumps({"endpoint_url": nobody, "config_kwargs": {"retries": {"max_attempts": 1}}})])):
+        capsys.readouterr()
+        assert command(list(map(str, argv))) == 3
+        err = capsys.readouterr().err
+        error = err[err.index("error: "):]
+        assert error.startswith("error: storage unreachable: s3://gone/build/") and "retries spent" in error, err
+        assert error.strip().endswith("rerun the same command once the store answers again") and "Traceback" not in err
+    assert not (tmp_path / "hf").exists()

@@ -159,8 +159,8 @@ def test_unreachable_store_ends_the_build_naming_the_path_and_a_rerun_resumes(ra
         error = err[err.rindex("error: "):] if "error: " in err else err[-3000:]
         assert error.startswith("error: storage unreachable: ") and "s3://" in error and "retries spent" in error, error
         assert run in error.splitlines()[0], error
-        assert f"the build of s3://{out} stopped" in error and "rerun the same command" in error, error
-        assert "Traceback" not in error
+        assert "what was written is kept: rerun the same command" in error and "it resumes" in error, error
+        assert "Traceback" not in err  # nor before it: a lease refresh cut off by the exit stays in the log
         assert 1 <= len(kept) < 13
         assert not left, f"workers of the failed job still running: {left}"
 

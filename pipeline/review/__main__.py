@@ -13,7 +13,8 @@ import argparse
 import json
 import sys
 
-from pipeline.config import ConfigError, add_config_arguments, flag_overrides, load_config
+from pipeline.config import add_config_arguments, flag_overrides, load_config
+from pipeline.console import stopped
 from pipeline.review.config import (
     ReviewSampleConfig,
     ReviewScoreConfig,
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     flags = flag_overrides(args, (*keys, "overwrite"))
     def log(line: str) -> None:  # progress on stderr
         print(line, file=sys.stderr, flush=True)
+    cfg = None
     try:
         cfg = load_config(model, args.config, [*args.overrides, *flags])
         if args.command == "sample":
@@ -65,9 +67,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             serve(cfg, log=log)
         else:
             print(markdown_table(*table_rows(score(cfg, log=log))))  # the table alone on stdout
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:
+        if (code := stopped(exc, getattr(cfg, "out", None))) is None:
+            raise
+        return code
     return 0
 
 
