@@ -68,6 +68,14 @@ def stopped(exc: BaseException, output: str | None = None, where: str | None = N
     return None
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table padded to line up as plain text too (printed, and in the .md files)."""
+    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
 def is_terminal() -> bool:
     try:
         return _out().isatty()

@@ -35,7 +35,7 @@ import torch
 
 from pipeline.captions import SUMMARY
 from pipeline.config import ConfigError, DownstreamConfig, ExportConfig, add_config_arguments, flag_overrides, load_config
-from pipeline.console import EXIT_FAILED, stopped
+from pipeline.console import EXIT_FAILED, markdown_table, stopped
 from pipeline.export import ExportedBuild, export_clip
 
 
@@ -324,9 +324,8 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
 
 def table(result: dict) -> str:
     k = next(key for key in result["rows"][0] if key.startswith("top") and key != "top1")
-    lines = [f"| model | top-1 | {k.replace('top', 'top-')} | held-out images |", "|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['top1']:.3f} | {r[k]:.3f} | {r['images']} |" for r in result["rows"]]
-    return "\n".join(lines)
+    return markdown_table(["model", "top-1", k.replace("top", "top-"), "held-out images"],
+                          [[r["model"], f"{r['top1']:.3f}", f"{r[k]:.3f}", str(r["images"])] for r in result["rows"]])
 
 
 def markdown(result: dict) -> str:

@@ -25,7 +25,7 @@ import yaml
 from pipeline import storage
 from pipeline.build import failure_exit
 from pipeline.config import BuildConfig, ConfigError, add_config_arguments, load_config
-from pipeline.console import PREFIX, say
+from pipeline.console import PREFIX, markdown_table, say
 from pipeline.contract import STAGES
 from pipeline.lease import OutputLease
 
@@ -95,15 +95,16 @@ def sweep_markdown(rows: list[dict], command: str) -> str:
     keys = list(rows[0]["values"]) if rows else []
     head = [*keys, "images encoded / reused", "pairs", "species", "candidates", "units", "answers reused",
             "LLM requests", "tokens (prompt + completion)", "status", "wall s (encode / annotate / all)"]
-    lines = ["# Sweep", "", f"`{command}`", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         wall = r["wall_s"]
-        cells = [*(str(r["values"][k]) for k in keys), f"{r['images_encoded']} / {r['images_reused']}",
-                 str(r["selected_pairs"]), str(r["species_covered"]), str(r["candidates"]), str(r["units"]),
-                 str(r["answers_reused"]), str(r["llm_requests"]), f"{r['prompt_tokens']} + {r['completion_tokens']}",
-                 ", ".join(f"{k} {v}" for k, v in r["status"].items()) or "none",
-                 f"{wall.get('encode', 0):.1f} / {wall.get('annotate', 0):.1f} / {sum(v or 0 for v in wall.values()):.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        cells.append([*(str(r["values"][k]) for k in keys), f"{r['images_encoded']} / {r['images_reused']}",
+                      str(r["selected_pairs"]), str(r["species_covered"]), str(r["candidates"]), str(r["units"]),
+                      str(r["answers_reused"]), str(r["llm_requests"]), f"{r['prompt_tokens']} + {r['completion_tokens']}",
+                      ", ".join(f"{k} {v}" for k, v in r["status"].items()) or "none",
+                      f"{wall.get('encode', 0):.1f} / {wall.get('annotate', 0):.1f} / "
+                      f"{sum(v or 0 for v in wall.values()):.1f}"])
+    lines = ["# Sweep", "", f"`{command}`", "", markdown_table(head, cells)]
     lines += ["", "Builds are in the order they ran; each reused the ones above it (images encoded and LLM "
               "requests are what it computed itself).", ""]
     return "\n".join(lines)

@@ -125,3 +125,9 @@ def assert_same_build(a: str | Path, b: str | Path, ignore: Mapping[str, Iterabl
         skip = {*ALWAYS_VARY.get(name, ()), *((ignore or {}).get(name, ()))}
         problems += table_differences(a, b, name, ignore=skip)
     assert not problems, f"builds {a} and {b} differ:\n  " + "\n  ".join(problems)
+
+
+def markdown_rows(text: str) -> list[list[str]]:
+    """The cells of every Markdown table row in ``text`` (header first, the --- line left out)."""
+    rows = [[c.strip() for c in line.strip()[1:-1].split("|")] for line in text.splitlines() if line.startswith("|")]
+    return [r for r in rows if not all(set(c) <= set("-:") for c in r)]

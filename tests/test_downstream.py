@@ -27,6 +27,7 @@ from pipeline.config import ConfigError
 from pipeline.demo.tiny_models import make_tiny_open_clip
 from pipeline.downstream import loader_workers, shard_pattern
 from pipeline.export import main as export_main
+from tests.tables import markdown_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # both fine-tunes and the evaluation; they take ~1-2 min on 2 cores
@@ -154,7 +155,8 @@ def test_downstream_fine_tunes_twice_resumes_a_killed_fine_tune_and_writes_the_t
     for run in ("traits", "species_only"):
         assert (out / "runs" / run / "checkpoints" / "epoch_2.pt").exists()
         assert f"--model {start_model} " in next(r["command"] for r in result["rows"] if r.get("run") == run)
-    assert "| starting model |" in (out / "downstream.md").read_text()
+    table = markdown_rows((out / "downstream.md").read_text())
+    assert table[0] == ["model", "top-1", "top-5", "held-out images"] and table[1][0] == "starting model", table
     assert "downstream.md" in done.stderr + done.stdout
     print(f"fine-tunes: {[r.get('seconds') for r in result['rows']]} s; {time.monotonic() - start:.0f} s in all")
     print((out / "downstream.md").read_text())

@@ -26,7 +26,7 @@ from pipeline.graph import Build
 from pipeline.reuse import PREVIOUS, EarlierBuild, matching
 from pipeline.sweep import main as sweep_main
 from tests.s3_server import client, download, storage_keys
-from tests.tables import assert_same_build
+from tests.tables import assert_same_build, markdown_rows
 
 BASE = ["encoder.num_gpus=1", "encoder.num_cpus=0.25", "report=false"]
 T_FREQS = (0.003, 0.01, 0.03)
@@ -85,8 +85,8 @@ def test_a_t_freq_sweep_encodes_each_image_once_and_asks_each_request_once(t_fre
     assert len(received) == len(set(received)) == len(distinct) == sum(b["llm_requests"] for b in builds)
     assert builds[1]["answers_reused"] > 0 and builds[2]["answers_reused"] > 0  # a unit in two builds is asked once
     assert len(distinct) < sum(len(k) for k in keys)
-    table = (sweep / "sweep.md").read_text()
-    assert "| contrast.t_freq | images encoded / reused |" in table and "| 0.01 | 0 / 104 |" in table
+    table = markdown_rows((sweep / "sweep.md").read_text())
+    assert table[0][:2] == ["contrast.t_freq", "images encoded / reused"] and ["0.01", "0 / 104"] in [r[:2] for r in table]
     # Each build equals a build of its config from scratch (the first one was one).
     for b in builds[1:]:
         out = tmp_path / b["build"]

@@ -14,14 +14,14 @@ import json
 import sys
 
 from pipeline.config import add_config_arguments, flag_overrides, load_config
-from pipeline.console import stopped
+from pipeline.console import markdown_table, stopped
 from pipeline.review.config import (
     ReviewSampleConfig,
     ReviewScoreConfig,
     ReviewServeConfig,
 )
 from pipeline.review.sample import sample
-from pipeline.review.score import markdown_table, score, table_rows
+from pipeline.review.score import score, table_rows
 from pipeline.review.server import serve
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import fsspec_options
+from pipeline.console import markdown_table
 from pipeline.finished import FinishedBuild
 from pipeline.review.config import FLAG_LABELS, FLAGS, RATINGS, ReviewScoreConfig
 from pipeline.review.folder import SCORES_DIR, Rating, ReviewFolder
@@ -137,14 +138,6 @@ def table_rows(scores: dict) -> tuple[list[str], list[list[str]]]:
              fmt(r["normalised_mean"]), interval(r["normalised_ci"]), fmt(r["alpha"], 3),
              *(str(r["flags"][f]) for f in FLAGS)] for r in scores["builds"]]
     return header, rows
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    """A Markdown table padded to line up as plain text too (what is printed)."""
-    widths = [max(len(c) for c in col) for col in zip(header, *rows)]
-    def line(cells):
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def scores_markdown(scores: dict, review: str) -> str:
