@@ -89,3 +89,22 @@ def test_a_disk_that_fills_during_encode_stops_the_build_in_one_line_and_the_rer
         assert code == 0, err[-3000:]
         assert "stage index: done in an earlier run" in out_text
         assert_same_build(clean, out)
+
+
+def test_the_demo_ends_a_bad_key_or_a_read_only_folder_in_one_line(tmp_path, capsys):
+    """`sae-traits demo` uses the build's exit codes too (docs/build.md#exit-codes)."""
+    from pipeline.demo.run import main as demo
+
+    capsys.readouterr()
+    assert demo(["--out", str(tmp_path / "demo"), "--set", "contrast.t_freq=often"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid configuration:\n  contrast.t_freq: Input should be a valid number"), err
+    assert not (tmp_path / "demo").exists()  # refused before anything was written
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        assert demo(["--out", f"{disk}/demo"]) == 3
+        err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {disk}/demo") and err.strip().endswith(
+        "Read-only file system (errno 30); make the output writable and rerun the same command"), err
+    assert len(err.strip().splitlines()) == 1
+

@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.graph import Build
-from pipeline.config import BuildConfig, ConfigError, TrainSAEConfig, merge, parse_overrides, validate
-from pipeline.console import quiet, say
+from pipeline.config import BuildConfig, TrainSAEConfig, merge, parse_overrides, validate
+from pipeline.console import quiet, say, stopped
 from pipeline.demo.specimens import generate_demo_dataset
 from pipeline.demo.tiny_models import make_tiny_dinov2
 from pipeline.train_sae import fit
@@ -107,15 +107,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     start = time.perf_counter()
     try:
         cfg = demo_build_config(out, args.overrides)
-    except ConfigError as exc:
-        say(f"error: {exc}", err=True)
-        return 2
-    log = out / "logs" / f"demo-{time.strftime('%Y%m%dT%H%M%S')}.log"
-    with nullcontext() if args.verbose else quiet(log):
-        prepare_demo(out, args.images_per_species)
-        (out / "build.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-        build = Build(cfg)
-        build.run(overwrite=True, quiet_log=not args.verbose)
+        log = out / "logs" / f"demo-{time.strftime('%Y%m%dT%H%M%S')}.log"
+        with nullcontext() if args.verbose else quiet(log):
+            prepare_demo(out, args.images_per_species)
+            (out / "build.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            build = Build(cfg)
+            build.run(overwrite=True, quiet_log=not args.verbose)
+    except Exception as exc:  # a config to fix, a disk that fills up: one line (docs/build.md#exit-codes)
+        if (code := stopped(exc, str(out))) is None:
+            raise
+        return code
     say(f"\n[demo] done in {time.perf_counter() - start:.0f} s")
     say(f"  data:          {out / 'data'}  (ground truth: {out / 'data' / 'ground_truth.csv'})")
     say(f"  models:        {out / 'models'}")
