@@ -68,6 +68,14 @@ def stopped(exc: BaseException, output: str | None = None, where: str | None = N
     return None
 
 
+def exit_code(exc: BaseException, output: str | None = None, *, resumes: bool = False) -> int:
+    """A command's exit code for ``exc``, said in one line by :func:`stopped`; what that does not
+    know is re-raised (a bug: its traceback is the report)."""
+    if (code := stopped(exc, output, resumes=resumes)) is None:
+        raise exc
+    return code
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table padded to line up as plain text too (printed, and in the .md files)."""
     widths = [max(len(c) for c in col) for col in zip(header, *rows)]

@@ -35,7 +35,7 @@ import torch
 
 from pipeline.captions import SUMMARY
 from pipeline.config import ConfigError, DownstreamConfig, ExportConfig, add_config_arguments, flag_overrides, load_config
-from pipeline.console import EXIT_FAILED, markdown_table, stopped
+from pipeline.console import EXIT_FAILED, exit_code, markdown_table
 from pipeline.export import ExportedBuild, export_clip
 
 
@@ -353,9 +353,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"[sae-traits] downstream failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
-        if (code := stopped(exc, cfg.out if cfg else None, resumes=True)) is None:
-            raise
-        return code
+        return exit_code(exc, cfg.out if cfg else None, resumes=True)
     return 0
 
 

@@ -46,7 +46,7 @@ from pipeline.annotation.renderings import UnitImages
 from pipeline.captions import write_caption_shards
 from pipeline.config import (BuildConfig, ConfigError, ExportConfig, add_config_arguments, flag_overrides, fsspec_options,
                              load_config)
-from pipeline.console import stopped
+from pipeline.console import exit_code
 from pipeline.contract import IMAGE_COLUMNS, RENDERINGS_FIELD, TRAITS_SCHEMA, image_format
 from pipeline.finished import FinishedBuild
 
@@ -635,9 +635,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         # progress on stderr, the figures alone on stdout (for scripts)
         print(json.dumps(export(cfg, log=lambda line: print(line, file=sys.stderr, flush=True)), indent=2))
     except Exception as exc:
-        if (code := stopped(exc, cfg.out if cfg else None)) is None:
-            raise
-        return code
+        return exit_code(exc, cfg.out if cfg else None)
     return 0
 
 

@@ -39,7 +39,7 @@ from pipeline import storage
 from pipeline.annotation.renderings import crop_box, union_box
 from pipeline.boxes import zones_to_boxes
 from pipeline.config import BuildConfig
-from pipeline.console import stopped
+from pipeline.console import exit_code
 from pipeline.finished import FinishedBuild
 from pipeline.preprocessing import Geometry, decode_image
 from pipeline.report_data import BuildData, RowsBy
@@ -553,9 +553,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(write_report(args.build, args.storage_options, max_species_per_page=args.max_species_per_page,
                            max_images=args.max_images, max_gallery=args.max_gallery, max_rows=args.max_rows))
     except Exception as exc:  # ConfigError: not a finished build (pipeline.finished), or its config unreadable
-        if (code := stopped(exc, args.build)) is None:
-            raise
-        return code
+        return exit_code(exc, args.build)
     return 0
 
 

@@ -47,7 +47,7 @@ from actors.encoder import PatchActivations
 from pipeline import storage
 from pipeline.config import (ConfigError, SAETrainSpec, SourceConfig, TrainLoop, TrainSAEConfig, add_config_arguments,
                              config_changes, fsspec_options, load_config, runtime_keys)
-from pipeline.console import stopped
+from pipeline.console import exit_code
 from pipeline.contract import STATE
 from pipeline.encoding import backbone_config, backbone_patch_px
 from pipeline.execution import (SHARD_BATCHES, ActorPool, PoolAsk, encode_images, encoder_pool, ensure_placeable,
@@ -488,9 +488,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         cfg = load_config(TrainSAEConfig, args.config, args.overrides)
         fit(cfg, overwrite=args.overwrite)
     except Exception as exc:  # a run resumes from its last checkpoint
-        if (code := stopped(exc, cfg.output if cfg else None, resumes=True)) is None:
-            raise
-        return code
+        return exit_code(exc, cfg.output if cfg else None, resumes=True)
     return 0
 
 

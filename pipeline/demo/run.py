@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.graph import Build
 from pipeline.config import BuildConfig, TrainSAEConfig, merge, parse_overrides, validate
-from pipeline.console import quiet, say, stopped
+from pipeline.console import exit_code, quiet, say
 from pipeline.demo.specimens import generate_demo_dataset
 from pipeline.demo.tiny_models import make_tiny_dinov2
 from pipeline.train_sae import fit
@@ -114,9 +114,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             build = Build(cfg)
             build.run(overwrite=True, quiet_log=not args.verbose)
     except Exception as exc:  # a config to fix, a disk that fills up: one line (docs/build.md#exit-codes)
-        if (code := stopped(exc, str(out))) is None:
-            raise
-        return code
+        return exit_code(exc, str(out))
     say(f"\n[demo] done in {time.perf_counter() - start:.0f} s")
     say(f"  data:          {out / 'data'}  (ground truth: {out / 'data' / 'ground_truth.csv'})")
     say(f"  models:        {out / 'models'}")

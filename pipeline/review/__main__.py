@@ -14,7 +14,7 @@ import json
 import sys
 
 from pipeline.config import add_config_arguments, flag_overrides, load_config
-from pipeline.console import markdown_table, stopped
+from pipeline.console import exit_code, markdown_table
 from pipeline.review.config import (
     ReviewSampleConfig,
     ReviewScoreConfig,
@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         else:
             print(markdown_table(*table_rows(score(cfg, log=log))))  # the table alone on stdout
     except Exception as exc:
-        if (code := stopped(exc, getattr(cfg, "out", None))) is None:
-            raise
-        return code
+        return exit_code(exc, getattr(cfg, "out", None))
     return 0
 
 
