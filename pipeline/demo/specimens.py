@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +171,43 @@ _PART_PAINTERS = {
     "magenta_wing_tip": lambda b: [b.wings[0].points(u_min=0.05 * b.wings[0].rx)],
 }
 assert _PART_PAINTERS.keys() == PART_COLOURS.keys()
+# A part of the hard planted data (pipeline.demo.hard), kept out of PART_COLOURS so the easy demo's
+# random draws over it stay as they were: a clear window in the thorax through which the plate shows,
+# a pale part on a pale background.
+WINDOW_PARTS = ("pale_thorax_window",)
+_PART_PAINTERS["pale_thorax_window"] = _PART_PAINTERS["orange_thorax_spot"]
+
+
+@dataclass(frozen=True)
+class Plate:
+    """The background a specimen is photographed on: a tint and a texture (none: the demo's plain plate)."""
+    tint: RGB = (236, 232, 220)
+    texture: str | None = None
+    """speckle (dark grains), weave (a fine mesh) or mottle (soft blotches)."""
+
+
+PLATE = Plate()
+
+
+def _plate_texture(kind: str, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """float [h, w]: grey levels added to the plate."""
+    w, h = size
+    if kind == "speckle":
+        grains = Image.new("L", size)
+        d = ImageDraw.Draw(grains)
+        for x, y in rng.uniform(0, 1, (int(0.01 * w * h), 2)) * (w, h):
+            r = rng.uniform(1.0, 2.5)
+            d.ellipse([x - r, y - r, x + r, y + r], fill=255)
+        return -100.0 * np.asarray(grains, float) / 255
+    if kind == "weave":
+        y, x = np.mgrid[0:h, 0:w]
+        phase = rng.uniform(0, 7, 2)
+        return -35.0 * (((x + phase[0]) % 6 < 1.5) | ((y + phase[1]) % 6 < 1.5))
+    if kind == "mottle":
+        noise = Image.fromarray(rng.uniform(0, 255, (h, w)).astype(np.uint8)).filter(ImageFilter.GaussianBlur(4))
+        blotch = np.asarray(noise, float) - 127.5
+        return 40.0 * blotch / max(np.abs(blotch).max(), 1.0)
+    raise ValueError(f"unknown plate texture {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -189,20 +226,24 @@ class Pose:
         return out.ravel().tolist()
 
 
-def _fit_pose(body: Body, size: tuple[int, int], rng: np.random.Generator) -> Pose:
-    """Random pose whose whole drawing (plus stroke width) stays inside the frame."""
+def _fit_pose(body: Body, size: tuple[int, int], rng: np.random.Generator, free: bool = False) -> Pose:
+    """Random pose whose whole drawing (plus stroke width) stays inside the frame. ``free``: any
+    rotation, smaller and anywhere in the frame (off-centre), not lying along the crop's long side."""
     w, h = size
     portrait = h > w
-    # Landscape crops hold a specimen lying along x, portrait ones a specimen standing along y.
-    base = rng.choice([math.pi / 2, -math.pi / 2] if portrait else [0.0, math.pi])
-    pose = Pose(base + math.radians(rng.uniform(-25, 25)), 1.0, bool(rng.integers(2)))
+    if free:
+        pose = Pose(rng.uniform(0, 2 * math.pi), 1.0, bool(rng.integers(2)))
+    else:
+        # Landscape crops hold a specimen lying along x, portrait ones a specimen standing along y.
+        base = rng.choice([math.pi / 2, -math.pi / 2] if portrait else [0.0, math.pi])
+        pose = Pose(base + math.radians(rng.uniform(-25, 25)), 1.0, bool(rng.integers(2)))
     pts = np.asarray(pose(body.outline_points())).reshape(-1, 2)
     lo, hi = pts.min(0), pts.max(0)
     margin = 8.0  # px kept free around the specimen, more than any stroke's half-width
     fit = min((w - 2 * margin) / (hi[0] - lo[0]), (h - 2 * margin) / (hi[1] - lo[1]))
-    scale = fit * rng.uniform(0.8, 1.1) / 1.1  # the largest jitter just fills the frame
+    scale = fit * (rng.uniform(0.7, 0.95) if free else rng.uniform(0.8, 1.1) / 1.1)  # 1.1: just fills the frame
     slack = (np.array(size) - 2 * margin - scale * (hi - lo)) / 2
-    shift = rng.uniform(-1, 1, 2) * np.minimum(slack, 0.06 * np.array(size))
+    shift = rng.uniform(-1, 1, 2) * (slack if free else np.minimum(slack, 0.06 * np.array(size)))
     centre = np.array(size) / 2 + shift - scale * (lo + hi) / 2
     return Pose(pose.angle, scale, pose.flip, (float(centre[0]), float(centre[1])))
 
@@ -245,12 +286,45 @@ def _draw_body(img: Image.Image, body: Body, pose: Pose, colour: np.ndarray) -> 
     img.alpha_composite(wings)
 
 
-def render_specimen(plan: BodyPlan, part: str | None, size: tuple[int, int],
-                    rng: np.random.Generator) -> tuple[Image.Image, tuple[int, int, int, int] | None, float]:
-    """One photo of `size` = (w, h): (RGB image, part box (x0, y0, x1, y1) or None, area fraction)."""
+def _draw_artefact(img: Image.Image, kind: str, body: Body, pose: Pose, rng: np.random.Generator) -> None:
+    """A mounting artefact on the photo: a pin through the thorax (its head and shadow) or a
+    collection label beside the specimen (a card with lines of print), in canvas pixels."""
+    if kind == "pin":
+        layer = Image.new("RGBA", img.size)
+        d = ImageDraw.Draw(layer)
+        x, y = np.asarray(pose(np.array([[body.thorax.cx + 0.1 * body.thorax.rx, 0.0]]))).reshape(2)
+        r = 0.35 * body.thorax.ry * pose.scale
+        d.ellipse([x - 0.5 * r, y - 0.4 * r, x + 1.5 * r, y + 1.6 * r], fill=(20, 18, 16, 110))  # its shadow
+        d.ellipse([x - r, y - r, x + r, y + r], fill=(188, 190, 196, 255), outline=(60, 60, 64, 255),
+                  width=max(1, round(0.15 * r)))
+        d.ellipse([x - 0.45 * r, y - 0.55 * r, x - 0.05 * r, y - 0.15 * r], fill=(250, 250, 252, 255))
+        img.alpha_composite(layer)
+        return
+    if kind != "label":
+        raise ValueError(f"unknown artefact {kind!r}")
+    d = ImageDraw.Draw(img)
+    W, H = img.size
+    lw, lh = 0.3 * W, 0.16 * H
+    # In the corner farthest from the specimen, so the label never covers it.
+    centre = np.asarray(pose(body.outline_points())).reshape(-1, 2).mean(0)
+    x0 = 0.03 * W if centre[0] > W / 2 else W - 0.03 * W - lw
+    y0 = 0.04 * H if centre[1] > H / 2 else H - 0.04 * H - lh
+    d.rectangle([x0, y0, x0 + lw, y0 + lh], fill=(250, 250, 246, 255), outline=(150, 150, 145, 255))
+    for k in range(3):
+        ly = y0 + (0.25 + 0.25 * k) * lh
+        length = lw * rng.uniform(0.5, 0.85)
+        d.line([x0 + 0.08 * lw, ly, x0 + 0.08 * lw + length, ly], fill=(30, 30, 30, 255), width=max(1, round(0.07 * lh)))
+
+
+def render_specimen(plan: BodyPlan, part: str | None, size: tuple[int, int], rng: np.random.Generator, *,
+                    plate: RGB = PLATE, artefact: str | None = None, free_pose: bool = False,
+                    ) -> tuple[Image.Image, tuple[int, int, int, int] | None, float]:
+    """One photo of `size` = (w, h): (RGB image, part box (x0, y0, x1, y1) or None, area fraction).
+    ``plate``: the background; ``artefact``: a pin or label drawn too (:func:`_draw_artefact`);
+    ``free_pose``: any rotation, off-centre (:func:`_fit_pose`)."""
     w, h = size
     body = _layout(plan, rng)
-    fit = _fit_pose(body, size, rng)
+    fit = _fit_pose(body, size, rng, free_pose)
     pose = Pose(fit.angle, fit.scale * _SUPERSAMPLE, fit.flip,
                 (fit.offset[0] * _SUPERSAMPLE, fit.offset[1] * _SUPERSAMPLE))
     # Colour jitter: overall brightness plus a small per-channel cast.
@@ -262,17 +336,22 @@ def render_specimen(plan: BodyPlan, part: str | None, size: tuple[int, int],
     if part is not None:
         # Painted last and opaque so nothing dims it; the same polygons on a mask give the box.
         mask = Image.new("L", big)
+        fill = (0, 0, 0, 0) if part in WINDOW_PARTS else (*PART_COLOURS[part], 255)
         for poly in _PART_PAINTERS[part](body):
-            ImageDraw.Draw(insect).polygon(pose(poly), fill=(*PART_COLOURS[part], 255))
+            ImageDraw.Draw(insect).polygon(pose(poly), fill=fill)
             ImageDraw.Draw(mask).polygon(pose(poly), fill=255)
         box = mask.reduce(_SUPERSAMPLE).getbbox()
+    if artefact is not None:
+        _draw_artefact(insect, artefact, body, pose, rng)
     insect = insect.reduce(_SUPERSAMPLE)
     alpha = insect.getchannel("A")
     # Plain light plate with a soft drop shadow and mild sensor noise, like BIOSCAN crops.
     shadow = Image.new("L", size)
     shadow.paste(alpha.filter(ImageFilter.GaussianBlur(5)), (3, 4))  # paste: shifts without wrapping
-    bg = np.asarray((236, 232, 220), float) * rng.uniform(0.95, 1.03) + rng.normal(0, 2, 3)
+    bg = np.asarray(plate.tint, float) * rng.uniform(0.95, 1.03) + rng.normal(0, 2, 3)
     rgb = np.broadcast_to(bg, (h, w, 3)) * (1 - 0.25 * np.asarray(shadow, float)[..., None] / 255)
+    if plate.texture is not None:
+        rgb = rgb + _plate_texture(plate.texture, size, rng)[..., None]
     a = np.asarray(alpha, float)[..., None] / 255
     rgb = rgb * (1 - a) + np.asarray(insect.convert("RGB"), float) * a
     rgb += rng.normal(0, 3, rgb.shape)
@@ -290,6 +369,9 @@ class Genus:
     name: str
     plan: BodyPlan
     parts: dict[str, str]  # species epithet -> planted part
+    artefact: str | None = None  # a pin or label on every photo of the genus (pipeline.demo.hard)
+    plates: dict[str, Plate] = field(default_factory=dict)  # species epithet -> its plate (else PLATE)
+    visible: dict[str, float] = field(default_factory=dict)  # species epithet -> share of photos showing its part (else 1)
 
 
 GENERA: tuple[Genus, ...] = (
@@ -377,32 +459,37 @@ def _metadata_row(i: int, genus: Genus, epithet: str, split: str, barcode: np.nd
 
 
 def generate_demo_dataset(root, *, images_per_species: int = 16, n_unlabelled: int = 8,
-                          seed: int = 0) -> dict:
+                          seed: int = 0, genera: tuple[Genus, ...] = GENERA, free_pose: bool = False) -> dict:
     """Write the dataset under `root` (a local folder, created) and return a summary:
     {"root": str, "n_images": int, "species": {name: {"genus", "family", "part", "n_images"}},
      "lone_species": [names], "n_unlabelled": int, "metadata": path, "ground_truth": path}.
-    The same seed gives identical CSVs and image bytes."""
+    The same seed gives identical CSVs and image bytes. ``genera`` and ``free_pose``: what the hard
+    planted data changes (:mod:`pipeline.demo.hard`)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
-    genus_barcode = {g.name: rng.integers(0, 4, 658) for g in GENERA}  # 658 bp, the COI barcode length
+    genus_barcode = {g.name: rng.integers(0, 4, 658) for g in genera}  # 658 bp, the COI barcode length
     # (genus, epithet, part, split); unlabelled records reuse a body plan, carry a random part or none.
     jobs: list[tuple[Genus, str, str | None, str]] = []
     summary_species = {}
-    for g in GENERA:
+    for g in genera:
         for epithet, part in g.parts.items():
-            jobs += [(g, epithet, part, split) for split in _splits(images_per_species)]
+            # A species' part shows on an evenly spread share of its photos (all of them by default).
+            v = g.visible.get(epithet, 1.0)
+            jobs += [(g, epithet, part if math.floor((k + 1) * v) > math.floor(k * v) else None, split)
+                     for k, split in enumerate(_splits(images_per_species))]
             summary_species[f"{g.name} {epithet}"] = {
                 "genus": g.name, "family": g.family, "part": part, "n_images": images_per_species}
     parts = [None, *PART_COLOURS]
     for _ in range(n_unlabelled):
-        jobs.append((GENERA[rng.integers(len(GENERA))], "", parts[rng.integers(len(parts))], "pretrain"))
+        jobs.append((genera[rng.integers(len(genera))], "", parts[rng.integers(len(parts))], "pretrain"))
 
     species_barcode, species_bin = {}, {}
     rows, truth = [], []
     for i, (genus, epithet, part, split) in enumerate(jobs, start=1):
         # One generator per image keeps each image independent of how many came before it.
         img_rng = np.random.default_rng([seed, i])
-        image, box, area = render_specimen(genus.plan, part, _image_size(img_rng), img_rng)
+        image, box, area = render_specimen(genus.plan, part, _image_size(img_rng), img_rng, plate=genus.plates.get(epithet, PLATE),
+                                           artefact=genus.artefact, free_pose=free_pose)
         key = (genus.name, epithet)
         if key not in species_barcode:
             species_barcode[key] = _mutate(genus_barcode[genus.name], 0.06, rng)
@@ -431,7 +518,7 @@ def generate_demo_dataset(root, *, images_per_species: int = 16, n_unlabelled: i
         "root": str(root),
         "n_images": len(rows),
         "species": summary_species,
-        "lone_species": [f"{g.name} {e}" for g in GENERA if len(g.parts) == 1 for e in g.parts],
+        "lone_species": [f"{g.name} {e}" for g in genera if len(g.parts) == 1 for e in g.parts],
         "n_unlabelled": n_unlabelled,
         "metadata": str(metadata),
         "ground_truth": str(ground_truth),
