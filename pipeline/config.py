@@ -295,9 +295,12 @@ class CountingConfig(Section):
 class ContrastConfig(Section):
     t_freq: float = Field(default=3e-3, gt=0, lt=1)
     """t of Algorithm 1: keep (s, z) when f_s(z) > t, f_g(z) > t and f_s(z) > f_g(z)."""
-    score: Literal["ratio", "difference", "log_ratio_weighted"] = "ratio"
-    """Orders a species' selected latents: f_s / f_g (default: favours latents specific to the
-    species over ones that are merely common everywhere), f_s - f_g, or f_s · log(f_s / f_g)."""
+    score: Literal["evidence", "ratio", "difference", "log_ratio_weighted"] = "evidence"
+    """Orders a species' selected latents (which of them go forward to be annotated): evidence (the
+    default: contrast together with how well the latent's zones sit on the specimen, in one place,
+    one piece, most of the species' photos and no other genus; pipeline.evidence, docs/quality.md),
+    or by frequency alone: ratio f_s / f_g (the paper's), difference f_s - f_g, or f_s · log(f_s / f_g).
+    selected/ is ranked by ratio for evidence; candidates/ holds the evidence ranking (latent_rank)."""
     max_latents_per_species: int = Field(default=10, ge=1)
     """At most this many selected latents per species go forward to candidates (best score first);
     selected/ keeps every pair the rule selects, with its rank."""
@@ -308,9 +311,16 @@ class ContrastConfig(Section):
 
 class CandidatesConfig(Section):
     top_images: int = Field(default=9, ge=1)
-    """Images kept per selected (species, latent), strongest summed activation first."""
+    """Images kept per selected (species, latent), strongest summed activation first; a zone with no
+    region on the specimen (annotate.min_on_specimen) is passed over for the next image, up to twice
+    as many images read."""
     group_size: int = Field(default=3, ge=1)
     """Images per consensus group (the paper's three-image prompt)."""
+    evidence: bool = True
+    """Measure each candidate zone's evidence on its image (pipeline.evidence): what ranks by evidence,
+    keeps background zones from being sent and gives every trait its confidence. false: no image is
+    read before annotate, every zone is described whole and no row has a confidence (the paper's
+    behaviour; contrast.score evidence needs it)."""
 
 
 class LLMConfig(Section):
@@ -365,6 +375,14 @@ class AnnotateConfig(Section):
     """The paper's MLLM-only baseline: whole images, no boxes drawn (same candidates and grouping)."""
     include_taxon: bool = False
     """Name the species in the prompt (after the images). Off, as in the paper: observed, not recalled, traits."""
+    min_on_specimen: float = Field(default=0.5, ge=0, le=1)
+    """A zone's region is described only when at least this share of its pixels lies on the specimen
+    (the measurements' segmentation); a zone with no such region is background: never sent, the next
+    candidate image takes its place, and a pair with none left gets a row of status background. 0:
+    every region, as the paper."""
+    min_confidence: float = Field(default=0.0, ge=0, le=1)
+    """Units whose confidence (pipeline.evidence.unit_confidence, known before any request) is under
+    this are not sent: their rows get status low_confidence."""
     vocabulary: str = "insect"
     """The group annotated: the organism the prompts name and the body parts answers are normalised
     to. Bundled (pipeline/vocabularies/): insect (the default, the paper's), bird (the parts of
@@ -458,6 +476,9 @@ class BuildConfig(LeasedOutput):
             raise ValueError("sae.checkpoint is required")
         if self.source.format == "parquet" and not (self.source.path_column or self.source.bytes_column):
             raise ValueError("source: set path_column or bytes_column for a parquet manifest")
+        if self.contrast.score == "evidence" and not self.candidates.evidence:
+            raise ValueError("contrast.score: evidence ranks by the evidence that candidates.evidence: false turns "
+                             "off; set contrast.score to ratio, difference or log_ratio_weighted")
         self.source._storage = self.storage
         return self
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 STATE = "_build"  # resume state under the output: the config, the index, stage markers, fault switches
 # The version of the tables' meaning: part of every stage's fingerprint (pipeline.fingerprint). Bump
 # it when a stage writes different rows from the same inputs, so no later build reuses older rows.
-CONTRACT_VERSION = "1"
+CONTRACT_VERSION = "2"  # 2: candidates/ holds every selected pair, with evidence; traits/ confidence
 
 INDEX_SCHEMA = pa.schema([
     ("image_id", pa.string()), ("species", pa.string()), ("genus", pa.string()), ("family", pa.string()),
@@ -45,16 +45,36 @@ ACTIVATIONS_SCHEMA = pa.schema([
 COUNTS_SCHEMA = pa.schema([("rank", pa.string()), ("taxon", pa.string()), ("latent", pa.int32()), ("count", pa.int64())])
 SELECTED_SCHEMA = pa.schema([
     ("species", pa.string()), ("genus", pa.string()), ("latent", pa.int32()),
-    ("f_species", pa.float64()), ("f_genus", pa.float64()),
+    ("f_species", pa.float64()), ("f_genus", pa.float64()), ("f_elsewhere", pa.float64()),
     ("contrast_rank", pa.string()), ("contrast_taxon", pa.string()),
     ("score", pa.float64()), ("rank_in_species", pa.int32()),
 ])
 BOX_TYPE = pa.struct([("x0", pa.int32()), ("y0", pa.int32()), ("x1", pa.int32()), ("y1", pa.int32())])
+# Evidence (pipeline.evidence): of a selected (species, latent) pair, from its candidate zones, and of one zone.
+PAIR_EVIDENCE_TYPE = pa.struct([
+    ("support", pa.float64()), ("specificity", pa.float64()), ("contrast", pa.float64()), ("grounded", pa.float64()),
+    ("on_specimen", pa.float64()), ("placement_spread", pa.float64()), ("size_spread", pa.float64()),
+    ("consistency", pa.float64()), ("compactness", pa.float64()), ("partness", pa.float64()),
+    ("regions", pa.float64()), ("zones", pa.int32()), ("score", pa.float64()),
+])
+ZONE_EVIDENCE_TYPE = pa.struct([
+    ("on_specimen", pa.float64()), ("regions", pa.int32()), ("largest_share", pa.float64()), ("grounded", pa.bool_()),
+    ("grounded_share", pa.float64()), ("grounded_regions", pa.int32()), ("grounded_largest_share", pa.float64()),
+    ("axial", pa.float64()), ("lateral", pa.float64()), ("specimen_share", pa.float64()),
+])
+CANDIDATE_EVIDENCE_TYPE = pa.struct([("pair", PAIR_EVIDENCE_TYPE), ("zone", ZONE_EVIDENCE_TYPE)])
+TRAIT_EVIDENCE_TYPE = pa.struct([("pair", PAIR_EVIDENCE_TYPE), ("zones", pa.list_(ZONE_EVIDENCE_TYPE))])
+# One row per (image, latent) for every selected pair: the images its evidence was measured on
+# (strongest first); `forward` rows are those of the pairs ranked within contrast.max_latents_per_species,
+# the only ones annotated. image_rank and consensus_group count grounded zones only (null otherwise);
+# boxes are those of the grounded regions (grounded_patches: what is outlined and described), or of
+# every region of a zone with none.
 CANDIDATES_SCHEMA = pa.schema([
     *(ACTIVATIONS_SCHEMA.field(name) for name in IMAGE_COLUMNS),
     ("latent", pa.int32()), ("patches", pa.list_(pa.int16())), ("activation_sum", pa.float64()),
     ("latent_score", pa.float64()), ("latent_rank", pa.int32()),
     ("image_rank", pa.int32()), ("consensus_group", pa.int32()), ("boxes", pa.list_(BOX_TYPE)),
+    ("grounded_patches", pa.list_(pa.int16())), ("evidence", CANDIDATE_EVIDENCE_TYPE), ("forward", pa.bool_()),
 ])
 MEASUREMENT_TYPE = pa.struct([
     ("area_px", pa.int64()), ("area_frac_specimen", pa.float64()),
@@ -75,6 +95,7 @@ TRAITS_SCHEMA = pa.schema([
     ("is_background", pa.bool_()), ("traits", pa.list_(TRAIT_TYPE)), ("common_traits", pa.list_(pa.string())),
     ("parsed_as", pa.string()), ("raw_answer", pa.string()), ("prompt_tokens", pa.int64()),
     ("completion_tokens", pa.int64()), ("attempts", pa.int32()), ("error", pa.string()),
+    ("evidence", TRAIT_EVIDENCE_TYPE), ("confidence", pa.float64()),
 ])
 RENDERINGS_FIELD = pa.field("renderings", pa.list_(pa.binary()))  # traits/ with annotate.save_renderings
 ERRORS_SCHEMA = pa.schema([
@@ -135,7 +156,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("count", "activations", "counts", COUNTS_SCHEMA, reads=("counting",), reads_stages=("index", "encode")),
     Stage("select", "counts", "selected", SELECTED_SCHEMA, reads=("contrast",), reads_stages=("index", "count")),
     Stage("candidates", "activations", "candidates", CANDIDATES_SCHEMA,
-          reads=("contrast.max_latents_per_species", "candidates"), reads_stages=("encode", "select")),
+          reads=("contrast.max_latents_per_species", "contrast.score", "candidates", "annotate.min_on_specimen",
+                 "preprocess"), reads_stages=("encode", "select")),
     Stage("annotate", "candidates", "traits", TRAITS_SCHEMA, resume_key="annotation_id",
           reads=("annotate", "preprocess"), reads_stages=("candidates",)),
 )

@@ -4,7 +4,7 @@
     index shards → decode (tasks) → encode (GPU actor pool) → activations/    [resumed by image_id]
     activations/ → partial counts (tasks) → groupby-sum (shuffle) → counts/
     counts/ → select_latents (tasks, one contrast group each) → selected/
-    activations/ → find_candidates (tasks) → top images per (species, latent) (groupby) → candidates/
+    activations/ → find_candidates (tasks) → evidence and ranking per species (groupby; reads the candidate images) → candidates/
     candidates/ → unit shards (driver) → annotate (actor pool) → traits/      [resumed by annotation_id]
     rejected rows anywhere → errors/ (de-duplicated at the end; present, maybe empty, in every build)
 
@@ -52,12 +52,13 @@ import ray.data
 from actors.annotate import AnnotateActor
 from actors.encoder import EncodeActor
 from pipeline import storage
-from pipeline.annotation.units import unit_table, with_annotation_ids
-from pipeline.candidates import find_candidates, keep_top_images, top_candidates
+from pipeline.annotation.stage import unit_evidence
+from pipeline.annotation.units import sent, unit_table, with_annotation_ids
+from pipeline.candidates import find_candidates, measure_candidates, measure_species_task
 from pipeline.config import BuildConfig, ConfigError, config_changes, runtime_keys
 from pipeline.console import PREFIX, Progress, quiet, say
-from pipeline.contract import (CONTRACT_VERSION, ERRORS, ERRORS_SCHEMA, SELECTED_SCHEMA, STAGE, STAGES, STATE, TABLES,
-                               TRAITS_SCHEMA)
+from pipeline.contract import (CANDIDATES_SCHEMA, CONTRACT_VERSION, ERRORS, ERRORS_SCHEMA, SELECTED_SCHEMA, STAGE,
+                               STAGES, STATE, TABLES, TRAITS_SCHEMA)
 from pipeline.counting import counts_of, reduce_counts, taxonomy_codes
 from pipeline.encoding import check_models
 from pipeline.errors import compact_errors, write_errors
@@ -68,6 +69,7 @@ from pipeline.lease import LEASE, OutputLease
 from pipeline.report import write_report
 from pipeline.reuse import (DECODE, ITEMS, PREVIOUS, EarlierBuild, answered, copy_folder, decode_errors, matching, reuse_counts,
                             reused_rows, whole_match)
+from pipeline.preprocessing import OriginalImages
 from pipeline.sae import sae_metadata
 from pipeline.selection import select_by_contrast_group, select_latents, taxonomy_of_species
 from pipeline.sources import build_index
@@ -258,8 +260,8 @@ class Build:
                 continue
             taken = []  # a failed answer is not taken: a later build may hold one for the same request
             for rows in reused_rows(earlier, "traits", "annotation_id", ids, keep=answered):
-                write_shard(rows, output=self.cfg.output, storage_section=self.cfg.storage, folder="traits",
-                            key="annotation_id")
+                write_shard(restamped(rows, units), output=self.cfg.output, storage_section=self.cfg.storage,
+                            folder="traits", key="annotation_id")
                 taken += rows.column("annotation_id").chunks
             if taken:
                 taken = pa.chunked_array(taken, pa.string()).combine_chunks()
@@ -415,17 +417,26 @@ class Build:
     def stage_candidates(self, ctx: RunContext) -> None:
         cfg = self.cfg
         selected = storage.read_table(self.fs, self.path("selected"))
+        taxonomy = taxonomy_of_species(self.index())
+        species_images = dict(zip(taxonomy["species"].to_pylist(), taxonomy["n_images"].to_pylist()))
+        sections = {"contrast": cfg.contrast, "candidates": cfg.candidates}
         if self.in_driver("candidates"):
-            self.write_whole(top_candidates(storage.read_table(self.fs, self.path("activations")), selected,
-                                            cfg.contrast.max_latents_per_species, cfg.candidates.top_images,
-                                            cfg.candidates.group_size), "candidates")
+            rows, rejected = measure_candidates(storage.read_table(self.fs, self.path("activations")), selected,
+                                                species_images, OriginalImages(cfg.source, cfg.preprocess),
+                                                min_on_specimen=cfg.annotate.min_on_specimen, **sections)
+            write_errors(cfg.output, cfg.storage_options, rejected)
+            self.write_whole(rows, "candidates")
             return
-        hits = self.read("activations").map_batches(find_candidates, batch_format="pyarrow", fn_kwargs={
-            "selected": selected, "max_latents_per_species": cfg.contrast.max_latents_per_species})
-        top = hits.groupby(["species", "latent"], num_partitions=ctx.n_cpus).map_groups(
-            keep_top_images, batch_format="pyarrow",
-            fn_kwargs={"top_images": cfg.candidates.top_images, "group_size": cfg.candidates.group_size})
-        self.write(top, "candidates")
+        hits = self.read("activations").map_batches(find_candidates, batch_format="pyarrow",
+                                                    fn_kwargs={"selected": selected})
+        measured = hits.groupby("species", num_partitions=ctx.n_cpus).map_groups(
+            measure_species_task, batch_format="pyarrow",
+            fn_kwargs={"selected": selected, "species_images": species_images, "source": cfg.source,
+                       "preprocess": cfg.preprocess, "annotate": cfg.annotate, "errors_to": (cfg.output, cfg.storage),
+                       **sections})
+        self.write(measured, "candidates")
+        if not storage.parquet_files(self.fs, self.path("candidates")):  # nothing selected: the contract's empty table
+            storage.write_table(self.fs, self.path("candidates/empty.parquet"), CANDIDATES_SCHEMA.empty_table())
 
     def stage_annotate(self, ctx: RunContext) -> None:
         ann = self.cfg.annotate
@@ -440,7 +451,7 @@ class Build:
         units = units.append_column("request_key", request_keys(units, self.keys.images, self.keys.request))
         storage.write_table(self.fs, self.path(f"{ITEMS}/requests.parquet"),
                             units.select(REQUEST_KEYS.names).cast(REQUEST_KEYS))
-        self.reuse_answers(units)
+        self.reuse_answers(units.filter(sent(units, ann.min_confidence)))  # a unit not sent has no answer to take
         if (todo := self.pending("annotate", units.drop_columns(["request_key"]), "units")) is None:
             return
         batch = self.annotate_batch(ctx.n_cpus)
@@ -668,6 +679,16 @@ class Build:
                               "reused_from": [b["path"] for b in s.get("reused", {}).get("from", [])]}
                        for name, s in self.stages.items() if name in STAGE_NAMES},
         }
+
+
+def restamped(answers: pa.Table, units: pa.Table) -> pa.Table:
+    """Reused traits/ rows with this build's evidence and confidence for their units: an answer is
+    reused for the same request, but what the evidence says of it is this build's to measure."""
+    picked = units.take(pc.index_in(answers["annotation_id"], units["annotation_id"]))
+    evidence = pa.array([unit_evidence(m) for m in picked["members"].to_pylist()], TRAITS_SCHEMA.field("evidence").type)
+    for name, column in (("evidence", evidence), ("confidence", picked["confidence"])):
+        answers = answers.set_column(answers.schema.get_field_index(name), name, column)
+    return answers
 
 
 def format_summary(summary: dict, resumed: bool = False) -> str:

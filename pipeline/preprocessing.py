@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
-from pipeline.config import PreprocessConfig
+from pipeline.config import PreprocessConfig, SourceConfig
 from pipeline.storage import StorageUnavailable
 from pipeline.contract import GEOMETRY_SCHEMA, INDEX_SCHEMA, image_format
 from pipeline.errors import ImageRejected, Rejected, error_detail
+from pipeline.sources import ImageReader
 
 # We check the pixel count ourselves from the header (max_pixels), before decoding; PIL's own
 # bomb check would raise inside open() with a less useful message.
@@ -159,6 +160,29 @@ def decode_image(data: bytes, cfg: PreprocessConfig) -> Image.Image:
     """Bytes → RGB image at full resolution (renderings and crops need the detail), or
     :class:`ImageRejected` with the reason."""
     return load_rgb(open_image(data, cfg), len(data))
+
+
+class OriginalImages:
+    """Encoded images at full resolution again, after encode: what the evidence, the measurements and
+    the renderings read. Each read is checked against the size the image had when it was encoded."""
+
+    def __init__(self, source: SourceConfig, preprocess: PreprocessConfig):
+        self.reader = ImageReader(source)
+        self.preprocess = preprocess
+
+    def load(self, row: dict, geom: Geometry | None = None) -> np.ndarray:
+        """An index-carrying row's image as ``uint8 [H, W, 3]``; ImageRejected when it is gone or
+        changed since it was encoded."""
+        try:
+            data = self.reader.read(row["path"], row["source_file"], row["source_row"])
+        except FileNotFoundError as exc:
+            raise ImageRejected("missing_file", str(exc)) from None
+        rgb = np.asarray(decode_image(data, self.preprocess))
+        geom = geom or Geometry.from_row(row)
+        if rgb.shape[:2] != (geom.orig_h, geom.orig_w):
+            raise ImageRejected("changed_on_disk", f"image is {rgb.shape[1]}x{rgb.shape[0]}, "
+                                f"was {geom.orig_w}x{geom.orig_h} when encoded")
+        return rgb
 
 
 # Integer box reduction (Image.reduce) before the final bicubic resample leaves at least this

@@ -161,8 +161,10 @@ def reused_rows(build: EarlierBuild, folder: str, id_column: str, ids: pa.Array,
 
 
 def answered(table: pa.Table) -> pa.Array:
-    """Rows of traits/ that may be reused: every status but failed (a failed request is asked again)."""
-    return pc.invert(pc.fill_null(pc.equal(table["status"], "failed"), False))
+    """Rows of traits/ that may be reused: those holding an answer — every status but failed (a failed
+    request is asked again), and never a unit that was not asked (no model: background or low
+    confidence; a later build may send it)."""
+    return pc.and_(pc.invert(pc.fill_null(pc.equal(table["status"], "failed"), False)), pc.is_valid(table["model"]))
 
 
 def reuse_counts(ours: pa.Table, key: str, present: pa.Array, earlier: list[EarlierBuild],
@@ -175,7 +177,7 @@ def reuse_counts(ours: pa.Table, key: str, present: pa.Array, earlier: list[Earl
     for build in earlier:
         keys = build.keys(name)
         if name == "requests" and keys is not None and build.build.has("traits"):
-            ok = build.build.read("traits", columns=["annotation_id", "status"], where=answered)["annotation_id"]
+            ok = build.build.read("traits", columns=["annotation_id", "status", "model"], where=answered)["annotation_id"]
             keys = keys.filter(pc.is_in(keys["annotation_id"], value_set=ok.combine_chunks()))
         hit = matching(left, key, keys)
         if n := pc.sum(hit.cast(pa.int64())).as_py() or 0:

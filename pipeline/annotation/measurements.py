@@ -200,7 +200,7 @@ def _principal_axis(cov: np.ndarray):
     return theta, half_tr + r, max(half_tr - r, 0.0)
 
 
-def _specimen_frame(specimen_mask: np.ndarray):
+def specimen_frame(specimen_mask: np.ndarray):
     """Centroid, unit long axis u, normal n, half-extents along u and n."""
     c, cov = _moments(specimen_mask)
     theta, _, _ = _principal_axis(cov)
@@ -252,7 +252,7 @@ def measure_region(rgb: np.ndarray, specimen_mask: np.ndarray, zone_mask: np.nda
         theta, lmax, lmin = _principal_axis(zcov)
         out["elongation"] = float(math.sqrt(lmax / lmin)) if lmin > 0 else 1.0
         out["orientation_deg"] = float(math.degrees(theta) % 180.0)
-        sc, u, n, half_u, half_n = _specimen_frame(spec)
+        sc, u, n, half_u, half_n = specimen_frame(spec)
         d = zc - sc
         out["axial_pos"] = float(d @ u / half_u)
         out["lateral_pos"] = float(d @ n / half_n)

@@ -2,9 +2,10 @@
 
 A describer fills the answer's fields (status, description, body part, traits, model, prompt
 version, tokens, ...); the annotate stage adds the unit it describes (annotation_id, images,
-taxon, latent, boxes, measurements) with :func:`dataclasses.replace`. Statuses: ok, background
-(kept: the paper's model sometimes calls a zone background), unparsed (the raw answer is kept)
-and failed (the reason in ``error``)."""
+taxon, latent, boxes, measurements, evidence, confidence) with :func:`dataclasses.replace`. Statuses:
+ok, background (the model called the zone background, or no zone of the pair lies on the specimen:
+then nothing was asked, ``model`` is empty), low_confidence (under annotate.min_confidence: not
+asked), unparsed (the raw answer is kept) and failed (the reason in ``error``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ class Annotation:
     """Per image, its regions' boxes in original pixels."""
     measurements: list[list[dict]] = field(default_factory=list)
     """Per image, its regions' model-free measurements."""
+    evidence: dict | None = None
+    """The pair's evidence and each image's zone's (pipeline.evidence), as candidates/ measured them."""
+    confidence: float | None = None
+    """pipeline.evidence.unit_confidence, in [0, 1]: known before the request."""
     # the answer
     description: str | None = None
     model: str | None = None
@@ -45,6 +50,14 @@ class Annotation:
     completion_tokens: int | None = None
     attempts: int | None = None
     error: str | None = None
+
+    @classmethod
+    def not_asked(cls, status: str, *, prompt_version: str | None) -> Annotation:
+        """A unit never sent: ``background`` (none of its zones lies on the specimen) or
+        ``low_confidence``."""
+        background = status == "background"
+        return cls(status=status, prompt_version=prompt_version, attempts=0, latency_s=0.0,
+                   is_background=True if background else None, body_part="background" if background else None)
 
     @classmethod
     def failed(cls, reason: str, *, model: str | None, prompt_version: str | None, attempts: int = 0,

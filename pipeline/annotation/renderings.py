@@ -17,9 +17,7 @@ from PIL import Image
 
 from pipeline.annotation.measurements import regions_and_measurements
 from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
-from pipeline.errors import ImageRejected
-from pipeline.preprocessing import Geometry, decode_image
-from pipeline.sources import ImageReader
+from pipeline.preprocessing import Geometry, OriginalImages
 
 __all__ = ["png_bytes", "encode_image", "zone_outline", "render_overlay", "render_crop", "crop_box", "union_box",
            "Rendering", "UnitImages"]
@@ -188,6 +186,13 @@ class Rendering:
         return [render_crop(rgb, box, margin_frac=self.crop_margin, fmt=fmt) for box, _ in by_area]
 
 
+def described_patches(row: dict) -> list[int]:
+    """The patches of a candidate's zone that are outlined and described: its grounded regions
+    (candidates/ grounded_patches; the whole zone for a row without them)."""
+    grounded = row.get("grounded_patches")
+    return row["patches"] if grounded is None else grounded
+
+
 class UnitImages:
     """A unit's images (a unit: a dict with ``members``, its candidates/ rows): each member's image
     read from the source and checked against the size it had when encoded, its Geometry made once,
@@ -197,21 +202,12 @@ class UnitImages:
 
     def __init__(self, cfg: AnnotateConfig, source: SourceConfig, preprocess: PreprocessConfig):
         self.rendering = Rendering.of(cfg)
-        self.reader = ImageReader(source)
-        self.preprocess = preprocess
+        self.originals = OriginalImages(source, preprocess)
+        self.reader = self.originals.reader
 
     def load(self, row: dict, geom: Geometry | None = None) -> np.ndarray:
-        """A member's image as ``uint8 [H, W, 3]``; ImageRejected when it is gone or changed since it was encoded."""
-        try:
-            data = self.reader.read(row["path"], row["source_file"], row["source_row"])
-        except FileNotFoundError as exc:
-            raise ImageRejected("missing_file", str(exc)) from None
-        rgb = np.asarray(decode_image(data, self.preprocess))
-        geom = geom or Geometry.from_row(row)
-        if rgb.shape[:2] != (geom.orig_h, geom.orig_w):
-            raise ImageRejected("changed_on_disk", f"image is {rgb.shape[1]}x{rgb.shape[0]}, "
-                                f"was {geom.orig_w}x{geom.orig_h} when encoded")
-        return rgb
+        """A member's image as ``uint8 [H, W, 3]`` (:meth:`OriginalImages.load`)."""
+        return self.originals.load(row, geom)
 
     def prepare(self, unit: dict) -> tuple[list[bytes], list[list[dict]], list[list[dict]]]:
         """(rendered images, boxes per member, measurements per member). A consensus unit sends one
@@ -221,7 +217,7 @@ class UnitImages:
         for row in unit["members"]:
             geom = Geometry.from_row(row)
             rgb = self.load(row, geom)
-            regions, measured = regions_and_measurements(rgb, row["patches"], geom)
+            regions, measured = regions_and_measurements(rgb, described_patches(row), geom)
             images += self.rendering.images(rgb, regions, max_crops=3 if single else 1)
             boxes.append([box for box, _ in regions])
             measurements.append(measured)

@@ -30,7 +30,7 @@ from pipeline import storage
 from pipeline.annotation.describer import RemoteDescriber, TraitDescriber
 from pipeline.annotation.record import Annotation, annotations_table
 from pipeline.annotation.renderings import UnitImages
-from pipeline.annotation.units import prompt_version_for, unit_annotation_id
+from pipeline.annotation.units import prompt_version_for, skip_reason, unit_annotation_id
 from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
 from pipeline.contract import RENDERINGS_FIELD
 from pipeline.errors import ImageRejected, Rejected, error_detail
@@ -71,7 +71,11 @@ class AnnotateUnits:
         version = prompt_version_for(self.cfg, len(members))
         aid = unit.get("annotation_id") or unit_annotation_id(self.cfg, unit)
         described = dict(annotation_id=aid, image_ids=image_ids, species=unit["species"], genus=unit["genus"],
-                         latent=unit["latent"], boxes=[r["boxes"] for r in members], measurements=[[] for _ in members])
+                         latent=unit["latent"], boxes=[r["boxes"] for r in members], measurements=[[] for _ in members],
+                         evidence=unit_evidence(members), confidence=unit.get("confidence"))
+        if (skipped := skip_reason(unit.get("grounded"), unit.get("confidence"), self.cfg.min_confidence)) is not None:
+            # never paid for: no image is read either
+            return replace(Annotation.not_asked(skipped, prompt_version=version), **described), [], None
         try:  # in a thread: rendering is CPU work, and the event loop must keep the requests moving
             images, described["boxes"], described["measurements"] = await asyncio.to_thread(self.prepare, unit)
         except storage.StorageUnavailable:  # the store, not this unit: stop (a rerun resumes)
@@ -123,6 +127,13 @@ class AnnotateUnits:
         if self.cfg.save_renderings:
             table = table.append_column(RENDERINGS_FIELD, pa.array([p for _, p, _ in results], RENDERINGS_FIELD.type))
         return table, [rej for _, _, rej in results if rej is not None]
+
+
+def unit_evidence(members: list[dict]) -> dict | None:
+    """A unit's evidence for traits/: its pair's, and each member zone's (None for rows without)."""
+    if not members or not members[0].get("evidence"):
+        return None
+    return {"pair": members[0]["evidence"]["pair"], "zones": [m["evidence"]["zone"] for m in members]}
 
 
 def run_until_stopped(loop: asyncio.AbstractEventLoop) -> None:

@@ -9,19 +9,18 @@ runs the whole build on the local CPU, and prints where everything is."""
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import yaml
 
 from pipeline.graph import Build
 from pipeline.config import BuildConfig, TrainSAEConfig, merge, parse_overrides, validate
 from pipeline.console import exit_code, quiet, say
+from pipeline.demo.quality import best_latents, planted_parts
 from pipeline.demo.specimens import generate_demo_dataset
 from pipeline.demo.tiny_models import make_tiny_dinov2
 from pipeline.train_sae import fit
@@ -58,10 +57,11 @@ def demo_build_config(out: Path, overrides: list[str] | None = None) -> BuildCon
     return validate(BuildConfig, merge(base, parse_overrides(overrides or [])))
 
 
-def prepare_demo(out: Path, images_per_species: int = 16, log=say) -> dict:
-    """Data, tiny backbone and trained SAE under ``out`` (skips what is already there)."""
+def prepare_demo(out: Path, images_per_species: int = 16, log=say, generate=generate_demo_dataset) -> dict:
+    """Data (``generate``: the demo's, or :func:`pipeline.demo.hard.generate_hard_dataset`), tiny
+    backbone and trained SAE under ``out`` (skips what is already there)."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = generate_demo_dataset(out / "data", images_per_species=images_per_species, seed=0)
+    summary = generate(out / "data", images_per_species=images_per_species, seed=0)
     log(f"[demo] {summary['n_images']} synthetic specimen photos in {out / 'data'}")
     make_tiny_dinov2(out / "models" / "dinov2-tiny")
     cfg = demo_train_config(out)
@@ -69,29 +69,6 @@ def prepare_demo(out: Path, images_per_species: int = 16, log=say) -> dict:
     final = json.loads((sae_dir / "config.json").read_text())["metadata"]["final"]
     log(f"[demo] trained the demo SAE on Ray Train ({cfg.train.n_steps} steps): {json.dumps(final)}")
     return summary
-
-
-def planted_part_overlap(build: Path, ground_truth: Path) -> dict[str, dict]:
-    """For each species with selected latents: over the candidate images of its best-scored
-    latent that have a planted part, how many have a box overlapping the part (``hits`` of
-    ``images``), and the mean fraction of the overlapping box's area inside the part."""
-    with open(ground_truth, newline="") as f:
-        parts = {r["processid"]: tuple(int(r[k]) for k in ("x0", "y0", "x1", "y1")) for r in csv.DictReader(f)}
-    best = {r["species"]: r["latent"] for r in pq.read_table(build / "selected").to_pylist() if r["rank_in_species"] == 0}
-    stats = {s: {"latent": z, "hits": 0, "images": 0, "inside": []} for s, z in best.items()}
-    for c in pq.read_table(build / "candidates", columns=["image_id", "species", "latent", "boxes"]).to_pylist():
-        st = stats.get(c["species"])
-        if st is None or c["latent"] != st["latent"] or c["image_id"] not in parts:
-            continue
-        gx0, gy0, gx1, gy1 = parts[c["image_id"]]
-        inside = max((max(0, min(b["x1"], gx1) - max(b["x0"], gx0)) * max(0, min(b["y1"], gy1) - max(b["y0"], gy0))
-                      / ((b["x1"] - b["x0"]) * (b["y1"] - b["y0"])) for b in c["boxes"]), default=0.0)
-        st["images"] += 1
-        st["hits"] += inside > 0
-        st["inside"].append(inside)
-    for st in stats.values():
-        st["inside"] = sum(st["inside"]) / len(st["inside"]) if st["inside"] else 0.0
-    return stats
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
@@ -123,10 +100,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     say(f"  report:        {Path(cfg.output) / 'report' / 'index.html'}")
     if not args.verbose:
         say(f"  logs:          {log} (data and SAE training), {build.log_path} (the build)")
-    say("  planted parts found by each species' best latent (images whose box overlaps the part; "
-        "mean share of the box on the part):")
-    for species, st in sorted(planted_part_overlap(Path(cfg.output), out / "data" / "ground_truth.csv").items()):
-        say(f"    {species:<26} latent {st['latent']:>4}: {st['hits']}/{st['images']}  {st['inside']:.0%}")
+    say("  planted parts found by each species' best latent (its described zones with a box on the part):")
+    for species, st in sorted(best_latents(cfg.output, planted_parts(out / "data" / "ground_truth.csv")).items()):
+        say(f"    {species:<26} latent {st['latent']:>4}: {st['hits']}/{st['zones']}")
     return 0
 
 

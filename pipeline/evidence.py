@@ -1,0 +1,180 @@
+"""Evidence for a trait before anyone pays to describe it: does a (species, latent) pair's zone sit on
+the specimen, in the same place, in one piece, in most of the species' photos, and nowhere else?
+
+    frame = SpecimenFrame.of(rgb, geom)                        # once per candidate image
+    zone = zone_evidence(frame, patches, values, min_on_specimen)   # per candidate (image, latent)
+    pair = pair_evidence(zones, support, specificity(f_species, f_elsewhere), f_species, f_genus)
+    unit_confidence(pair, member_zones)                        # per annotation, in [0, 1]
+
+Everything is measured on the patch grid. The specimen mask is the measurements' segmentation
+(:func:`pipeline.annotation.measurements.segment_specimen`), read once per image as each patch
+square's share of specimen pixels, so a zone costs only its own patches. Positions are in the
+specimen's own frame (its long axis and the normal to it, as the measurements compute them) and
+taken as absolute values: the frame has no head end and a specimen may be mirrored, so only the
+distance from the centre along and across the body is comparable between photos.
+
+A zone's *regions* are its 8-connected components on the grid; a region is *grounded* when at least
+``min_on_specimen`` of its pixels lie on the specimen. A zone's grounded regions are what is
+outlined for the model and described (``grounded_patches``); a zone with none is background and is
+never sent. The formulas of the pair's score and of the confidence are in :func:`pair_evidence`
+and :func:`unit_confidence` (docs/quality.md explains how to read them)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.annotation.measurements import segment_specimen, specimen_frame
+from pipeline.boxes import connected_regions
+from pipeline.preprocessing import Geometry
+
+PLACEMENT_SCALE = 0.25
+"""A spread of |axial| + |lateral| (in half-lengths of the specimen) that costs a factor e in consistency."""
+SIZE_SCALE = 1.0
+"""A spread of ln(the zone's share of the specimen) that costs a factor e in consistency."""
+
+
+@dataclass(frozen=True)
+class SpecimenFrame:
+    """One image's specimen on the patch grid: each patch square's pixel area and specimen share,
+    and the specimen's frame (centroid, long axis u, normal n, half-extents) in original pixels."""
+    area_px: np.ndarray
+    """float [patches]: pixels of the original image each patch square covers (0 in letterbox padding)."""
+    on_specimen: np.ndarray
+    """float [patches]: the share of those pixels on the specimen."""
+    centre_px: np.ndarray
+    """float [patches, 2]: each square's centre (x, y) in original pixels."""
+    specimen_px: int
+    centroid: np.ndarray
+    u: np.ndarray
+    n: np.ndarray
+    half_u: float
+    half_n: float
+
+    @classmethod
+    def of(cls, rgb: np.ndarray, geom: Geometry) -> SpecimenFrame:
+        mask = segment_specimen(rgb)
+        # A summed-area table gives every square's specimen pixels in O(1).
+        table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+        table[1:, 1:] = mask.cumsum(0).cumsum(1)
+        side = geom.grid_side
+        boxes = np.array([geom.patch_box(r, c) for r in range(side) for c in range(side)], np.int64)
+        x0, y0, x1, y1 = boxes.T
+        area = (x1 - x0).clip(0) * (y1 - y0).clip(0)
+        inside = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+        centroid, u, n, half_u, half_n = specimen_frame(mask)
+        return cls(area.astype(float), np.divide(inside, area, out=np.zeros(len(area)), where=area > 0),
+                   np.stack([(x0 + x1) / 2, (y0 + y1) / 2], 1), int(mask.sum()), centroid, u, n, half_u, half_n)
+
+    @property
+    def side(self) -> int:
+        """Patches per side of the grid."""
+        return math.isqrt(len(self.area_px))
+
+    def position(self, patches: np.ndarray, weight: np.ndarray) -> tuple[float, float]:
+        """|axial|, |lateral| of the weighted centre of ``patches`` (see the module docstring)."""
+        d = (self.centre_px[patches] * weight[:, None]).sum(0) / weight.sum() - self.centroid
+        return abs(float(d @ self.u) / self.half_u), abs(float(d @ self.n) / self.half_n)
+
+
+def zone_evidence(frame: SpecimenFrame, patches, values, min_on_specimen: float) -> dict:
+    """One candidate zone (:data:`pipeline.contract.ZONE_EVIDENCE_TYPE`, plus ``grounded_patches``,
+    the patches of its grounded regions):
+
+    - on_specimen: the share of its pixels on the specimen; regions: how many; largest_share: the
+      share of its activation in its largest region;
+    - grounded: whether any region has at least ``min_on_specimen`` of its pixels on the specimen;
+      grounded_share: the share of its activation in those; grounded_regions, grounded_largest_share
+      likewise among them;
+    - axial, lateral: |position| of its grounded regions' specimen pixels in the specimen's frame;
+      specimen_share: those pixels over the specimen's (None, None, 0 when it is not grounded)."""
+    patches = np.asarray(patches, np.int64)
+    values = np.asarray(values, float)
+    area, on = frame.area_px, frame.on_specimen
+    weight = np.zeros(len(area))
+    weight[patches] = values
+    regions = [np.asarray(r, np.int64) for r in connected_regions(patches.tolist(), frame.side)]
+    activation = np.array([weight[r].sum() for r in regions])
+    region_on = np.array([(area[r] * on[r]).sum() / max(area[r].sum(), 1e-9) for r in regions])
+    grounded = region_on >= min_on_specimen
+    kept = np.sort(np.concatenate([r for r, g in zip(regions, grounded) if g])) if grounded.any() else np.zeros(0, np.int64)
+    zone_area = area[patches].sum()
+    total = activation.sum()
+
+    def share(of: np.ndarray) -> float:
+        return float(of / total) if total > 0 else 0.0
+    out = {"on_specimen": float((area[patches] * on[patches]).sum() / zone_area) if zone_area else 0.0,
+           "regions": len(regions), "largest_share": share(activation.max()) if len(regions) else 0.0,
+           "grounded": bool(grounded.any()), "grounded_share": share(activation[grounded].sum()),
+           "grounded_regions": int(grounded.sum()),
+           "grounded_largest_share": float(activation[grounded].max() / activation[grounded].sum())
+           if grounded.any() and activation[grounded].sum() > 0 else 0.0,
+           "axial": None, "lateral": None, "specimen_share": 0.0, "grounded_patches": kept.tolist()}
+    if len(kept):
+        on_px = area[kept] * on[kept]
+        out["axial"], out["lateral"] = frame.position(kept, on_px + 1e-9)
+        out["specimen_share"] = float(on_px.sum() / max(frame.specimen_px, 1))
+    return out
+
+
+def specificity(f_species: float, f_elsewhere: float) -> float:
+    """f_s / (f_s + f_elsewhere), f_elsewhere being the latent's frequency over every other genus
+    (selected/): 1 when it fires in no other genus, ½ when as often there as in the species."""
+    return f_species / (f_species + f_elsewhere) if f_species > 0 else 0.0
+
+
+def _factors(pair: dict, zones: list[dict]) -> dict[str, float]:
+    """The evidence's factors, each in [0, 1], over ``zones`` (grounded ones): see :func:`pair_evidence`."""
+    def mean(key: str, f=float) -> float:
+        return float(np.mean([f(z[key]) for z in zones])) if zones else 0.0
+    return {"contrast": pair["contrast"], "grounded": pair["grounded"], "consistency": pair["consistency"],
+            "grounding": mean("grounded_share", math.sqrt), "compactness": mean("grounded_largest_share"),
+            "partness": 1.0 - mean("specimen_share") ** 2, "support": math.sqrt(pair["support"]),
+            "specificity": pair["specificity"]}
+
+
+def pair_evidence(zones: list[dict], support: float, specificity: float, f_species: float, f_genus: float) -> dict:
+    """A selected (species, latent) pair (:data:`pipeline.contract.PAIR_EVIDENCE_TYPE`) from the zones
+    of its candidate images. Its factors, each in [0, 1]:
+
+        contrast     1 − f_genus / f_species: 0 at f_s = f_g (the paper's bound), → 1 as the ratio grows
+        grounded     the share of its candidate zones that have a grounded region
+        grounding    mean over grounded zones of √(their activation's share in grounded regions)
+        consistency  exp(−(sd|axial| + sd|lateral|) / 0.25) · exp(−sd ln specimen_share / 1.0) over its
+                     grounded zones: the same place, the same size in every photo (1 with under two)
+        compactness  mean share of a grounded zone's activation in its largest grounded region: one piece
+        partness     1 − (mean specimen_share)²: a part, not the whole body
+        support      √(share of the species' images where the latent fires)
+        specificity  f_s / (f_s + f_elsewhere): it fires in no other genus
+
+        score = grounded · Π factors        (grounded counts twice: a latent on the specimen in only
+                                             some photos is there by chance more often than not)
+
+    ``zones`` the pair's candidate zones (:func:`zone_evidence`)."""
+    grounded = [z for z in zones if z["grounded"]]
+    pair = {"support": support, "specificity": specificity,
+            "contrast": max(0.0, 1.0 - f_genus / f_species) if f_species > 0 else 0.0,
+            "grounded": len(grounded) / len(zones) if zones else 0.0,
+            "on_specimen": float(np.mean([z["on_specimen"] for z in zones])) if zones else 0.0,
+            "placement_spread": 0.0, "size_spread": 0.0, "consistency": 1.0,
+            "regions": float(np.mean([z["regions"] for z in zones])) if zones else 0.0, "zones": len(zones)}
+    if len(grounded) >= 2:
+        pair["placement_spread"] = float(np.std([z["axial"] for z in grounded]) + np.std([z["lateral"] for z in grounded]))
+        pair["size_spread"] = float(np.std([math.log(max(z["specimen_share"], 1e-6)) for z in grounded]))
+        pair["consistency"] = math.exp(-pair["placement_spread"] / PLACEMENT_SCALE - pair["size_spread"] / SIZE_SCALE)
+    factors = _factors(pair, grounded)
+    pair["compactness"], pair["partness"] = factors["compactness"], factors["partness"]
+    pair["score"] = pair["grounded"] * math.prod(factors.values())
+    return pair
+
+
+def unit_confidence(pair: dict, zones: list[dict]) -> float:
+    """How far to trust an annotation, before it is asked for: the geometric mean of the pair's
+    factors (:func:`pair_evidence`) with grounding, compactness and partness taken over the
+    unit's own zones — the typical factor, in [0, 1]. 0 when a zone of the unit is not grounded."""
+    if not zones or not all(z["grounded"] for z in zones):
+        return 0.0
+    factors = _factors(pair, zones)
+    return math.exp(sum(math.log(max(v, 1e-6)) for v in factors.values()) / len(factors))
