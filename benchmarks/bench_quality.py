@@ -39,7 +39,6 @@ from benchmarks.common import header, machine_info, offline_env, print_summary, 
 offline_env(ROOT)
 
 RANKINGS = ("evidence", "ratio", "difference", "log_ratio_weighted")
-DEFAULT_CONFIDENCE = 0.6  # kept in step with docs/quality.md: the band above which the report colours a trait trusted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.demo.hard import generate_hard_dataset
     from pipeline.demo.quality import annotation_quality, best_latents, planted_parts
     from pipeline.demo.run import demo_build_config, prepare_demo
+    from pipeline.evidence import TRUSTED as DEFAULT_CONFIDENCE
     from pipeline.graph import Build
 
     header("bench_quality: rankings, confidence and background on hard planted data")

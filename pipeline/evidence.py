@@ -13,10 +13,10 @@ specimen's own frame (its long axis and the normal to it, as the measurements co
 taken as absolute values: the frame has no head end and a specimen may be mirrored, so only the
 distance from the centre along and across the body is comparable between photos.
 
-A zone's *regions* are its 8-connected components on the grid; a region is *grounded* when at least
-``min_on_specimen`` of its pixels lie on the specimen. A zone's grounded regions are what is
-outlined for the model and described (``grounded_patches``); a zone with none is background and is
-never sent. The formulas of the pair's score and of the confidence are in :func:`pair_evidence`
+A zone's *regions* are its 8-connected components on the grid; a patch square is *grounded* when at
+least ``min_on_specimen`` of its pixels lie on the specimen. A zone's grounded squares are what is
+outlined for the model and described (``grounded_patches``): a zone that is half plate, half body is
+described on the body only, and a zone with none is background and is never sent. The formulas of the pair's score and of the confidence are in :func:`pair_evidence`
 and :func:`unit_confidence` (docs/quality.md explains how to read them)."""
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ from pipeline.annotation.measurements import segment_specimen, specimen_frame
 from pipeline.boxes import connected_regions
 from pipeline.preprocessing import Geometry
 
+CONFIDENCE_BANDS = (("low", 0.0), ("medium", 0.5), ("high", 0.65))
+"""Where each band of confidence starts (docs/quality.md: on the hard planted data, 85 % of the boxes
+of annotations from 0.65 up lie on the planted part, and every species keeps one). The report
+colours by them, a review draws and scores by them."""
+TRUSTED = CONFIDENCE_BANDS[-1][1]
+"""The default confidence: from here a trait is trusted (the report's green, the bench's threshold)."""
 PLACEMENT_SCALE = 0.25
 """A spread of |axial| + |lateral| (in half-lengths of the specimen) that costs a factor e in consistency."""
 SIZE_SCALE = 1.0
@@ -81,14 +87,15 @@ class SpecimenFrame:
 
 def zone_evidence(frame: SpecimenFrame, patches, values, min_on_specimen: float) -> dict:
     """One candidate zone (:data:`pipeline.contract.ZONE_EVIDENCE_TYPE`, plus ``grounded_patches``,
-    the patches of its grounded regions):
+    its grounded squares):
 
     - on_specimen: the share of its pixels on the specimen; regions: how many; largest_share: the
       share of its activation in its largest region;
-    - grounded: whether any region has at least ``min_on_specimen`` of its pixels on the specimen;
-      grounded_share: the share of its activation in those; grounded_regions, grounded_largest_share
-      likewise among them;
-    - axial, lateral: |position| of its grounded regions' specimen pixels in the specimen's frame;
+    - grounded: whether any of its squares has at least ``min_on_specimen`` of its pixels on the
+      specimen (those squares are what is described: ``grounded_patches``); grounded_share: the share of
+      its activation on them; grounded_regions: the regions they form; grounded_largest_share: the
+      share of their activation in the largest of those;
+    - axial, lateral: |position| of its grounded squares' specimen pixels in the specimen's frame;
       specimen_share: those pixels over the specimen's (None, None, 0 when it is not grounded)."""
     patches = np.asarray(patches, np.int64)
     values = np.asarray(values, float)
@@ -97,9 +104,10 @@ def zone_evidence(frame: SpecimenFrame, patches, values, min_on_specimen: float)
     weight[patches] = values
     regions = [np.asarray(r, np.int64) for r in connected_regions(patches.tolist(), frame.side)]
     activation = np.array([weight[r].sum() for r in regions])
-    region_on = np.array([(area[r] * on[r]).sum() / max(area[r].sum(), 1e-9) for r in regions])
-    grounded = region_on >= min_on_specimen
-    kept = np.sort(np.concatenate([r for r, g in zip(regions, grounded) if g])) if grounded.any() else np.zeros(0, np.int64)
+    kept = np.sort(patches[on[patches] >= min_on_specimen]) if len(patches) else np.zeros(0, np.int64)
+    # the described part of the zone: its squares on the specimen, as regions of their own
+    grounded_regions = [np.asarray(r, np.int64) for r in connected_regions(kept.tolist(), frame.side)] if len(kept) else []
+    grounded_activation = np.array([weight[r].sum() for r in grounded_regions])
     zone_area = area[patches].sum()
     total = activation.sum()
 
@@ -107,10 +115,10 @@ def zone_evidence(frame: SpecimenFrame, patches, values, min_on_specimen: float)
         return float(of / total) if total > 0 else 0.0
     out = {"on_specimen": float((area[patches] * on[patches]).sum() / zone_area) if zone_area else 0.0,
            "regions": len(regions), "largest_share": share(activation.max()) if len(regions) else 0.0,
-           "grounded": bool(grounded.any()), "grounded_share": share(activation[grounded].sum()),
-           "grounded_regions": int(grounded.sum()),
-           "grounded_largest_share": float(activation[grounded].max() / activation[grounded].sum())
-           if grounded.any() and activation[grounded].sum() > 0 else 0.0,
+           "grounded": bool(len(kept)), "grounded_share": share(grounded_activation.sum()),
+           "grounded_regions": len(grounded_regions),
+           "grounded_largest_share": float(grounded_activation.max() / grounded_activation.sum())
+           if len(kept) and grounded_activation.sum() > 0 else 0.0,
            "axial": None, "lateral": None, "specimen_share": 0.0, "grounded_patches": kept.tolist()}
     if len(kept):
         on_px = area[kept] * on[kept]
@@ -140,8 +148,8 @@ def pair_evidence(zones: list[dict], support: float, specificity: float, f_speci
     of its candidate images. Its factors, each in [0, 1]:
 
         contrast     1 − f_genus / f_species: 0 at f_s = f_g (the paper's bound), → 1 as the ratio grows
-        grounded     the share of its candidate zones that have a grounded region
-        grounding    mean over grounded zones of √(their activation's share in grounded regions)
+        grounded     the share of its candidate zones that have a grounded square
+        grounding    mean over grounded zones of √(the share of their activation on grounded squares)
         consistency  exp(−(sd|axial| + sd|lateral|) / 0.25) · exp(−sd ln specimen_share / 1.0) over its
                      grounded zones: the same place, the same size in every photo (1 with under two)
         compactness  mean share of a grounded zone's activation in its largest grounded region: one piece
@@ -168,6 +176,13 @@ def pair_evidence(zones: list[dict], support: float, specificity: float, f_speci
     pair["compactness"], pair["partness"] = factors["compactness"], factors["partness"]
     pair["score"] = pair["grounded"] * math.prod(factors.values())
     return pair
+
+
+def confidence_band(confidence: float | None) -> str | None:
+    """The band (:data:`CONFIDENCE_BANDS`) a confidence falls in; None without one."""
+    if confidence is None:
+        return None
+    return [name for name, start in CONFIDENCE_BANDS if confidence >= start][-1]
 
 
 def unit_confidence(pair: dict, zones: list[dict]) -> float:

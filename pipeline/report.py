@@ -6,9 +6,10 @@
   and annotations by status, totals on every page;
 - ``latents.html`` (+ ``latents-2.html``, ...): the selected latents, paginated, where each was
   selected, its firings and annotations;
-- a page per species: its selected latents (f_species, f_genus), example images with the
-  activation zones outlined in :data:`OUTLINE_RGB`, each region's measurements, the trait text and
-  the consensus groups;
+- a page per species: its selected latents that went forward (f_species, f_genus, their evidence),
+  example images with the activation zones outlined in :data:`OUTLINE_RGB`, each region's
+  measurements, the trait text and the consensus groups, annotations most trusted first and
+  coloured by confidence band (:data:`pipeline.evidence.CONFIDENCE_BANDS`) with their evidence;
 - a page per selected latent: its strongest-firing image regions across species (crops around the
   firing patches), where it was selected, and its firing counts by genus;
 - ``summary.html``: the manifest's figures, plots as inline SVG, and the errors.
@@ -33,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 
 from pipeline import storage
@@ -40,6 +42,7 @@ from pipeline.annotation.renderings import crop_box, union_box
 from pipeline.boxes import zones_to_boxes
 from pipeline.config import BuildConfig
 from pipeline.console import exit_code
+from pipeline.evidence import CONFIDENCE_BANDS, TRUSTED, confidence_band
 from pipeline.finished import FinishedBuild
 from pipeline.preprocessing import Geometry, decode_image
 from pipeline.report_data import BuildData, RowsBy
@@ -52,7 +55,8 @@ OUTLINE_HEX = "#{:02x}{:02x}{:02x}".format(*OUTLINE_RGB)
 OUTLINE_PX = 3
 THUMB_PX = 256        # longest side of an example image on a species page
 CROP_PX = 160         # longest side of a gallery crop on a latent page
-STATUSES = ("ok", "background", "unparsed", "failed")
+STATUSES = ("ok", "background", "low_confidence", "unparsed", "failed")
+BAND_COLOURS = {"high": "#cdeccd", "medium": "#fbe7b5", "low": "#f6c6c6"}
 
 CSS = f"""body {{ font: 14px/1.45 system-ui, sans-serif; margin: 0 auto; max-width: 1200px; padding: 0 16px 40px; color: #222; }}
 nav {{ padding: 10px 0; border-bottom: 1px solid #ddd; margin-bottom: 8px; }}
@@ -67,6 +71,8 @@ th {{ background: #f5f5f5; }} td.num, th.num {{ text-align: right; font-variant-
 .status {{ display: inline-block; padding: 0 6px; border-radius: 3px; font-size: 12px; background: #ddd; }}
 .status-ok {{ background: #cdeccd; }} .status-background {{ background: #e6e6e6; }}
 .status-unparsed {{ background: #fbe7b5; }} .status-failed {{ background: #f6c6c6; }}
+.status-low_confidence {{ background: #e6e6e6; }}
+{"".join(f".conf-{band} {{ background: {colour}; }} " for band, colour in BAND_COLOURS.items())}
 .card {{ border: 1px solid #ddd; border-radius: 4px; padding: 8px; margin: 10px 0; }}
 .images {{ display: flex; flex-wrap: wrap; gap: 10px; }}
 figure {{ margin: 0; }} figure img {{ display: block; max-width: 100%; }}
@@ -119,6 +125,25 @@ def swatch(rgb) -> str:
 
 def status_badge(status: str | None) -> str:
     return f'<span class="status status-{esc(status)}">{esc(status)}</span>'
+
+
+def confidence_badge(confidence: float | None) -> str:
+    """The confidence, coloured by its band; nothing for a row without one."""
+    band = confidence_band(confidence)
+    return "" if band is None else f'<span class="status conf-{band}">confidence {confidence:.2f} ({band})</span>'
+
+
+def evidence_text(t: dict) -> str:
+    """One line of what the confidence rests on: the pair's evidence and the unit's zones on the specimen."""
+    ev = t.get("evidence")
+    if not ev:
+        return ""
+    p = ev["pair"]
+    zones = ", ".join(f"{z['on_specimen']:.0%}" for z in ev["zones"])
+    return (f"<p class='small muted'>evidence: zones on the specimen {zones} · latent grounded in {p['grounded']:.0%} of "
+            f"its images, consistency {p['consistency']:.2f}, compactness {p['compactness']:.2f}, partness "
+            f"{p['partness']:.2f}, support {p['support']:.0%}, specificity {p['specificity']:.2f}, contrast "
+            f"{p['contrast']:.2f}</p>")
 
 
 def by_status(counts: Counter) -> str:
@@ -259,6 +284,9 @@ class Report:
         for r in traits.group_by(["species", "status"]).aggregate([("status", "count")]).to_pylist():
             self.statuses[r["species"]][r["status"]] = r["status_count"]
         self.all_statuses = sum(self.statuses.values(), Counter())
+        confident = traits.filter(pc.greater_equal(pc.fill_null(traits["confidence"], -1.0), TRUSTED))
+        self.trusted = Counter(confident["species"].to_pylist())
+        self.bands = Counter(confidence_band(c) for c in traits["confidence"].to_pylist() if c is not None)
         annotated = traits.group_by("latent").aggregate([("latent", "count")])
         self.annotated = Counter(dict(zip(annotated["latent"].to_pylist(), annotated["latent_count"].to_pylist())))
 
@@ -304,12 +332,12 @@ class Report:
         statuses = ordered_statuses(self.all_statuses) or list(STATUSES[:1])
         rows = [[f'<a href="{species_file(s)}"><i>{esc(s)}</i></a>', esc(self.data.taxon[s][0]),
                  num(self.data.images.get(s, 0)), num(self.data.selected_of.count(s)), num(sum(self.statuses[s].values())),
-                 *(num(self.statuses[s][st]) for st in statuses)] for s in shown]
+                 *(num(self.statuses[s][st]) for st in statuses), num(self.trusted[s])] for s in shown]
         first = i * per + 1 if shown else 0
         body = (self.totals() + f'<p class="pager">Species {first:,}–{i * per + len(shown):,} of {len(species):,} · '
                 f"page {i + 1} of {n_pages}: {pager('index', i, n_pages)}</p>"
-                + table(["Species", "Genus", "Images", "Selected latents", "Annotations", *map(esc, statuses)], rows,
-                        numeric=set(range(2, 5 + len(statuses)))))
+                + table(["Species", "Genus", "Images", "Selected latents", "Annotations", *map(esc, statuses),
+                         f"Confidence ≥ {TRUSTED}"], rows, numeric=set(range(2, 6 + len(statuses)))))
         return page("Species" + (f" (page {i + 1})" if i else ""), body)
 
     def latents_page(self, i: int) -> str:
@@ -345,12 +373,16 @@ class Report:
         if not selected:
             return page(s, head + "<p class=muted>No latent was selected for this species (a species alone in its "
                         "genus, for one, has f_species = f_genus: nothing passes the contrast).</p>")
-        rows = [[num(r.get("rank_in_species")), (f'<a href="#z{r["latent"]}">{r["latent"]}</a> '
-                                                  f'<a class=small href="{latent_file(r["latent"])}">(latent page)</a>'), num(r["f_species"]),
-                 num(r["f_genus"]), num(r.get("score")), esc(r.get("contrast_rank")),
+        rows = [[num(r.get("latent_rank")), (f'<a href="#z{r["latent"]}">{r["latent"]}</a> '
+                                              f'<a class=small href="{latent_file(r["latent"])}">(latent page)</a>'), num(r["f_species"]),
+                 num(r["f_genus"]), num(r.get("score")), num(r.get("evidence_score")), num(r.get("evidence_grounded")),
+                 num(r.get("evidence_consistency")), num(r.get("evidence_specificity")), esc(r.get("contrast_rank")),
                  num(len(candidates_of[r["latent"]])), num(len(traits_of[r["latent"]]))] for r in selected]
-        body = head + table(["Rank", "Latent", "f_species", "f_genus", "Score", "Contrast", "Candidate images",
-                             "Annotations"], rows, numeric={0, 2, 3, 4, 6, 7})
+        body = head + (f"<p class=small>Ranked by {esc(self.data.cfg.contrast.score)} (contrast.score); the best "
+                       f"{self.data.cfg.contrast.max_latents_per_species} went forward to be annotated.</p>"
+                       + table(["Rank", "Latent", "f_species", "f_genus", "Ratio", "Evidence", "Grounded", "Consistency",
+                                "Specificity", "Contrast", "Candidate images", "Annotations"], rows,
+                               numeric={0, 2, 3, 4, 5, 6, 7, 8, 10, 11}))
         sections = [(sel, self.examples(candidates_of[sel["latent"]], traits_of[sel["latent"]])) for sel in selected]
         made = self.thumbs.ensure({thumb_name(c["image_id"], sel["latent"]): (c, boxes, False, THUMB_PX)
                                    for sel, units in sections for members, _ in units for c, boxes, _ in members})
@@ -382,7 +414,9 @@ class Report:
             covered.update(t["image_ids"])
             units.append((members, t))
         units += [([(c, c["boxes"], [])], None) for i, c in candidates.items() if i not in covered]
-        units.sort(key=lambda u: min((c.get("image_rank") or 0 for c, _, _ in u[0]), default=1 << 30))
+        # The most trusted annotations first, then the rest by their images' rank.
+        units.sort(key=lambda u: (-(u[1] or {}).get("confidence", -1.0) if u[1] and u[1].get("confidence") is not None
+                                  else 1.0, min((c.get("image_rank") or 0 for c, _, _ in u[0]), default=1 << 30)))
         shown, capped = 0, []
         for members, t in units:
             if shown < self.max_images and members:
@@ -419,7 +453,8 @@ class Report:
     def annotation_text(t: dict) -> str:
         part = esc(t.get("body_part")) + (" <span class=muted>(not in the vocabulary)</span>"
                                           if t.get("body_part") and t.get("body_part_known") is False else "")
-        out = [f"<p>{status_badge(t['status'])} {f'<b>{part}</b> · ' if part else ''}{esc(t.get('description'))}</p>"]
+        out = [f"<p>{status_badge(t['status'])} {confidence_badge(t.get('confidence'))} "
+               f"{f'<b>{part}</b> · ' if part else ''}{esc(t.get('description'))}</p>", evidence_text(t)]
         if t.get("traits"):
             out.append("<ul>" + "".join(f"<li>{esc(tr['attribute'])}: {esc(tr['value'])}</li>" for tr in t["traits"]) + "</ul>")
         if t.get("common_traits"):
@@ -494,6 +529,8 @@ class Report:
         plots.append(svg_bars("Species by number of selected latents",
                               [(f"{k} latents", v) for k, v in sorted(per_species.items())]))
         plots.append(svg_bars("Annotations by status", [(s, self.all_statuses[s]) for s in ordered_statuses(self.all_statuses)]))
+        plots.append(svg_bars("Annotations by confidence", [(f"{band} (from {start})", self.bands[band])
+                                                            for band, start in CONFIDENCE_BANDS]))
         plots.append(svg_bars("Stage wall time", [(n, s["wall_s"]) for n, s in stages.items() if "wall_s" in s], " s"))
         body += '<h2>Plots</h2><div class="charts">' + "".join(plots) + "</div>"
 

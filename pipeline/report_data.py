@@ -16,7 +16,6 @@ from pipeline.contract import (CANDIDATES_SCHEMA, COUNTS_SCHEMA, ERRORS, ERRORS_
                                TRAITS_SCHEMA)
 from pipeline.finished import FinishedBuild
 from pipeline.review.pointers import read_pointers
-from pipeline.selection import going_forward
 
 ACTIVATION_BATCH_ROWS = 256  # images (~3,000 firings each) per batch of the report's activations/ scan
 MAX_SCAN_IMAGES = 200_000  # latent galleries scan all of activations/ only up to this many images
@@ -26,6 +25,27 @@ TRAITS_COLUMNS = [c for c in TRAITS_SCHEMA.names if c not in (
     "latency_s", "body_part_raw", "is_background", "parsed_as", "raw_answer", "prompt_tokens", "completion_tokens",
     "attempts")]
 CANDIDATE_COLUMNS = [c for c in CANDIDATES_SCHEMA.names if c not in ("latent_score", "latent_rank")]
+PAIR_COLUMNS = ["species", "latent", "latent_rank", "latent_score", "forward", "evidence"]
+PAIR_EVIDENCE = ["score", "grounded", "support", "specificity", "consistency", "compactness", "partness", "on_specimen"]
+
+
+def forward_pairs(batches) -> pa.Table:
+    """The pairs of candidates/ that went forward (one row each: species, latent, latent_rank,
+    latent_score and their evidence's figures as ``evidence_*`` columns), from its batches."""
+    parts = []
+    for t in batches:
+        t = t.filter(pc.fill_null(t["forward"], False))
+        pair = pc.struct_field(t["evidence"].combine_chunks(), "pair") if t.num_rows else None
+        parts.append(pa.table({"species": t["species"], "latent": t["latent"], "latent_rank": t["latent_rank"],
+                               "latent_score": t["latent_score"],
+                               **{f"evidence_{k}": (pc.struct_field(pair, k) if pair is not None
+                                                    else pa.array([], pa.float64())) for k in PAIR_EVIDENCE}}))
+    rows = pa.concat_tables(parts) if parts else pa.table(
+        {"species": pa.array([], pa.string()), "latent": pa.array([], pa.int32()), "latent_rank": pa.array([], pa.int32()),
+         "latent_score": pa.array([], pa.float64()), **{f"evidence_{k}": pa.array([], pa.float64()) for k in PAIR_EVIDENCE}})
+    return rows.group_by(["species", "latent"], use_threads=False).aggregate(
+        [(c, "min") for c in rows.column_names if c not in ("species", "latent")]).rename_columns(
+        ["species", "latent", *(c for c in rows.column_names if c not in ("species", "latent"))])
 
 
 def keep_top(top: pa.Table | None, found: pa.Table, k: int) -> pa.Table:
@@ -119,17 +139,19 @@ class BuildData:
     def __init__(self, build: FinishedBuild, max_gallery: int, max_scan_images: int = MAX_SCAN_IMAGES):
         self.build, self.manifest = build, build.manifest
         self.cfg: BuildConfig = build.config
-        # The selected latents that went forward to candidates (selected/ holds every selected pair).
+        # The selected latents that went forward to be annotated (selected/ holds every selected pair;
+        # candidates/ says which went forward, ranked by contrast.score, with their evidence).
         selected = build.read("selected", SELECTED_SCHEMA.names)
         self.n_selected = selected.num_rows
-        selected = going_forward(selected, self.cfg.contrast.max_latents_per_species)
-        self.selected_of = RowsBy(selected, "species", [("rank_in_species", "ascending"), ("latent", "ascending")])
+        selected = selected.join(forward_pairs(build.batches("candidates", PAIR_COLUMNS)), ["species", "latent"],
+                                 join_type="inner", use_threads=False)
+        self.selected_of = RowsBy(selected, "species", [("latent_rank", "ascending"), ("latent", "ascending")])
         self.selected_for = RowsBy(selected, "latent", [("species", "ascending")])
         self.latents = self.selected_for.keys
         wanted = pa.array(self.latents, pa.int32())
         keys = ["species", "genus", "latent"]
         self.candidate_keys = build.read("candidates", keys)
-        self.trait_keys = build.read("traits", [*keys, "status"])
+        self.trait_keys = build.read("traits", [*keys, "status", "confidence"])
         self.errors = build.read(ERRORS, ERRORS_SCHEMA.names)
         self.reviews = read_pointers(build.fs, build.root)  # written by python -m pipeline.review score
         self.genus_counts = GenusCounts([t.filter(pc.and_(pc.equal(t["rank"], "genus"), pc.is_in(

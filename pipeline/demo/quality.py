@@ -3,8 +3,8 @@ hard data): where each species' best latent lies, how many annotated boxes are o
 and how well the confidence tells them apart.
 
 A box is *on the part* when at least half of its area lies inside the part's box in that image (an
-image that does not show the part has no box on it). A zone is on the part when one of its boxes
-is; an annotation when at least half of its images' zones are."""
+image that does not show the part has no box on it). A zone is on the part when at least half of
+its boxes are; an annotation when at least half of its images' zones are."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def on_part(box: dict, part: Box | None) -> bool:
 
 
 def zone_on_part(boxes: list[dict], part: Box | None) -> bool:
-    return any(on_part(b, part) for b in boxes)
+    return bool(boxes) and sum(on_part(b, part) for b in boxes) >= 0.5 * len(boxes)
 
 
 def best_latents(build: str | Path, parts: dict[str, Box]) -> dict[str, dict]:
