@@ -302,8 +302,8 @@ class ContrastConfig(Section):
     or by frequency alone: ratio f_s / f_g (the paper's), difference f_s - f_g, or f_s · log(f_s / f_g).
     selected/ is ranked by ratio for evidence; candidates/ holds the evidence ranking (latent_rank)."""
     max_latents_per_species: int = Field(default=10, ge=1)
-    """At most this many selected latents per species go forward to candidates (best score first);
-    selected/ keeps every pair the rule selects, with its rank."""
+    """At most this many selected latents per species go forward to be annotated (best first by score:
+    candidates/ forward); selected/ keeps every pair the rule selects, candidates/ measures them all."""
     lone_species: Literal["none", "family"] = "none"
     """A species that is the only one of its genus in the build has f_s = f_g, so the paper's
     strict rule selects nothing for it (none). family: contrast it against its family instead."""
@@ -657,9 +657,13 @@ class ExportConfig(Section):
     overwrite: bool = False
     """Replace what is at out; otherwise an existing file or non-empty folder there is refused."""
     include_background: bool = False
-    """Also export annotations with status background (the model called the zone background)."""
+    """Also export annotations with status background (the model called the zone background, or no zone
+    lay on the specimen: not described)."""
     include_failed: bool = False
     """Also export annotations with status failed (no answer after the retries: no description)."""
+    min_confidence: float = Field(default=0.0, ge=0, le=1)
+    """Only annotations whose confidence is at least this (docs/quality.md; 0.65 keeps the trusted
+    ones); rows without a confidence (a build made with candidates.evidence false) are always exported."""
     image: Literal["rendering", "crop"] = "rendering"
     """hf: what the image columns hold. rendering: the images the model was sent (from traits/ when the
     build saved them with annotate.save_renderings, else made again from the source images by the

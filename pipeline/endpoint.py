@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
@@ -29,7 +30,6 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from pipeline.config import AnnotatorAppConfig, ConfigError
 from pipeline.finished import MANIFEST, FinishedBuild, NotFinished
 from pipeline.sae import sae_metadata
-from pipeline.selection import going_forward
 
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 TEXT_FIELDS = ("species", "genus", "build")
@@ -314,14 +314,14 @@ class BuildCatalog:
 
     def resolve(self, build: str) -> Path:
         """The build folder a request names: relative to builds_root (when set), and refused (403)
-        when it, or any file a request would read in it (its manifest, selected/), resolves to a
+        when it, or any file a request would read in it (its manifest, candidates/), resolves to a
         place outside builds_root — a symbolic link inside the folder included."""
         if "://" in build:
             raise HTTPException(400, f"build: {build!r} is a URL; name a local build folder (URLs are never fetched)")
         check_text("build", build)
         try:
             path = (self.root / build if self.root is not None else Path(build)).resolve()
-            read = [path / MANIFEST, *sorted((path / "selected").rglob("*"))] if self.root is not None else []
+            read = [path / MANIFEST, *sorted((path / "candidates").rglob("*"))] if self.root is not None else []
             outside = next((f for f in read if not f.resolve().is_relative_to(self.root)), None)
         except (OSError, ValueError) as exc:
             raise HTTPException(400, f"build: {build!r} is not a usable path ({type(exc).__name__})") from None
@@ -335,11 +335,11 @@ class BuildCatalog:
         try:
             finished = FinishedBuild.open(str(path))
             mtime = (path / MANIFEST).stat().st_mtime
-            if not finished.has("selected"):
-                raise NotFinished("no selected/")
+            if not finished.has("candidates"):
+                raise NotFinished("no candidates/")
         except (NotFinished, OSError):
             raise HTTPException(400, f"build: {build} is not a finished build (no manifest.json with status "
-                                     "succeeded and a selected/ folder)") from None
+                                     "succeeded and a candidates/ folder)") from None
         built_with = (finished.manifest.get("sae") or {})
         if self.sae and built_with.get("m") is not None and \
                 {k: built_with.get(k) for k in ("d", "m", "metadata")} != self.sae:
@@ -347,12 +347,12 @@ class BuildCatalog:
                                      "numbers would name other features")
         key = (str(path), mtime)
         if key not in self.cache:
-            # The latents that went forward in that build (selected/ holds every selected pair).
-            cap = ((finished.manifest.get("config") or {}).get("contrast") or {}).get("max_latents_per_species")
-            rows = going_forward(finished.read("selected", ["species", "latent", "rank_in_species"]), cap).to_pylist()
-            by_species: dict[str, list[tuple[int, int]]] = {}
+            # The latents that went forward in that build, best first (candidates/ ranks every selected pair).
+            rows = finished.read("candidates", ["species", "latent", "latent_rank", "forward"],
+                                 lambda t: pc.fill_null(t["forward"], False)).to_pylist()
+            by_species: dict[str, set[tuple[int, int]]] = {}
             for r in rows:
-                by_species.setdefault(r["species"], []).append((r["rank_in_species"], r["latent"]))
+                by_species.setdefault(r["species"], set()).add((r["latent_rank"], r["latent"]))
             if len(self.cache) >= 8:  # a few builds at a time; the oldest goes
                 self.cache.pop(next(iter(self.cache)))
             self.cache[key] = {s: [z for _, z in sorted(v)] for s, v in by_species.items()}

@@ -17,7 +17,9 @@ a Darwin Core Archive, and image–caption shards for CLIP training.
   same images and of held-out images (:mod:`pipeline.captions`), for ``sae-traits downstream``.
 
 Only annotations whose status is ok or unparsed are exported unless ``include_background`` /
-``include_failed`` say otherwise. Every path goes through fsspec (``build`` and ``out`` may be
+``include_failed`` say otherwise, and only those whose confidence is at least ``min_confidence``
+(rows without one — a build made with candidates.evidence false — always). Every exported row
+carries its confidence and evidence: columns of the hf dataset, measurementRemarks in the dwca. Every path goes through fsspec (``build`` and ``out`` may be
 ``s3://...``); the build is only read. The options are :class:`pipeline.config.ExportConfig`."""
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from pipeline.config import (BuildConfig, ConfigError, ExportConfig, add_config_
                              load_config)
 from pipeline.console import exit_code
 from pipeline.contract import IMAGE_COLUMNS, RENDERINGS_FIELD, TRAITS_SCHEMA, image_format
+from pipeline.evidence import confidence_band
 from pipeline.finished import FinishedBuild
 
 PAPER = ('"Automatic Image-Level Morphological Trait Annotation for Organismal Images" (ICLR 2026)')
@@ -63,25 +66,27 @@ class ExportedBuild(FinishedBuild):
     provenance the card and the EML give. Refuses (ConfigError on ``build``) a folder that holds no
     finished build, or one without traits/ or with a config this version does not read."""
 
-    def __init__(self, fs, root: str, where: str | None = None, statuses: tuple[str, ...] = STATUSES_ALWAYS):
+    def __init__(self, fs, root: str, where: str | None = None, statuses: tuple[str, ...] = STATUSES_ALWAYS,
+                 min_confidence: float = 0.0):
         super().__init__(fs, root, where)
         if not self.has("traits"):
             raise ConfigError(f"build: {self.where} has no traits/ table")
         _ = self.config  # read now: a config this version does not read is refused before anything is written
-        self.statuses = statuses
+        self.statuses, self.min_confidence = statuses, min_confidence
 
     @classmethod
     def of(cls, cfg: ExportConfig) -> ExportedBuild:
         fs, root = storage.filesystem(cfg.build, fsspec_options(cfg.storage, cfg.build))
         return cls(fs, root, cfg.build, (*STATUSES_ALWAYS, *(["background"] if cfg.include_background else []),
-                                         *(["failed"] if cfg.include_failed else [])))
+                                         *(["failed"] if cfg.include_failed else [])), cfg.min_confidence)
 
     def exported(self, table: pa.Table) -> pa.Array:
-        return pc.is_in(table["status"], pa.array(self.statuses, pa.string()))
+        confident = pc.greater_equal(pc.fill_null(table["confidence"], 1.0), self.min_confidence)
+        return pc.and_(pc.is_in(table["status"], pa.array(self.statuses, pa.string())), confident)
 
     def traits(self, columns: list[str] | None = None):
         """traits/ file by file (a file is one annotate batch), only the exported rows."""
-        read = list(dict.fromkeys(["status", *columns])) if columns is not None else None
+        read = list(dict.fromkeys(["status", "confidence", *columns])) if columns is not None else None
         for table in self.tables("traits", read):
             if table.num_rows:
                 yield table.filter(self.exported(table))
@@ -257,9 +262,14 @@ HF_COLUMN_DOCS = {
                     "orientation, position along/across the specimen, mean colour)",
     "model": "the model that answered (none: templated from the measurements)",
     "prompt_version": "the prompt's label and hash", "status": "ok, unparsed, background or failed",
+    "confidence": "how far to trust the annotation, 0 to 1, from its evidence before the model was asked "
+                  "(sae-traits docs/quality.md; from 0.65 trusted)",
+    "evidence": "what the confidence rests on: the latent's evidence over the species (support, specificity, "
+                "contrast, consistency, ...) and each image's zone (share on the specimen, position, regions)",
 }
 TRAITS_COLUMNS_HF = ("species", "genus", "image_ids", "annotation_id", "latent", "body_part", "body_part_known",
-                     "traits", "common_traits", "boxes", "measurements", "model", "prompt_version", "status")
+                     "traits", "common_traits", "boxes", "measurements", "model", "prompt_version", "status",
+                     "confidence", "evidence")
 
 
 def id_column(build_cfg: BuildConfig) -> str:
@@ -429,7 +439,7 @@ ZONE_MEASURES = (
     ("zone mean colour name", "", ("colour_name",)),
 )
 MOF_COLUMNS = ("annotation_id", "image_ids", "latent", "boxes", "measurements", "description", "model",
-               "prompt_version", "status", "body_part", "traits")
+               "prompt_version", "status", "body_part", "traits", "confidence", "evidence")
 
 
 def tsv_cell(value) -> str:
@@ -461,11 +471,12 @@ def mof_rows(row: dict, build: FinishedBuild, date: str | None):
     described = method + ("; templated from the zone's measurements, no model" if templated else "; described by the model")
     describer = "sae-traits (templated)" if templated else row["model"] or "unknown model"
     part = row["body_part"]
+    zones = (row.get("evidence") or {}).get("zones") or []
     for k, image_id in enumerate(row["image_ids"]):
         boxes = row["boxes"][k] if k < len(row["boxes"]) else []
         measured = row["measurements"][k] if k < len(row["measurements"]) else []
         about = (f"annotation {row['annotation_id']} ({row['status']}) of {len(row['image_ids'])} image(s)"
-                 + (f"; body part {part}" if part else ""))
+                 + (f"; body part {part}" if part else "") + trust_remark(row.get("confidence"), zones, k))
         facts = []
         if row["description"]:
             facts.append(("trait description", row["description"], "", describer, described,
@@ -482,6 +493,15 @@ def mof_rows(row: dict, build: FinishedBuild, date: str | None):
                                   where))
         for n, (kind, value, unit, by, how, remarks) in enumerate(facts):
             yield image_id, (f"{row['annotation_id']}:{image_id}:{n}", kind, value, unit, by, date, how, remarks)
+
+
+def trust_remark(confidence: float | None, zones: list[dict], k: int) -> str:
+    """The confidence of a described trait, for its measurementRemarks (Darwin Core's measurementAccuracy
+    is the potential error of a value, not how far to trust a description), with the image's zone on the specimen."""
+    if confidence is None:
+        return ""
+    zone = f", zone {zones[k]['on_specimen']:.0%} on the specimen" if k < len(zones) else ""
+    return f"; confidence {confidence:.3f} ({confidence_band(confidence)}{zone}; sae-traits evidence)"
 
 
 def media_url(path: str | None, cfg: ExportConfig, build: FinishedBuild, source_fs, source_root: str) -> str | None:
@@ -626,9 +646,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                          "(image–caption WebDataset shards) (key format)")
     parser.add_argument("--out", help="hf and clip: the folder; dwca: the .zip file (key out)")
     parser.add_argument("--overwrite", action="store_true", help="replace what is at out (key overwrite)")
+    parser.add_argument("--min-confidence", dest="min_confidence", type=float, metavar="X",
+                        help="only annotations at least this confident, e.g. 0.65 (key min_confidence)")
     add_config_arguments(parser, ExportConfig, "export.md")
     args = parser.parse_args(argv)
-    flags = flag_overrides(args, ("build", "format", "out", "overwrite"))
+    flags = flag_overrides(args, ("build", "format", "out", "overwrite", "min_confidence"))
     cfg = None
     try:
         cfg = load_config(ExportConfig, args.config, [*args.overrides, *flags])

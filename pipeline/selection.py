@@ -7,9 +7,10 @@ A species that is the only species of its genus has f_s = f_g, so the strict rul
 nothing for it (the paper's behaviour, ``lone_species: none``); ``lone_species: family``
 contrasts such a species against its family instead. Selected latents are ordered per species by
 a score and ranked (``rank_in_species``, 0 = best); every selected pair is kept, exactly the
-paper's selection — the per-species cap (``max_latents_per_species``) only limits what goes
-forward to candidates (:func:`pipeline.candidates.find_candidates`). ``f_elsewhere`` is the latent's
-frequency over every other genus, what the evidence's specificity reads (:mod:`pipeline.evidence`)."""
+paper's selection. The candidates stage ranks them again when ``contrast.score`` is evidence, and
+only the best ``max_latents_per_species`` go forward to be annotated (:mod:`pipeline.candidates`).
+``f_elsewhere`` is the latent's frequency over every other genus, what the evidence's specificity
+reads (:mod:`pipeline.evidence`)."""
 
 from __future__ import annotations
 
@@ -61,14 +62,6 @@ def taxonomy_of_species(index: pa.Table) -> pa.Table:
     per_genus = species.group_by(["genus"], use_threads=False).aggregate([([], "count_all")])
     species = species.join(per_genus, "genus", use_threads=False)
     return species.append_column("lone", pc.equal(species["count_all"], 1)).drop_columns(["count_all"])
-
-
-def going_forward(selected: pa.Table, max_latents_per_species: int | None) -> pa.Table:
-    """The selected/ rows that go forward to candidates: each species' best ``max_latents_per_species``
-    (``contrast.max_latents_per_species``; all when None)."""
-    if max_latents_per_species is None:
-        return selected
-    return selected.filter(pc.less(selected["rank_in_species"], max_latents_per_species))
 
 
 def _score(f_s: np.ndarray, f_p: np.ndarray, kind: str) -> np.ndarray:

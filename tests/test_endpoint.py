@@ -154,7 +154,7 @@ def test_exactly_one_authorization_header(headers, token, status):
 
 def test_build_names_are_relative_to_builds_root_and_no_link_in_a_build_leads_out(tmp_path):
     root, elsewhere = tmp_path / "builds", tmp_path / "elsewhere"
-    for folder in (root / "demo" / "selected", elsewhere / "selected"):
+    for folder in (root / "demo" / "candidates", elsewhere / "candidates"):
         folder.mkdir(parents=True)
         (folder.parent / "manifest.json").write_text("{}")
         (folder / "part-0.parquet").write_bytes(b"x")
@@ -162,11 +162,11 @@ def test_build_names_are_relative_to_builds_root_and_no_link_in_a_build_leads_ou
     assert catalog.resolve("demo") == (root / "demo").resolve()  # not the server's working directory
     assert catalog.resolve(str(root / "demo")) == (root / "demo").resolve()
     (root / "linked").symlink_to(elsewhere)  # the folder itself leads out
-    (root / "inner" / "selected").mkdir(parents=True)
+    (root / "inner" / "candidates").mkdir(parents=True)
     (root / "inner" / "manifest.json").symlink_to(elsewhere / "manifest.json")  # a file in it leads out
-    (root / "deep" / "selected").mkdir(parents=True)
+    (root / "deep" / "candidates").mkdir(parents=True)
     (root / "deep" / "manifest.json").write_text("{}")
-    (root / "deep" / "selected" / "part-0.parquet").symlink_to(elsewhere / "selected" / "part-0.parquet")
+    (root / "deep" / "candidates" / "part-0.parquet").symlink_to(elsewhere / "candidates" / "part-0.parquet")
     for name in ("../elsewhere", str(elsewhere), "linked", "inner", "deep"):
         with pytest.raises(HTTPException) as err:
             catalog.resolve(name)

@@ -10,6 +10,7 @@ import csv
 import json
 import shutil
 import time
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -20,12 +21,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.demo.run import planted_part_overlap
+from pipeline.demo.quality import best_latents, planted_parts
 from pipeline.errors import Rejected, write_errors
 from pipeline.finished import FinishedBuild
-from pipeline.report import OUTLINE_PX, OUTLINE_RGB, main, species_file, write_report
+from pipeline.report import OUTLINE_PX, OUTLINE_RGB, STATUSES, main, species_file, write_report
 from pipeline.report_data import GenusCounts, RowsBy
-from pipeline.selection import going_forward
 from tests.browser import Browser
 
 PAGE_INFO = """(() => ({
@@ -117,20 +117,27 @@ def test_demo_report_renders_in_chromium(demo_report, browser, tmp_path):
     print(f"\n{len(pages)} pages, {sum(len(p['images']) for p in pages.values())} images checked in Chromium "
           f"in {time.perf_counter() - started:.1f} s")
 
-    # The report shows the selected latents that went forward (selected/ holds every selected pair).
-    cap = json.loads((out / "manifest.json").read_text())["config"]["contrast"]["max_latents_per_species"]
-    selected = going_forward(pq.read_table(out / "selected"), cap).to_pylist()
+    # The report shows the selected latents that went forward (candidates/ ranks every selected pair).
+    candidates = pq.read_table(out / "candidates", columns=["species", "latent", "forward"]).to_pylist()
+    selected = [dict(t) for t in {(("species", r["species"]), ("latent", r["latent"])) for r in candidates if r["forward"]}]
     species = {r["species"] for r in pq.read_table(out / "activations", columns=["species"]).to_pylist() if r["species"]}
     assert {species_file(s) for s in species} <= set(pages)
     assert {f"latent-{r['latent']}.html" for r in selected} <= set(pages)
-    traits = pq.read_table(out / "traits", columns=["status", "image_ids"]).to_pylist()
+    traits = pq.read_table(out / "traits", columns=["status", "image_ids", "confidence"]).to_pylist()
     index_text = pages["index.html"]["text"]
-    assert f"{len(species)} species" in index_text and f"{len(traits)} annotations: ok {len(traits)}" in index_text
+    statuses = Counter(r["status"] for r in traits)
+    by_status = ", ".join(f"{st} {statuses[st]}" for st in STATUSES if statuses[st])
+    assert f"{len(species)} species" in index_text and f"{len(traits)} annotations: {by_status}" in index_text
+    # every annotation that was asked shows its confidence, coloured by band; the index counts the trusted ones
+    shown = "".join(p["text"] for p in pages.values())
+    asked = [r for r in traits if r["confidence"] is not None and r["status"] == "ok"]
+    assert asked and shown.count("confidence ") >= len(asked) and "Confidence ≥ 0.65" in index_text
     for s in species:  # the species' row: genus, images, latents, annotations
         assert s in index_text
     assert "Consensus group of 3 images" in "".join(p["text"] for p in pages.values())
     summary = (copy / "summary.html").read_text()
-    assert summary.count("<svg") == 4 and "Firings per image" in summary and "Stage wall time" in summary
+    assert summary.count("<svg") == 5 and "Firings per image" in summary and "Stage wall time" in summary
+    assert "Annotations by confidence" in summary
     for r in selected:  # each latent page says where it was selected and shows its strongest images
         info = pages[f"latent-{r['latent']}.html"]
         assert r["species"] in info["text"] and "Firings by genus" in info["text"] and info["images"]
@@ -144,7 +151,7 @@ def test_species_page_outlines_the_planted_part(demo_report, demo_dir, browser, 
     with open(demo_dir / "data" / "ground_truth.csv", newline="") as f:
         parts = {r["processid"]: [int(r[k]) for k in ("x0", "y0", "x1", "y1")] for r in csv.DictReader(f)}
     candidates = {(r["image_id"], r["latent"]): r for r in pq.read_table(out / "candidates").to_pylist()}
-    best = planted_part_overlap(out, demo_dir / "data" / "ground_truth.csv")
+    best = best_latents(out, planted_parts(demo_dir / "data" / "ground_truth.csv"))
     checked = []
     for species, st in sorted(best.items()):
         assert browser.goto((index.parent / species_file(species)).as_uri()) is None

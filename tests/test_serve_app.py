@@ -137,14 +137,17 @@ def specimen_png(width: int = 300, height: int = 200) -> bytes:
 
 
 def fake_build(folder: Path, selected: dict[str, list[int]], sae: dict | None, status: str = "succeeded") -> str:
-    """A build folder with what the endpoint reads: manifest.json and selected/."""
+    """A build folder with what the endpoint reads: manifest.json and candidates/ (two candidate images
+    of each pair that went forward, ranked as given, and one pair after them that did not)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    (folder / "selected").mkdir(parents=True)
-    rows = [{"species": s, "genus": s.split()[0], "latent": z, "f_species": 0.1, "f_genus": 0.05, "rank_in_species": r}
-            for s, zs in selected.items() for r, z in enumerate(zs)]
-    pq.write_table(pa.Table.from_pylist(rows), folder / "selected" / "selected.parquet")
+    (folder / "candidates").mkdir(parents=True)
+    rows = [{"species": s, "genus": s.split()[0], "latent": z, "image_id": f"{s}-{z}-{k}", "latent_rank": r,
+             "forward": True} for s, zs in selected.items() for r, z in enumerate(zs) for k in range(2)]
+    rows += [{"species": s, "genus": s.split()[0], "latent": 4000 + len(zs), "image_id": f"{s}-not", "latent_rank": len(zs),
+              "forward": False} for s, zs in selected.items()]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "candidates" / "candidates.parquet")
     (folder / "manifest.json").write_text(json.dumps({"status": status, "sae": sae}))
     return str(folder)
 

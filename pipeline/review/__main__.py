@@ -36,6 +36,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, help="seed of the draw and the shuffle (key seed)")
     s.add_argument("--out", help="the review folder to write (key out)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing review folder (key overwrite)")
+    s.add_argument("--by-confidence", dest="by_confidence", action="store_true",
+                   help="draw each confidence band in turn, so review score can tell accuracy per band (key by_confidence)")
     v = sub.add_parser("serve", help="serve the rating page of a review folder")
     v.add_argument("review", nargs="?", help="the review folder (key review)")
     v.add_argument("--host", help="address to listen on (key host)")
@@ -47,7 +49,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS = {"sample": (ReviewSampleConfig, ("builds", "labels", "sweep", "per_build", "seed", "out")),
+COMMANDS = {"sample": (ReviewSampleConfig, ("builds", "labels", "sweep", "per_build", "seed", "out", "by_confidence")),
             "serve": (ReviewServeConfig, ("review", "host", "port")),
             "score": (ReviewScoreConfig, ("review",))}
 

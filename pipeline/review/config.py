@@ -52,6 +52,11 @@ class ReviewSampleConfig(Section):
     include_unparsed: bool = True
     """Also draw annotations whose answer was not parsed (status unparsed) when they have a description:
     an export publishes them. ok ones are always drawn; background and failed ones never."""
+    by_confidence: bool = False
+    """Stratify each build's draw by confidence band (pipeline.evidence.CONFIDENCE_BANDS: high, medium,
+    low, then annotations without a confidence) as well as by species: the bands give an annotation in
+    turn, so each is represented and review score reports accuracy per band — how well the
+    confidence is calibrated. Every item's confidence is in the key either way."""
     show_species: bool = True
     """Show reviewers each item's species and genus (the same for every build of one dataset, so it
     tells nothing of the build; an expert judges a description against the taxon)."""

@@ -3,7 +3,8 @@
 From each build, ``per_build`` annotations an export would publish (status ok, and unparsed ones
 with a description) are drawn, stratified by species: the species are visited in a seeded random
 order, one annotation of each at a time (drawn at random within the species), round after round,
-so every species is represented before any gives a second one. The draws of all builds are
+so every species is represented before any gives a second one. With ``by_confidence`` the confidence
+bands (high, medium, low, none) take turns first, each drawing that way within itself. The draws of all builds are
 shuffled together and numbered 001, 002, ... in that order. Each item keeps what the model saw —
 the build's saved renderings (annotate.save_renderings), else the same renderings made again from
 the source images by the annotate stage's own code (:class:`pipeline.export.Pictures`) — and its
@@ -29,13 +30,15 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.config import ConfigError, fsspec_options
 from pipeline.contract import RENDERINGS_FIELD
+from pipeline.evidence import CONFIDENCE_BANDS, confidence_band
 from pipeline.export import ExportedBuild, Pictures, image_suffix
 from pipeline.review.config import ReviewSampleConfig
 from pipeline.review.folder import ITEMS, ITEMS_JSON, KEY_JSON, RATINGS_DIR
 
 KEY_VERSION = 1
 DRAWN_COLUMNS = ["annotation_id", "image_ids", "species", "genus", "latent", "description", "model",
-                 "prompt_version", "status"]
+                 "prompt_version", "status", "confidence"]
+BANDS = (*(name for name, _ in reversed(CONFIDENCE_BANDS)), None)  # the order the bands take turns in
 
 
 def stratified_order(rows: list[dict], rng: np.random.Generator) -> list[dict]:
@@ -51,6 +54,13 @@ def stratified_order(rows: list[dict], rng: np.random.Generator) -> list[dict]:
     for depth in range(max((len(q) for q in queues), default=0)):
         order += [q[depth] for q in queues if depth < len(q)]
     return order
+
+
+def banded_order(rows: list[dict], rng: np.random.Generator) -> list[dict]:
+    """Every row, the confidence bands taking turns (:data:`BANDS`), each band's rows in
+    :func:`stratified_order`."""
+    queues = [stratified_order([r for r in rows if confidence_band(r["confidence"]) == band], rng) for band in BANDS]
+    return [q[depth] for depth in range(max((len(q) for q in queues), default=0)) for q in queues if depth < len(q)]
 
 
 def drawable(build: ExportedBuild, include_unparsed: bool) -> list[dict]:
@@ -78,7 +88,7 @@ def draw(build: ExportedBuild, cfg: ReviewSampleConfig, rng: np.random.Generator
          log) -> tuple[list[tuple[dict, list[bytes]]], dict]:
     """(up to per_build (annotation row, its images), figures of the draw) from one build."""
     rows = drawable(build, cfg.include_unparsed)
-    order = stratified_order(rows, rng)
+    order = banded_order(rows, rng) if cfg.by_confidence else stratified_order(rows, rng)
     has_saved = build.saved_renderings()
     pictures = Pictures(build, log, has_saved, threads=cfg.threads)
     drawn, tried = [], 0

@@ -12,7 +12,11 @@ has no rating and counts for the flags alone), joined to the key, gives per buil
   reviewers' means are those of the whole review;
 - Krippendorff's alpha, ordinal, over the 1-5 scale (the ``krippendorff`` package), of the build's
   items and of the whole review: agreement between reviewers, 1 perfect, 0 chance;
-- how many (reviewer, item) judgements carry each flag.
+- how many (reviewer, item) judgements carry each flag;
+- per confidence band of the items (:data:`pipeline.evidence.CONFIDENCE_BANDS`, from the key): the
+  items, their mean rating, the share of ratings of 4 or 5 and the background and hallucination
+  flags — how well the build's confidence is calibrated (``review sample --by-confidence`` draws
+  every band).
 
 Written to REVIEW/scores/ as scores.md (the table, the reviewers, the plot), scores.json and
 scores.svg (the means with their intervals), and printed. Unless ``link_builds`` is false, each
@@ -30,6 +34,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import fsspec_options
+from pipeline.evidence import CONFIDENCE_BANDS, confidence_band
 from pipeline.console import markdown_table
 from pipeline.finished import FinishedBuild
 from pipeline.review.config import FLAG_LABELS, FLAGS, RATINGS, ReviewScoreConfig
@@ -110,13 +115,33 @@ def score_review(ratings: dict[str, dict[str, Rating]], key: dict, n_boot: int, 
         })
     means = reviewer_means(ratings)
     all_values = [v for v, _ in normalised.values()]
-    return {"builds": rows, "level": level, "bootstrap": n_boot, "seed": seed,
+    return {"builds": rows, "bands": band_rows(ratings, key), "level": level, "bootstrap": n_boot, "seed": seed,
             "grand_mean": float(np.mean(all_values)) if all_values else None,
             "alpha": ordinal_alpha(ratings, list(key["items"])),
             "reviewers": [{"reviewer": r, "items_rated": sum(x.rating is not None for x in ratings[r].values()),
                            "items_flagged": sum(bool(x.flags) for x in ratings[r].values()), "mean": means.get(r)}
                           for r in sorted(ratings)],
             "items": len(key["items"])}
+
+
+def band_rows(ratings: dict[str, dict[str, Rating]], key: dict) -> list[dict]:
+    """Per build and confidence band (items with a confidence in the key only): items rated, mean
+    rating, share of ratings 4-5, and the judgements flagged background or hallucinated."""
+    out = []
+    for b, build in enumerate(key["builds"]):
+        for band, _ in reversed(CONFIDENCE_BANDS):
+            items = [i for i, k in key["items"].items() if k["build"] == b and confidence_band(k.get("confidence")) == band]
+            if not items:
+                continue
+            judged = [ratings[r][i] for r in ratings for i in items if i in ratings[r]]
+            values = [j.rating for j in judged if j.rating is not None]
+            out.append({"label": build["label"], "band": band, "items": len(items),
+                        "items_rated": sum(any(i in ratings[r] and ratings[r][i].rating is not None for r in ratings)
+                                           for i in items),
+                        "mean": float(np.mean(values)) if values else None,
+                        "rated_4_or_5": float(np.mean([v >= 4 for v in values])) if values else None,
+                        "flags": {f: sum(f in j.flags for j in judged) for f in FLAGS}})
+    return out
 
 
 # --------------------------------------------------------------------------- writing it out
@@ -152,7 +177,22 @@ def scores_markdown(scores: dict, review: str) -> str:
             f"tokens/annotation: its mean prompt + completion tokens over the answers that did not fail. Intervals: percentile bootstrap over the build's items "
             f"({scores['bootstrap']} resamples, seed {scores['seed']}). α: Krippendorff's alpha, ordinal "
             f"(whole review: {fmt(scores['alpha'], 3)}). Flags: (reviewer, item) judgements with the flag.\n\n"
-            f"{markdown_table(header, rows)}\n\n## Reviewers\n\n{reviewers}\n\n![Mean ratings](scores.svg)\n")
+            f"{markdown_table(header, rows)}\n\n{bands_markdown(scores)}## Reviewers\n\n{reviewers}\n\n"
+            f"![Mean ratings](scores.svg)\n")
+
+
+def bands_markdown(scores: dict) -> str:
+    """The accuracy by confidence band, when the items had confidences (else nothing)."""
+    if not scores.get("bands"):
+        return ""
+    bands = ", ".join(f"{name} from {start}" for name, start in CONFIDENCE_BANDS)
+    rows = [[r["label"], r["band"], f"{r['items_rated']}/{r['items']}", fmt(r["mean"]),
+             "–" if r["rated_4_or_5"] is None else f"{r['rated_4_or_5']:.0%}",
+             *(str(r["flags"][f]) for f in FLAGS)] for r in scores["bands"]]
+    return ("## By confidence\n\nThe builds' own confidence of each item (bands: " + bands + "): a calibrated "
+            "confidence rates higher and is flagged less in higher bands.\n\n"
+            + markdown_table(["Build", "Band", "Items rated", "Mean (raw)", "Rated 4-5",
+                              *(FLAG_LABELS[f].capitalize() for f in FLAGS)], rows) + "\n\n")
 
 
 def scores_svg(scores: dict) -> str:
