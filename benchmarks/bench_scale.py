@@ -4,14 +4,16 @@ stages over synthetic firings at realistic density (pipeline/demo/firings.py: ~3
 per image over 24,576 latents), at N and FACTOR·N images, each size in its own process.
 
     python benchmarks/bench_scale.py [--images N] [--factor 4] [--firings 3000] [--keep DIR]
-                                     [--small-build-images M]
+                                     [--small-build-images M] [--set KEY=VALUE ...]
 
 Prints, per stage, the wall time at both sizes and their ratio (goal <= 1.1·FACTOR, i.e. 4.4 at 4N);
 the driver's peak RSS at both sizes (goal: ratio <= 1.3); the object store's peak use and the
 bytes spilled; the stage that grows worst; and ``RESULT`` lines. tests/test_scale.py runs it at
 a small N so it cannot rot. The stages run on Ray at every size (``ray.small_build_images`` 0);
 ``--small-build-images M`` sets that key, so that sizes up to M run in the driver: the same
-command with 0 and with M compares the two paths.
+command with 0 and with M compares the two paths. ``--set`` overrides any build key at both sizes
+(``--set candidates.evidence=false --set contrast.score=ratio``: the stages without the evidence,
+what docs/quality.md compares the default with).
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ sys.path.insert(0, str(ROOT))
 STAGES = ("count", "select", "candidates", "annotate")
 
 
-def build_config(out: Path, sae: Path, rows_per_file: int, small_build_images: int = 0) -> dict:
-    from pipeline.config import BuildConfig, validate
+def build_config(out: Path, sae: Path, rows_per_file: int, small_build_images: int = 0,
+                 overrides: list[str] = ()) -> dict:
+    from pipeline.config import BuildConfig, merge, parse_overrides, validate
 
-    return validate(BuildConfig, {
+    return validate(BuildConfig, merge({
         "source": {"format": "imagefolder", "root": str(out / "source-images")},  # (indexed already)
         "backbone": {"model": str(out / "no-backbone"), "layer": 10},  # never loaded: encode is done
         "sae": {"checkpoint": str(sae), "threshold": 0.9},
@@ -47,16 +50,17 @@ def build_config(out: Path, sae: Path, rows_per_file: int, small_build_images: i
         "ray": {"num_cpus": 2, "small_build_images": small_build_images},
         "report": False,  # timed on its own, after the build
         "output": str(out),
-    }).model_dump(mode="json")
+    }, parse_overrides(list(overrides)))).model_dump(mode="json")
 
 
-def prepare(out: Path, n_images: int, firings: int, sae: Path, small_build_images: int = 0) -> dict:
+def prepare(out: Path, n_images: int, firings: int, sae: Path, small_build_images: int = 0,
+            overrides: list[str] = ()) -> dict:
     from pipeline.demo.firings import write_synthetic_build
 
     rows_per_file = 1024
     t0 = time.perf_counter()
-    summary = write_synthetic_build(out, build_config(out, sae, rows_per_file, small_build_images), n_images, firings=firings,
-                                    rows_per_file=rows_per_file)
+    summary = write_synthetic_build(out, build_config(out, sae, rows_per_file, small_build_images, overrides), n_images,
+                                    firings=firings, rows_per_file=rows_per_file)
     return {**summary, "generate_s": round(time.perf_counter() - t0, 1)}
 
 
@@ -129,9 +133,10 @@ def rss_sampler(stop: threading.Event, build, running: dict, peaks: dict) -> Non
         peaks[stage] = round(max(peaks.get(stage, 0.0), rss), 1)
 
 
-def run_size(work: Path, n_images: int, firings: int, sae: Path, small_build_images: int = 0) -> dict:
+def run_size(work: Path, n_images: int, firings: int, sae: Path, small_build_images: int = 0,
+             overrides: list[str] = ()) -> dict:
     out = work / f"n{n_images}"
-    generated = prepare(out, n_images, firings, sae, small_build_images)
+    generated = prepare(out, n_images, firings, sae, small_build_images, overrides)
     proc = subprocess.run([sys.executable, __file__, "--child", str(out)], capture_output=True, text=True, cwd=ROOT)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("SCALE-RESULT ")), None)
     if proc.returncode or line is None:
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-build-images", type=int, default=0,
                         help="ray.small_build_images: sizes up to this run count..annotate in the driver")
     parser.add_argument("--keep", type=Path, help="build the sizes under this folder and keep them")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a build key at both sizes (repeatable)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -164,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         sae = random_sae(work / "sae")
-        small = run_size(work, args.images, args.firings, sae, args.small_build_images)
-        large = run_size(work, args.images * args.factor, args.firings, sae, args.small_build_images)
+        small = run_size(work, args.images, args.firings, sae, args.small_build_images, args.overrides)
+        large = run_size(work, args.images * args.factor, args.firings, sae, args.small_build_images, args.overrides)
     goal = 1.1 * args.factor
     print(f"synthetic firings: N={small['images']} ({small['firings'] / 1e6:.1f} M firings, {small['files']} files) "
           f"and {args.factor}N={large['images']} ({large['firings'] / 1e6:.1f} M); generated in "

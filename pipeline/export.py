@@ -194,7 +194,7 @@ class Pictures:
         self.saved = has_saved and not crop
         self.missing = 0
         if not self.saved:
-            fields = [*IMAGE_COLUMNS, "latent", "patches"]
+            fields = [*IMAGE_COLUMNS, "latent", "patches", "grounded_patches"]
             self.candidates = {(r["image_id"], r["latent"]): r for r in build.read("candidates", fields).to_pylist()}
             self.pool = ThreadPoolExecutor(threads)
             self.local = threading.local()

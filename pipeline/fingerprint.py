@@ -32,10 +32,12 @@ RUNTIME = runtime_keys(BuildConfig)
 DIGESTS = "digests.json"  # the content-digest cache, under storage.cache_dir()
 IMAGE_KEYS = pa.schema([("image_id", pa.string()), ("image_key", pa.string()), ("encode_key", pa.string())])
 REQUEST_KEYS = pa.schema([("annotation_id", pa.string()), ("request_key", pa.string())])
-UNIT_GROUPING = ("annotate.images_per_prompt",)  # annotate keys that decide which units exist, not what one asks
+# annotate keys that decide which units exist or are sent, not what one asks
+UNIT_GROUPING = ("annotate.images_per_prompt", "annotate.min_confidence")
 # Keys annotate reads that reach a request only through its boxes (in the request key already):
-# how the model input is decoded changes the firings, not the question asked about a box.
-ONLY_THROUGH_BOXES = ("preprocess.decode",)
+# how the model input is decoded changes the firings, and what lies on the specimen the regions
+# outlined, not the question asked about a box.
+ONLY_THROUGH_BOXES = ("preprocess.decode", "annotate.min_on_specimen")
 
 
 def digest(value: Any, n: int = 32) -> str:

@@ -69,6 +69,7 @@ from pipeline.lease import LEASE, OutputLease
 from pipeline.report import write_report
 from pipeline.reuse import (DECODE, ITEMS, PREVIOUS, EarlierBuild, answered, copy_folder, decode_errors, matching, reuse_counts,
                             reused_rows, whole_match)
+from pipeline.evidence import TRUSTED
 from pipeline.preprocessing import OriginalImages
 from pipeline.sae import sae_metadata
 from pipeline.selection import select_by_contrast_group, select_latents, taxonomy_of_species
@@ -449,9 +450,10 @@ class Build:
         # sends only the units whose answers were never written.
         units = with_annotation_ids(ann, units)
         units = units.append_column("request_key", request_keys(units, self.keys.images, self.keys.request))
+        asked = units.filter(sent(units, ann.min_confidence))  # a unit not sent is no request: nothing to take or give
         storage.write_table(self.fs, self.path(f"{ITEMS}/requests.parquet"),
-                            units.select(REQUEST_KEYS.names).cast(REQUEST_KEYS))
-        self.reuse_answers(units.filter(sent(units, ann.min_confidence)))  # a unit not sent has no answer to take
+                            asked.select(REQUEST_KEYS.names).cast(REQUEST_KEYS))
+        self.reuse_answers(asked)
         if (todo := self.pending("annotate", units.drop_columns(["request_key"]), "units")) is None:
             return
         batch = self.annotate_batch(ctx.n_cpus)
@@ -655,7 +657,7 @@ class Build:
         def rows(name):
             return self.stages.get(name, {}).get("rows", 0)
 
-        traits = storage.read_table(self.fs, self.path("traits"), columns=["status"])
+        traits = storage.read_table(self.fs, self.path("traits"), columns=["status", "confidence"])
         selected = storage.read_table(self.fs, self.path("selected"), columns=["species"])
         rejected = Counter(s for s in errors.column("stage").to_pylist() if s != "annotate") if errors.num_rows else {}
         def reused(name):
@@ -671,6 +673,9 @@ class Build:
             "species_with_latents": len(set(selected.column("species").to_pylist())) if selected.num_rows else 0,
             "candidates": rows("candidates"),
             "annotations": dict(sorted(Counter(traits.column("status").to_pylist()).items())) if traits.num_rows else {},
+            # ok annotations at the trusted confidence (None: a build without evidence)
+            "annotations_trusted": (pc.sum(pc.and_(pc.equal(traits["status"], "ok"), pc.greater_equal(
+                traits["confidence"], TRUSTED))).as_py() or 0) if self.cfg.candidates.evidence else None,
             "annotations_reused": reused("annotate"),
             "errors": errors.num_rows,
             "stages": {name: {"rows": s.get("rows"), "wall_s": s.get("wall_s"), "resumed": bool(s.get("resumed")),
@@ -704,7 +709,9 @@ def format_summary(summary: dict, resumed: bool = False) -> str:
               + (f" ({', '.join(f'{k} {v}' for k, v in summary['images_rejected'].items())})" if rejected else ""),
               f"  latents selected: {summary['latents_selected']} over {summary['species_with_latents']} species; "
               f"candidates: {summary['candidates']}",
-              "  annotations: " + (", ".join(f"{k} {v}" for k, v in summary["annotations"].items()) or "none"),
+              "  annotations: " + (", ".join(f"{k} {v}" for k, v in summary["annotations"].items()) or "none")
+              + (f"; {summary['annotations_trusted']} ok at confidence >= {TRUSTED}"
+                 if summary.get("annotations_trusted") is not None else ""),
               f"  errors/: {summary['errors']} rows", ""]
     return "\n".join(lines)
 

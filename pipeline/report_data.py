@@ -177,6 +177,7 @@ class BuildData:
                 top = keep_top(top, strongest_zones(batch, wanted, max_gallery), max_gallery)
         if self.latents and not self.gallery_scanned:
             for batch in build.batches("candidates", CANDIDATE_COLUMNS):
+                batch = batch.filter(pc.fill_null(batch["forward"], False))  # the latents the report pages
                 top = keep_top(top, top_per_latent(batch.append_column("value_sum", batch["activation_sum"]),
                                                    max_gallery), max_gallery)
         self.firings = np.concatenate(firings) if firings else np.zeros(0, int)

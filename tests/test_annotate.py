@@ -38,9 +38,15 @@ def fake_answer(marker, text, body):
 
 
 @pytest.fixture(scope="module")
-def units(demo_build):
+def all_units(demo_build):
     out, _ = demo_build
     return annotation_units(pq.read_table(out / "candidates").to_pylist(), images_per_prompt=3)
+
+
+@pytest.fixture(scope="module")
+def units(all_units):
+    """The units a build sends (a pair with no zone on the specimen makes one that is never sent)."""
+    return [u for u in all_units if u["grounded"]]
 
 
 def stage(demo_dir, **annotate):
@@ -98,6 +104,41 @@ def test_openai_backend_retries_then_records_failures_and_loses_nothing(demo_dir
             assert r["status"] == "ok" and r["body_part"] == "forewing" and r["parsed_as"] == "text"
             assert {"attribute": "colour", "value": "bright blue patch"} in r["traits"]
             assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 and r["latency_s"] > 0
+
+
+def test_units_not_sent_are_written_without_a_request_or_an_image_read(demo_dir, units):
+    by_confidence = sorted(units, key=lambda u: u["confidence"])
+    low, high = by_confidence[0], by_confidence[-1]
+    assert low["confidence"] < high["confidence"]
+    # a pair with no zone on the specimen, as unit_table makes it; its images must not even be read
+    background = dict(by_confidence[1], grounded=False,
+                      members=[dict(m, path="/nowhere/gone.jpg") for m in by_confidence[1]["members"]])
+    with FakeOpenAIServer(answer=fake_answer) as server:
+        st = stage(demo_dir, llm={"kind": "openai", "base_url": server.base_url, "model": "fake-vlm"},
+                   min_confidence=(low["confidence"] + high["confidence"]) / 2)
+        table, rejected = st(pa.Table.from_pylist([background, low, high]))
+        asked = [r.marker for r in server.received]
+    rows = {r["status"]: r for r in table.to_pylist()}
+    assert set(rows) == {"background", "low_confidence", "ok"} and not rejected
+    assert asked == [rows["ok"]["annotation_id"]]  # one request: the confident unit's
+    for status in ("background", "low_confidence"):
+        r = rows[status]
+        assert r["model"] is None and r["attempts"] == 0 and r["description"] is None and r["boxes"]
+        assert r["evidence"]["pair"] and len(r["evidence"]["zones"]) == len(r["image_ids"])
+    assert rows["background"]["is_background"] and rows["background"]["body_part"] == "background"
+    assert rows["low_confidence"]["confidence"] == pytest.approx(low["confidence"])
+    assert rows["ok"]["confidence"] == pytest.approx(high["confidence"]) and rows["ok"]["evidence"]["zones"]
+
+
+def test_only_the_squares_on_the_specimen_are_outlined_and_measured(demo_dir, units):
+    from pipeline.boxes import zones_to_boxes
+    from pipeline.preprocessing import Geometry
+
+    member = next(m for u in units for m in u["members"] if len(m["patches"]) > 1)
+    part = member["patches"][:1]  # as if only its first square lay on the specimen
+    unit = {"members": [dict(member, grounded_patches=part)]}
+    _, boxes, measurements = stage(demo_dir).prepare(unit)
+    assert boxes == [zones_to_boxes(part, Geometry.from_row(member))] and len(measurements[0]) == 1
 
 
 def test_mllm_only_baseline_sends_whole_images(demo_dir, units):

@@ -23,7 +23,7 @@ from pipeline.contract import MEASUREMENT_TYPE
 from pipeline.export import DWC, MOF_ROW_TYPE, MOF_TERMS, OCCURRENCE_ROW_TYPE, OCCURRENCE_TERMS, ZONE_MEASURES, main
 from tests.s3_server import FAKE_KEY, FAKE_SECRET, client, download, upload
 
-EXCLUDED = {"background", "failed"}  # what an export leaves out unless asked
+EXCLUDED = {"background", "failed", "low_confidence"}  # what an export leaves out (the first two unless asked)
 
 
 def export(capsys, *args) -> dict:
@@ -118,8 +118,18 @@ def test_hf_export_loads_with_datasets(demo_build, tmp_path, capsys):
         assert row["family"] == family[t["image_ids"][0]]
         assert row["boxes"] == t["boxes"] and row["latent"] == t["latent"] and row["status"] == t["status"]
         assert (row["model"], row["prompt_version"]) == (t["model"], t["prompt_version"])
+        assert row["confidence"] == t["confidence"] and row["evidence"] == t["evidence"]  # how far to trust it
     saved = {r["annotation_id"]: r["images"] for r in raw_images(ds)}
     assert all([im["bytes"] for im in saved[a]] == t["renderings"] for a, t in by_id.items())  # the bytes sent
+
+
+def test_min_confidence_exports_only_the_trusted(demo_build, tmp_path, capsys):
+    build, _ = demo_build
+    rows = exportable(traits_of(build, ["annotation_id", "status", "confidence"]))
+    cut = sorted(r["confidence"] for r in rows)[len(rows) // 2]  # about half of them
+    export(capsys, "--build", build, "--format", "hf", "--out", tmp_path / "hf", "--min-confidence", cut)
+    kept = set(pq.read_table(tmp_path / "hf" / "data", columns=["annotation_id"])["annotation_id"].to_pylist())
+    assert kept == {r["annotation_id"] for r in rows if r["confidence"] >= cut} and 0 < len(kept) < len(rows)
 
 
 def test_hf_export_without_saved_renderings_remakes_them_and_filters_statuses(demo_build, tmp_path, capsys):
@@ -226,6 +236,10 @@ def test_dwca_export_reads_with_dwca_reader(demo_build, tmp_path, capsys):
             t = by_annotation[e.data[DWC + "measurementID"].split(":")[0]]
             method = e.data[DWC + "measurementMethod"]
             assert f"SAE latent {t['latent']}" in method and t["model"] in method and t["prompt_version"] in method
+            # how far the trait is to be trusted, with its own image's zone on the specimen
+            zone = t["evidence"]["zones"][t["image_ids"].index(e.core_id)]
+            assert (f"confidence {t['confidence']:.3f} (" in e.data[DWC + "measurementRemarks"]
+                    and f"zone {zone['on_specimen']:.0%} on the specimen" in e.data[DWC + "measurementRemarks"])
         descriptions = [e for e in linked if e.data[DWC + "measurementType"] == "trait description"]
         assert len(descriptions) == sum(len(r["image_ids"]) for r in rows if r["description"] is not None)
         assert {e.data[DWC + "measurementUnit"] for e in linked} >= {"pixels", "square pixels", "degrees"}

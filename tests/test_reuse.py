@@ -125,6 +125,31 @@ def test_an_images_per_prompt_sweep_reuses_encode_and_candidates_and_only_the_pr
                                                                  for b in (three, one)]
 
 
+def test_a_unit_not_sent_is_never_reused_and_a_reused_answer_carries_this_builds_evidence(t_freq_sweep, server,
+                                                                                            tmp_path):
+    """A build that sent nothing (every unit under annotate.min_confidence) gives a later build no
+    answer: the not-asked rows are not answers. And a reused answer's evidence and confidence are
+    the reusing build's (the same request, other candidates around it: candidates.top_images)."""
+    config, sweep, result, _ = t_freq_sweep
+    first = sweep / result["builds"][0]["build"]
+    server.reset()
+    stingy = Build(load_config(BuildConfig, config, ["annotate.min_confidence=1.0", f"output={tmp_path / 'stingy'}",
+                                                     "reuse=[]"])).run()
+    assert server.received == [] and set(stingy["summary"]["annotations"]) <= {"low_confidence", "background"}
+    generous = Build(load_config(BuildConfig, config, [f"output={tmp_path / 'generous'}", f"reuse=[{tmp_path / 'stingy'}]"]))
+    manifest = generous.run()
+    assert manifest["summary"]["annotations_reused"] == 0 and len(server.received) == manifest["stages"]["annotate"][
+        "computed"]["llm_requests"] > 0
+    assert_same_build(first, tmp_path / "generous")
+    # Fewer images per pair: other pair evidence around the same first consensus groups.
+    server.reset()
+    fewer = Build(load_config(BuildConfig, config, ["candidates.top_images=6", f"output={tmp_path / 'fewer'}",
+                                                    f"reuse=[{first}]"])).run()
+    assert fewer["summary"]["annotations_reused"] > 0
+    twin(config, tmp_path / "fewer-twin", ["candidates.top_images=6"])
+    assert_same_build(tmp_path / "fewer-twin", tmp_path / "fewer")
+
+
 def source_copy(demo_dir: Path, dest: Path, keep) -> list[dict]:
     """The demo's data at ``dest`` (file times kept), its metadata cut to the rows ``keep(i)`` holds."""
     shutil.copytree(demo_dir / "data", dest)

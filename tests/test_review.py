@@ -239,15 +239,16 @@ def test_a_torn_last_line_is_ignored_and_a_rerating_replaces(tmp_path):
 
 # --------------------------------------------------------------------------- scores
 
-def review_folder(root: Path, builds: list[list[str]]) -> ReviewFolder:
-    """A review folder as sample writes one: items/items.json and key.json (build k holds builds[k])."""
+def review_folder(root: Path, builds: list[list[str]], confidence: dict[str, float] | None = None) -> ReviewFolder:
+    """A review folder as sample writes one: items/items.json and key.json (build k holds builds[k];
+    each item's confidence from ``confidence``)."""
     (root / "items").mkdir(parents=True)
     items = [i for b in builds for i in b]
     (root / "items/items.json").write_text(json.dumps({"items": [{"item": i, "images": [], "description": "d"}
                                                                  for i in items]}))
     (root / "key.json").write_text(json.dumps({
         "builds": [{"label": f"build{k}", "build": str(root / f"b{k}")} for k in range(len(builds))],
-        "items": {i: {"build": k} for k, b in enumerate(builds) for i in b}}))
+        "items": {i: {"build": k, "confidence": (confidence or {}).get(i)} for k, b in enumerate(builds) for i in b}}))
     return ReviewFolder(root)
 
 
@@ -290,6 +291,36 @@ def test_scores_equal_the_formulas(tmp_path, capsys):
     # seeded: scoring again gives the same intervals
     run(capsys, "score", folder.root, "--set", "link_builds=false", "--set", "bootstrap=2000")
     assert json.loads((folder.scores_dir / "scores.json").read_text())["builds"] == scores["builds"]
+
+
+def test_accuracy_per_confidence_band(tmp_path, capsys):
+    items = [f"a{i}" for i in range(6)]
+    confidence = dict(zip(items, (0.9, 0.7, 0.66, 0.55, 0.2, None)))  # high ×3, medium, low, none
+    folder = review_folder(tmp_path / "review", [items], confidence)
+    given = {"one": dict(zip(items, (5, 4, 2, 3, 1, 4))), "two": dict(zip(items, (5, 5, 4, 2, 2, 1)))}
+    for reviewer, ratings in given.items():
+        for item, value in ratings.items():
+            folder.ratings_file(reviewer).append(Rating(item, value, ("background",) if value == 1 else ()))
+    run(capsys, "score", folder.root, "--set", "link_builds=false", "--set", "bootstrap=200")
+    bands = {r["band"]: r for r in json.loads((folder.scores_dir / "scores.json").read_text())["bands"]}
+    assert list(bands) == ["high", "medium", "low"]  # most trusted first; an item without one in none
+    high = [v for r in given.values() for i, v in r.items() if i in ("a0", "a1", "a2")]
+    assert bands["high"]["items"] == 3 and bands["high"]["mean"] == pytest.approx(np.mean(high))
+    assert bands["high"]["rated_4_or_5"] == pytest.approx(np.mean([v >= 4 for v in high]))
+    assert bands["low"]["mean"] == 1.5 and bands["low"]["flags"]["background"] == 1
+    assert "## By confidence" in (folder.scores_dir / "scores.md").read_text()
+
+
+def test_sample_by_confidence_draws_every_band(builds, tmp_path, capsys):
+    from pipeline.evidence import confidence_band
+
+    out = tmp_path / "banded"
+    run(capsys, "sample", "--build", builds[0], "--per-build", 3, "--seed", 1, "--out", out, "--by-confidence")
+    drawn = [confidence_band(k["confidence"]) for k in json.loads((out / "key.json").read_text())["items"].values()]
+    rows = pq.read_table(builds[0] / "traits", columns=["status", "confidence"]).to_pylist()
+    available = {confidence_band(r["confidence"]) for r in rows if r["status"] == "ok"}
+    turns = [b for b in ("high", "medium", "low", None) if b in available]  # the bands take turns in this order
+    assert len(drawn) == 3 and set(drawn) == set(turns[:3]) and len(turns) >= 2  # the demo's confidence spreads
 
 
 def test_bootstrap_interval_covers_the_true_mean():

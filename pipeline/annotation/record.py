@@ -28,10 +28,6 @@ class Annotation:
     """Per image, its regions' boxes in original pixels."""
     measurements: list[list[dict]] = field(default_factory=list)
     """Per image, its regions' model-free measurements."""
-    evidence: dict | None = None
-    """The pair's evidence and each image's zone's (pipeline.evidence), as candidates/ measured them."""
-    confidence: float | None = None
-    """pipeline.evidence.unit_confidence, in [0, 1]: known before the request."""
     # the answer
     description: str | None = None
     model: str | None = None
@@ -50,6 +46,11 @@ class Annotation:
     completion_tokens: int | None = None
     attempts: int | None = None
     error: str | None = None
+    # what the unit's evidence says of it, before any request
+    evidence: dict | None = None
+    """The pair's evidence and each image's zone's (pipeline.evidence), as candidates/ measured them."""
+    confidence: float | None = None
+    """pipeline.evidence.unit_confidence, in [0, 1]: known before the request."""
 
     @classmethod
     def not_asked(cls, status: str, *, prompt_version: str | None) -> Annotation:
