@@ -9,6 +9,8 @@ map to nothing and are dropped."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from pipeline.preprocessing import Geometry
@@ -92,25 +94,59 @@ def connected_regions(patches, side: int) -> list[list[int]]:
     return [order[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+@functools.lru_cache(maxsize=256)
+def patch_box_table(geom: Geometry) -> np.ndarray:
+    """int [patches, 4]: the original-pixel box (x0, y0, x1, y1; exclusive ends) of every patch
+    square of the grid, row-major (made once per geometry: images of one size share it)."""
+    side = geom.grid_side
+    table = np.array([geom.patch_box(r, c) for r in range(side) for c in range(side)], np.int64)
+    table.flags.writeable = False  # shared by every caller
+    return table
+
+
 def patch_boxes(patches, geom: Geometry) -> list[tuple[int, int, int, int]]:
     """Original-pixel box of each patch square (x0, y0, x1, y1; exclusive ends)."""
-    side = geom.grid_side
-    return [geom.patch_box(*divmod(int(p), side)) for p in patches]
+    return [tuple(int(v) for v in b) for b in patch_box_table(geom)[np.asarray(list(patches), np.int64)]]
 
 
 def region_box(patches, geom: Geometry) -> dict | None:
     """The union of the region's squares as one box, or None when it maps to no original pixel."""
-    squares = [b for b in patch_boxes(patches, geom) if b[2] > b[0] and b[3] > b[1]]
-    if not squares:
+    a = patch_box_table(geom)[np.asarray(list(patches), np.int64)]
+    a = a[(a[:, 2] > a[:, 0]) & (a[:, 3] > a[:, 1])]
+    if not len(a):
         return None
-    a = np.array(squares)
     return {"x0": int(a[:, 0].min()), "y0": int(a[:, 1].min()), "x1": int(a[:, 2].max()), "y1": int(a[:, 3].max())}
 
 
+def region_labels(patches: np.ndarray, side: int) -> np.ndarray:
+    """int [len(patches)]: each patch's region (8-connected, on a side×side grid), numbered from 0 in
+    the order of :func:`connected_regions` (raster order of a region's first patch)."""
+    grid = np.zeros(side * side, bool)
+    grid[patches] = True
+    labels, _ = label_components(grid.reshape(side, side), 8)
+    return labels.ravel()[patches] - 1
+
+
+def region_boxes(labels: np.ndarray, squares: np.ndarray) -> list[dict]:
+    """One box per region (``labels`` of :func:`region_labels`, ``squares`` the patches' boxes from
+    :func:`patch_box_table`), in region order; a region all of whose squares map to no original
+    pixel has none."""
+    mapped = (squares[:, 2] > squares[:, 0]) & (squares[:, 3] > squares[:, 1])
+    labels, squares = labels[mapped], squares[mapped]
+    if not len(labels):
+        return []
+    order = np.argsort(labels, kind="stable")
+    labels, squares = labels[order], squares[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
+    lo, hi = np.minimum.reduceat(squares[:, :2], starts), np.maximum.reduceat(squares[:, 2:], starts)
+    return [{"x0": int(a), "y0": int(b), "x1": int(c), "y1": int(d)} for (a, b), (c, d) in zip(lo, hi)]
+
+
 def zones_to_boxes(patches, geom: Geometry) -> list[dict]:
-    """One box per 8-connected region of the zone, in original pixels."""
-    boxes = (region_box(region, geom) for region in connected_regions(patches, geom.grid_side))
-    return [b for b in boxes if b is not None]
+    """One box per 8-connected region of the zone, in original pixels (regions in the order of
+    :func:`connected_regions`; one that maps to no original pixel has none)."""
+    p = np.asarray(list(patches), np.int64)
+    return region_boxes(region_labels(p, geom.grid_side), patch_box_table(geom)[p]) if len(p) else []
 
 
 def zone_mask(patches, geom: Geometry) -> np.ndarray:

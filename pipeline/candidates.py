@@ -25,7 +25,7 @@ from pipeline.config import (AnnotateConfig, CandidatesConfig, ContrastConfig, P
                              StorageConfig, fsspec_options)
 from pipeline.contract import CANDIDATES_SCHEMA, IMAGE_COLUMNS, ZONE_EVIDENCE_TYPE
 from pipeline.errors import ImageRejected, Rejected, error_detail, write_errors
-from pipeline.evidence import SpecimenFrame, pair_evidence, specificity, zone_evidence
+from pipeline.evidence import MASK_PX_PER_PATCH, SpecimenFrame, pair_evidence, specificity, zone_evidence
 from pipeline.preprocessing import Geometry, OriginalImages
 
 SCAN_FACTOR = 2
@@ -69,8 +69,9 @@ class CandidateImages:
         image_id = row["image_id"]
         if image_id not in self.frames:
             geom = Geometry.from_row(row)
-            try:
-                self.frames[image_id] = SpecimenFrame.of(self.originals.load(row, geom), geom)
+            try:  # decoded no larger than the mask needs (a JPEG at 1/2-1/8 in the DCT domain)
+                rgb, scale = self.originals.load_reduced(row, geom, MASK_PX_PER_PATCH * geom.grid_side)
+                self.frames[image_id] = SpecimenFrame.of(rgb, geom, scale)
             except storage.StorageUnavailable:  # the store, not this image: stop (a rerun redoes the stage)
                 raise
             except Exception as exc:  # ImageRejected, or one that no longer decodes as it did
@@ -138,14 +139,12 @@ def _candidate_rows(pairs: list[tuple[dict, float, dict | None, list[tuple[dict,
         for (row, zone), is_grounded in zip(measured, grounded):
             rank = image_rank if is_grounded else None
             image_rank += is_grounded
-            described = row["patches"] if zone is None else zone["grounded_patches"]
             out.append({**{c: row[c] for c in IMAGE_COLUMNS if c in row}, "latent": row["latent"],
                         "patches": row["patches"], "activation_sum": row["activation_sum"],
                         "latent_score": score, "latent_rank": latent_rank, "image_rank": rank,
                         "consensus_group": rank // candidates.group_size if rank is not None and rank < n_full else None,
-                        # what is outlined and described; a background zone's own regions, to show where it was
-                        "boxes": zones_to_boxes(described if is_grounded else row["patches"], Geometry.from_row(row)),
-                        "grounded_patches": described,
+                        "boxes": zones_to_boxes(row["patches"], Geometry.from_row(row)) if zone is None else zone["boxes"],
+                        "grounded_patches": row["patches"] if zone is None else zone["grounded_patches"],
                         "evidence": None if zone is None else {"pair": evidence, "zone": {k: zone[k] for k in ZONE_FIELDS}},
                         "forward": latent_rank < contrast.max_latents_per_species})
     return pa.Table.from_pylist(out, schema=CANDIDATES_SCHEMA)

@@ -7,8 +7,9 @@ the specimen, in the same place, in one piece, in most of the species' photos, a
     unit_confidence(pair, member_zones)                        # per annotation, in [0, 1]
 
 Everything is measured on the patch grid. The specimen mask is the measurements' segmentation
-(:func:`pipeline.annotation.measurements.segment_specimen`), read once per image as each patch
-square's share of specimen pixels, so a zone costs only its own patches. Positions are in the
+(:func:`pipeline.annotation.measurements.segment_specimen`) of the image reduced to a few pixels
+per patch, read once per image as each patch square's share of specimen pixels, so a zone costs
+only its own patches. Positions are in the
 specimen's own frame (its long axis and the normal to it, as the measurements compute them) and
 taken as absolute values: the frame has no head end and a specimen may be mirrored, so only the
 distance from the centre along and across the body is comparable between photos.
@@ -25,9 +26,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 
 from pipeline.annotation.measurements import segment_specimen, specimen_frame
-from pipeline.boxes import connected_regions
+from pipeline.boxes import patch_box_table, region_boxes, region_labels
 from pipeline.preprocessing import Geometry
 
 CONFIDENCE_BANDS = (("low", 0.0), ("medium", 0.5), ("high", 0.65))
@@ -36,6 +38,12 @@ of annotations from 0.65 up lie on the planted part, and every species keeps one
 colours by them, a review draws and scores by them."""
 TRUSTED = CONFIDENCE_BANDS[-1][1]
 """The default confidence: from here a trait is trusted (the report's green, the bench's threshold)."""
+WEIGHTS = {"consistency": 2, "partness": 2}
+"""The factors counted twice (the others once), in the score and the confidence: those that say the zone
+is a part — one place, one size on the body, not the whole specimen — where the failures of a
+ranking by frequency are (whole-body and scattered zones; docs/quality.md)."""
+MASK_PX_PER_PATCH = 4
+"""The specimen mask's resolution for the evidence: about this many pixels along a patch square's side."""
 PLACEMENT_SCALE = 0.25
 """A spread of |axial| + |lateral| (in half-lengths of the specimen) that costs a factor e in consistency."""
 SIZE_SCALE = 1.0
@@ -52,6 +60,8 @@ class SpecimenFrame:
     """float [patches]: the share of those pixels on the specimen."""
     centre_px: np.ndarray
     """float [patches, 2]: each square's centre (x, y) in original pixels."""
+    box_px: np.ndarray
+    """int [patches, 4]: each square's box (x0, y0, x1, y1) in original pixels."""
     specimen_px: int
     centroid: np.ndarray
     u: np.ndarray
@@ -60,19 +70,29 @@ class SpecimenFrame:
     half_n: float
 
     @classmethod
-    def of(cls, rgb: np.ndarray, geom: Geometry) -> SpecimenFrame:
-        mask = segment_specimen(rgb)
-        # A summed-area table gives every square's specimen pixels in O(1).
+    def of(cls, rgb: np.ndarray, geom: Geometry, scale: float = 1.0) -> SpecimenFrame:
+        """The specimen of ``rgb`` on ``geom``'s patch grid; ``rgb`` is the photo, or a reduction of
+        it whose pixels span ``scale`` original pixels (:meth:`OriginalImages.load_reduced`). The mask
+        is made at about :data:`MASK_PX_PER_PATCH` pixels per patch side (box-reduced further by a
+        whole factor): a share per square needs no more, and it costs a fraction of the photo's."""
+        f = max(1, min(rgb.shape[:2]) // (MASK_PX_PER_PATCH * geom.grid_side))
+        mask = segment_specimen(np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).reduce(f)) if f > 1 else rgb)
+        s = scale * f  # original pixels per mask pixel
+        # A summed-area table gives every square's specimen pixels in O(1) (its box in mask pixels).
         table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
         table[1:, 1:] = mask.cumsum(0).cumsum(1)
-        side = geom.grid_side
-        boxes = np.array([geom.patch_box(r, c) for r in range(side) for c in range(side)], np.int64)
+        boxes = patch_box_table(geom)
         x0, y0, x1, y1 = boxes.T
-        area = (x1 - x0).clip(0) * (y1 - y0).clip(0)
-        inside = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+        sx0, sx1 = (np.rint(x / s).astype(np.int64).clip(0, mask.shape[1]) for x in (x0, x1))
+        sy0, sy1 = (np.rint(y / s).astype(np.int64).clip(0, mask.shape[0]) for y in (y0, y1))
+        inside = table[sy1, sx1] - table[sy0, sx1] - table[sy1, sx0] + table[sy0, sx0]
+        small_area = (sx1 - sx0) * (sy1 - sy0)
+        area = ((x1 - x0).clip(0) * (y1 - y0).clip(0)).astype(float)
         centroid, u, n, half_u, half_n = specimen_frame(mask)
-        return cls(area.astype(float), np.divide(inside, area, out=np.zeros(len(area)), where=area > 0),
-                   np.stack([(x0 + x1) / 2, (y0 + y1) / 2], 1), int(mask.sum()), centroid, u, n, half_u, half_n)
+        # mask pixel i spans original pixels [i·s, (i+1)·s): its centre is i·s + (s - 1) / 2
+        return cls(area, np.divide(inside, small_area, out=np.zeros(len(area)), where=small_area > 0),
+                   np.stack([(x0 + x1) / 2, (y0 + y1) / 2], 1), boxes, round(int(mask.sum()) * s * s),
+                   centroid * s + (s - 1) / 2, u, n, half_u * s, half_n * s)
 
     @property
     def side(self) -> int:
@@ -87,7 +107,8 @@ class SpecimenFrame:
 
 def zone_evidence(frame: SpecimenFrame, patches, values, min_on_specimen: float) -> dict:
     """One candidate zone (:data:`pipeline.contract.ZONE_EVIDENCE_TYPE`, plus ``grounded_patches``,
-    its grounded squares):
+    its grounded squares, and ``boxes``, those of its grounded regions — of all its regions when it
+    has none):
 
     - on_specimen: the share of its pixels on the specimen; regions: how many; largest_share: the
       share of its activation in its largest region;
@@ -99,30 +120,28 @@ def zone_evidence(frame: SpecimenFrame, patches, values, min_on_specimen: float)
       specimen_share: those pixels over the specimen's (None, None, 0 when it is not grounded)."""
     patches = np.asarray(patches, np.int64)
     values = np.asarray(values, float)
-    area, on = frame.area_px, frame.on_specimen
-    weight = np.zeros(len(area))
-    weight[patches] = values
-    regions = [np.asarray(r, np.int64) for r in connected_regions(patches.tolist(), frame.side)]
-    activation = np.array([weight[r].sum() for r in regions])
-    kept = np.sort(patches[on[patches] >= min_on_specimen]) if len(patches) else np.zeros(0, np.int64)
-    # the described part of the zone: its squares on the specimen, as regions of their own
-    grounded_regions = [np.asarray(r, np.int64) for r in connected_regions(kept.tolist(), frame.side)] if len(kept) else []
-    grounded_activation = np.array([weight[r].sum() for r in grounded_regions])
-    zone_area = area[patches].sum()
+    area, on = frame.area_px[patches], frame.on_specimen[patches]
+    labels = region_labels(patches, frame.side)
+    activation = np.bincount(labels, weights=values)
     total = activation.sum()
+    kept = on >= min_on_specimen  # the described part of the zone: its squares on the specimen, regions of their own
+    grounded_labels = labels[kept] if kept.all() else region_labels(patches[kept], frame.side)
+    grounded_activation = np.bincount(grounded_labels, weights=values[kept]) if kept.any() else np.zeros(0)
+    zone_area = area.sum()
 
-    def share(of: np.ndarray) -> float:
-        return float(of / total) if total > 0 else 0.0
-    out = {"on_specimen": float((area[patches] * on[patches]).sum() / zone_area) if zone_area else 0.0,
-           "regions": len(regions), "largest_share": share(activation.max()) if len(regions) else 0.0,
-           "grounded": bool(len(kept)), "grounded_share": share(grounded_activation.sum()),
-           "grounded_regions": len(grounded_regions),
-           "grounded_largest_share": float(grounded_activation.max() / grounded_activation.sum())
-           if len(kept) and grounded_activation.sum() > 0 else 0.0,
-           "axial": None, "lateral": None, "specimen_share": 0.0, "grounded_patches": kept.tolist()}
-    if len(kept):
+    def share(part: float, of: float) -> float:
+        return float(part / of) if of > 0 else 0.0
+    out = {"on_specimen": share((area * on).sum(), zone_area), "regions": len(activation),
+           "largest_share": share(activation.max(initial=0.0), total), "grounded": bool(kept.any()),
+           "grounded_share": share(grounded_activation.sum(), total), "grounded_regions": len(grounded_activation),
+           "grounded_largest_share": share(grounded_activation.max(initial=0.0), grounded_activation.sum()),
+           "axial": None, "lateral": None, "specimen_share": 0.0, "grounded_patches": np.sort(patches[kept]).tolist(),
+           # what is outlined: the grounded regions' boxes, or a background zone's own regions (where it was)
+           "boxes": region_boxes(grounded_labels, frame.box_px[patches[kept]]) if kept.any() else
+           region_boxes(labels, frame.box_px[patches])}
+    if kept.any():
         on_px = area[kept] * on[kept]
-        out["axial"], out["lateral"] = frame.position(kept, on_px + 1e-9)
+        out["axial"], out["lateral"] = frame.position(patches[kept], on_px + 1e-9)
         out["specimen_share"] = float(on_px.sum() / max(frame.specimen_px, 1))
     return out
 
@@ -157,8 +176,9 @@ def pair_evidence(zones: list[dict], support: float, specificity: float, f_speci
         support      √(share of the species' images where the latent fires)
         specificity  f_s / (f_s + f_elsewhere): it fires in no other genus
 
-        score = grounded · Π factors        (grounded counts twice: a latent on the specimen in only
-                                             some photos is there by chance more often than not)
+        score = grounded · Π factor^weight   (weight 2 for consistency and partness, :data:`WEIGHTS`, else 1;
+                                              grounded counts twice: a latent on the specimen in only
+                                              some photos is there by chance more often than not)
 
     ``zones`` the pair's candidate zones (:func:`zone_evidence`)."""
     grounded = [z for z in zones if z["grounded"]]
@@ -174,7 +194,7 @@ def pair_evidence(zones: list[dict], support: float, specificity: float, f_speci
         pair["consistency"] = math.exp(-pair["placement_spread"] / PLACEMENT_SCALE - pair["size_spread"] / SIZE_SCALE)
     factors = _factors(pair, grounded)
     pair["compactness"], pair["partness"] = factors["compactness"], factors["partness"]
-    pair["score"] = pair["grounded"] * math.prod(factors.values())
+    pair["score"] = pair["grounded"] * math.prod(v ** WEIGHTS.get(k, 1) for k, v in factors.items())
     return pair
 
 
@@ -186,10 +206,12 @@ def confidence_band(confidence: float | None) -> str | None:
 
 
 def unit_confidence(pair: dict, zones: list[dict]) -> float:
-    """How far to trust an annotation, before it is asked for: the geometric mean of the pair's
-    factors (:func:`pair_evidence`) with grounding, compactness and partness taken over the
-    unit's own zones — the typical factor, in [0, 1]. 0 when a zone of the unit is not grounded."""
+    """How far to trust an annotation, before it is asked for: the weighted geometric mean of the
+    pair's factors (:func:`pair_evidence`, :data:`WEIGHTS`) with grounding, compactness and partness
+    taken over the unit's own zones — the typical factor, in [0, 1]. 0 when a zone of the unit is not
+    grounded."""
     if not zones or not all(z["grounded"] for z in zones):
         return 0.0
     factors = _factors(pair, zones)
-    return math.exp(sum(math.log(max(v, 1e-6)) for v in factors.values()) / len(factors))
+    weights = {k: WEIGHTS.get(k, 1) for k in factors}
+    return math.exp(sum(weights[k] * math.log(max(v, 1e-6)) for k, v in factors.items()) / sum(weights.values()))

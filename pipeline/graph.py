@@ -52,7 +52,6 @@ import ray.data
 from actors.annotate import AnnotateActor
 from actors.encoder import EncodeActor
 from pipeline import storage
-from pipeline.annotation.stage import unit_evidence
 from pipeline.annotation.units import sent, unit_table, with_annotation_ids
 from pipeline.candidates import find_candidates, measure_candidates, measure_species_task
 from pipeline.config import BuildConfig, ConfigError, config_changes, runtime_keys
@@ -62,15 +61,15 @@ from pipeline.contract import (CANDIDATES_SCHEMA, CONTRACT_VERSION, ERRORS, ERRO
 from pipeline.counting import counts_of, reduce_counts, taxonomy_codes
 from pipeline.encoding import check_models
 from pipeline.errors import compact_errors, write_errors
+from pipeline.evidence import TRUSTED
 from pipeline.fingerprint import REQUEST_KEYS, Fingerprints, fingerprints, request_keys
 from pipeline.execution import (SHARD_BATCHES, ActorPool, cluster_cpus, encode_images, encoder_pool, ensure_placeable,
                                 in_shards, in_tasks, init_ray, write_named_files, write_shard)
 from pipeline.lease import LEASE, OutputLease
-from pipeline.report import write_report
-from pipeline.reuse import (DECODE, ITEMS, PREVIOUS, EarlierBuild, answered, copy_folder, decode_errors, matching, reuse_counts,
-                            reused_rows, whole_match)
-from pipeline.evidence import TRUSTED
 from pipeline.preprocessing import OriginalImages
+from pipeline.report import write_report
+from pipeline.reuse import (DECODE, ITEMS, PREVIOUS, EarlierBuild, answered, copy_folder, decode_errors, matching, restamped,
+                            reuse_counts, reused_rows, whole_match)
 from pipeline.sae import sae_metadata
 from pipeline.selection import select_by_contrast_group, select_latents, taxonomy_of_species
 from pipeline.sources import build_index
@@ -684,16 +683,6 @@ class Build:
                               "reused_from": [b["path"] for b in s.get("reused", {}).get("from", [])]}
                        for name, s in self.stages.items() if name in STAGE_NAMES},
         }
-
-
-def restamped(answers: pa.Table, units: pa.Table) -> pa.Table:
-    """Reused traits/ rows with this build's evidence and confidence for their units: an answer is
-    reused for the same request, but what the evidence says of it is this build's to measure."""
-    picked = units.take(pc.index_in(answers["annotation_id"], units["annotation_id"]))
-    evidence = pa.array([unit_evidence(m) for m in picked["members"].to_pylist()], TRAITS_SCHEMA.field("evidence").type)
-    for name, column in (("evidence", evidence), ("confidence", picked["confidence"])):
-        answers = answers.set_column(answers.schema.get_field_index(name), name, column)
-    return answers
 
 
 def format_summary(summary: dict, resumed: bool = False) -> str:

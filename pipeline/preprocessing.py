@@ -173,16 +173,25 @@ class OriginalImages:
     def load(self, row: dict, geom: Geometry | None = None) -> np.ndarray:
         """An index-carrying row's image as ``uint8 [H, W, 3]``; ImageRejected when it is gone or
         changed since it was encoded."""
+        rgb, _ = self.load_reduced(row, geom)
+        return rgb
+
+    def load_reduced(self, row: dict, geom: Geometry | None = None, min_side: int | None = None) -> tuple[np.ndarray, float]:
+        """(the image as ``uint8 [h, w, 3]``, the original pixels one of its pixels spans): at full
+        resolution, or with ``min_side`` decoded at the smallest DCT scale (a JPEG's 1/2, 1/4 or 1/8:
+        :func:`draft_decode`) that keeps its shorter side at least that. ImageRejected as :meth:`load`."""
         try:
             data = self.reader.read(row["path"], row["source_file"], row["source_row"])
         except FileNotFoundError as exc:
             raise ImageRejected("missing_file", str(exc)) from None
-        rgb = np.asarray(decode_image(data, self.preprocess))
-        geom = geom or Geometry.from_row(row)
-        if rgb.shape[:2] != (geom.orig_h, geom.orig_w):
-            raise ImageRejected("changed_on_disk", f"image is {rgb.shape[1]}x{rgb.shape[0]}, "
-                                f"was {geom.orig_w}x{geom.orig_h} when encoded")
-        return rgb
+        img = open_image(data, self.preprocess)
+        (w, h), geom = img.size, geom or Geometry.from_row(row)
+        if (w, h) != (geom.orig_w, geom.orig_h):
+            raise ImageRejected("changed_on_disk", f"image is {w}x{h}, was {geom.orig_w}x{geom.orig_h} when encoded")
+        if min_side is None or min(w, h) < 2 * min_side:
+            return np.asarray(load_rgb(img, len(data))), 1.0
+        rgb, box = draft_decode(img, (math.ceil(w * min_side / min(w, h)), math.ceil(h * min_side / min(w, h))), len(data))
+        return np.asarray(rgb), w / (box[2] - box[0])
 
 
 # Integer box reduction (Image.reduce) before the final bicubic resample leaves at least this

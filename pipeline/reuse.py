@@ -28,8 +28,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.annotation.units import unit_evidence
 from pipeline.config import ConfigError
-from pipeline.contract import CONTRACT_VERSION, ERRORS, STATE, TABLES
+from pipeline.contract import CONTRACT_VERSION, ERRORS, STATE, TABLES, TRAITS_SCHEMA
 from pipeline.finished import FinishedBuild, NotFinished
 
 ITEMS = f"{STATE}/items"  # this build's per-item keys: images.parquet, requests.parquet
@@ -165,6 +166,16 @@ def answered(table: pa.Table) -> pa.Array:
     request is asked again), and never a unit that was not asked (no model: background or low
     confidence; a later build may send it)."""
     return pc.and_(pc.invert(pc.fill_null(pc.equal(table["status"], "failed"), False)), pc.is_valid(table["model"]))
+
+
+def restamped(answers: pa.Table, units: pa.Table) -> pa.Table:
+    """Reused traits/ rows with this build's evidence and confidence for their units: an answer is
+    reused for the same request, but what the evidence says of it is this build's to measure."""
+    picked = units.take(pc.index_in(answers["annotation_id"], units["annotation_id"]))
+    evidence = pa.array([unit_evidence(m) for m in picked["members"].to_pylist()], TRAITS_SCHEMA.field("evidence").type)
+    for name, column in (("evidence", evidence), ("confidence", picked["confidence"])):
+        answers = answers.set_column(answers.schema.get_field_index(name), name, column)
+    return answers
 
 
 def reuse_counts(ours: pa.Table, key: str, present: pa.Array, earlier: list[EarlierBuild],

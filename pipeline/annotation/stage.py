@@ -30,7 +30,7 @@ from pipeline import storage
 from pipeline.annotation.describer import RemoteDescriber, TraitDescriber
 from pipeline.annotation.record import Annotation, annotations_table
 from pipeline.annotation.renderings import UnitImages
-from pipeline.annotation.units import prompt_version_for, skip_reason, unit_annotation_id
+from pipeline.annotation.units import prompt_version_for, skip_reason, unit_annotation_id, unit_evidence
 from pipeline.config import AnnotateConfig, PreprocessConfig, SourceConfig
 from pipeline.contract import RENDERINGS_FIELD
 from pipeline.errors import ImageRejected, Rejected, error_detail
@@ -127,13 +127,6 @@ class AnnotateUnits:
         if self.cfg.save_renderings:
             table = table.append_column(RENDERINGS_FIELD, pa.array([p for _, p, _ in results], RENDERINGS_FIELD.type))
         return table, [rej for _, _, rej in results if rej is not None]
-
-
-def unit_evidence(members: list[dict]) -> dict | None:
-    """A unit's evidence for traits/: its pair's, and each member zone's (None for rows without)."""
-    if not members or not members[0].get("evidence"):
-        return None
-    return {"pair": members[0]["evidence"]["pair"], "zones": [m["evidence"]["zone"] for m in members]}
 
 
 def run_until_stopped(loop: asyncio.AbstractEventLoop) -> None:

@@ -56,6 +56,13 @@ def skip_reason(grounded: bool | None, confidence: float | None, min_confidence:
     return "low_confidence" if confidence is not None and confidence < min_confidence else None
 
 
+def unit_evidence(members: list[dict]) -> dict | None:
+    """A unit's evidence for traits/: its pair's, and each member zone's (None for rows without)."""
+    if not members or not members[0].get("evidence"):
+        return None
+    return {"pair": members[0]["evidence"]["pair"], "zones": [m["evidence"]["zone"] for m in members]}
+
+
 def sent(units: pa.Table, min_confidence: float) -> pa.Array:
     """Per :func:`unit_table` row, whether it is sent (:func:`skip_reason` is None)."""
     return pa.array([skip_reason(g, c, min_confidence) is None

@@ -57,11 +57,11 @@ def demo_build_config(out: Path, overrides: list[str] | None = None) -> BuildCon
     return validate(BuildConfig, merge(base, parse_overrides(overrides or [])))
 
 
-def prepare_demo(out: Path, images_per_species: int = 16, log=say, generate=generate_demo_dataset) -> dict:
-    """Data (``generate``: the demo's, or :func:`pipeline.demo.hard.generate_hard_dataset`), tiny
-    backbone and trained SAE under ``out`` (skips what is already there)."""
+def prepare_demo(out: Path, images_per_species: int = 16, log=say, generate=generate_demo_dataset, seed: int = 0) -> dict:
+    """Data (``generate``: the demo's, or :func:`pipeline.demo.hard.generate_hard_dataset`, with
+    ``seed``), tiny backbone and trained SAE under ``out`` (skips what is already there)."""
     out.mkdir(parents=True, exist_ok=True)
-    summary = generate(out / "data", images_per_species=images_per_species, seed=0)
+    summary = generate(out / "data", images_per_species=images_per_species, seed=seed)
     log(f"[demo] {summary['n_images']} synthetic specimen photos in {out / 'data'}")
     make_tiny_dinov2(out / "models" / "dinov2-tiny")
     cfg = demo_train_config(out)
