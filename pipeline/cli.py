@@ -23,6 +23,7 @@ COMMANDS = {
     "downstream": ("pipeline.downstream", "the paper's downstream check: fine-tune a CLIP on the traits, zero-shot vs a species-only control"),
     "review": ("pipeline.review.__main__", "expert review: sample a blinded set, serve the rating page, score it"),
     "report": ("pipeline.report", "(re)write a build's HTML report"),
+    "front": ("pipeline.front", "run the front proxy that publishes the endpoint, its limits taken from the Serve config"),
     "cluster-check": ("pipeline.cluster_check", "check that cluster.yaml can host a serve config's LLM replicas"),
 }
 

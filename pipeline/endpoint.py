@@ -39,7 +39,14 @@ ANSWER_FIELDS = ("status", "description", "body_part", "traits", "common_traits"
 
 JSON_FIELDS = ("image_base64", "species", "genus", "build")
 FORM_FIELDS = ("image", "species", "genus", "build")
-MAX_TEXT_FIELD_BYTES = 4096  # a species, genus or build path; more is not a name
+MAX_TEXT_CHARS = 4096  # a species, genus or build path (the schema's maxLength); more is not a name
+# The largest body a photo of max_upload_bytes comes in, whichever the encoding (max_body_bytes): the
+# photo as JSON base64 (4 bytes per 3, padded), each text field at its worst as JSON (an astral
+# character is two \uXXXX escapes: 12 bytes), and room for the keys, quotes, whitespace and, in a
+# form, the part headers. A form carries the photo's bytes as they are, so a JSON body is the larger.
+JSON_BYTES_PER_CHAR = 12
+UTF8_BYTES_PER_CHAR = 4
+BODY_FRAMING_BYTES = 16 * 1024
 # ImageRejected reasons (pipeline.preprocessing.decode_image) → HTTP status.
 REJECT_STATUS = {"too_large": 413, "too_many_pixels": 413, "not_an_image": 415}
 
@@ -63,6 +70,13 @@ def check_bearer(headers: list[str], token: str | None) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise HTTPException(401, "unauthorized: send 'Authorization: Bearer <token>'",
                             headers={"WWW-Authenticate": "Bearer"})
+
+
+def max_body_bytes(max_upload_bytes: int) -> int:
+    """The largest request body the endpoint reads for a photo of ``max_upload_bytes``: one limit for
+    both encodings (a multipart body of the same photo is smaller), and the front proxy's."""
+    base64 = 4 * -(-max_upload_bytes // 3)
+    return base64 + len(TEXT_FIELDS) * MAX_TEXT_CHARS * JSON_BYTES_PER_CHAR + BODY_FRAMING_BYTES
 
 
 @dataclass(frozen=True)
@@ -145,7 +159,8 @@ def bounded(request: Request, limit: int, timeout_s: float) -> Request:
     soon as more than ``limit`` bytes arrive; and with 408 when the whole body has not arrived within
     ``timeout_s`` (so slow clients cannot hold the replica's request slots)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    # (a length of more digits than the limit's is over it: an absurd one is never converted)
+    if declared.isdigit() and (len(declared.lstrip("0")) > len(str(limit)) or int(declared) > limit):
         raise HTTPException(413, f"upload of {declared} bytes is over the limit of {limit} (max_upload_bytes)")
     loop = asyncio.get_running_loop()
     deadline, size = loop.time() + timeout_s, 0
@@ -170,18 +185,17 @@ async def read_request(request: Request, limits: RequestLimits) -> dict:
     allow in a form (RFC 2231 ``name*=`` / ``boundary*=`` parameters among them) with 400."""
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";")[0].strip().lower()
+    body = bounded(request, max_body_bytes(limits.max_upload_bytes), limits.body_read_timeout_s)
     if kind == "multipart/form-data":
-        out = await read_form(bounded(request, limits.max_upload_bytes + 64 * 1024, limits.body_read_timeout_s))
+        out = await read_form(body)
     elif kind == "application/json":
-        body = await bounded(request, limits.max_upload_bytes * 4 // 3 + 64 * 1024,  # base64 is 4/3 the bytes
-                             limits.body_read_timeout_s).body()
-        out = read_json(body)
+        out = read_json(await body.body())
     else:
         raise HTTPException(415, f"content-type {kind or 'missing'}: send multipart/form-data (field 'image') "
                                  "or application/json (field 'image_base64')")
     for name in TEXT_FIELDS:
         if name in out:
-            check_text(name, out[name])
+            out[name] = text_field(name, out[name])
     if not out.get("image"):
         raise HTTPException(400, "no image: send the photo as multipart field 'image' or JSON 'image_base64'")
     if len(out["image"]) > limits.max_upload_bytes:
@@ -210,7 +224,7 @@ async def read_form(request: Request) -> dict:
     try:
         async with contextlib.aclosing(request.stream()) as stream:
             form = await StrictMultiPartParser(request.headers, stream, max_files=2, max_fields=len(FORM_FIELDS) + 1,
-                                               max_part_size=MAX_TEXT_FIELD_BYTES).parse()
+                                               max_part_size=MAX_TEXT_CHARS * UTF8_BYTES_PER_CHAR).parse()
     except MultiPartException as exc:
         raise HTTPException(400, exc.message) from None
     try:
@@ -227,16 +241,29 @@ async def read_form(request: Request) -> dict:
             if (name == "image") != is_file:
                 raise HTTPException(400, "image: send the photo as a file part (curl -F image=@photo.jpg)"
                                     if name == "image" else f"{name}: send it as a text field, not a file")
-            out[name] = await value.read() if is_file else value.strip()
+            out[name] = await value.read() if is_file else value  # text: text_field checks it, as JSON's
         return out
     finally:
         await form.close()
 
 
+def once_each(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object's members, refused (400) when a key is given twice: which one counts is a guess
+    (a repeated form field is refused the same way)."""
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise HTTPException(400, f"{repeated[0]}: send it once per request")
+    return dict(pairs)
+
+
 def read_json(body: bytes) -> dict:
-    """A JSON body → fields, ``image_base64`` decoded to ``image``."""
+    """A UTF-8 JSON body → fields, ``image_base64`` decoded to ``image``. (``json.loads`` of bytes
+    would guess UTF-16 and UTF-32 too: the body is decoded as UTF-8 first.)"""
+    if b"\x00" in body:  # never in UTF-8 JSON (a NUL in a string is escaped); all over UTF-16 and UTF-32
+        raise HTTPException(400, "body is not UTF-8 JSON (it has NUL bytes: UTF-16 or UTF-32?)")
     try:
-        parsed = AnnotateJSON.model_validate(json.loads(body))
+        parsed = AnnotateJSON.model_validate(json.loads(body.decode("utf-8"), object_pairs_hook=once_each))
     except ValidationError as exc:  # (a ValueError too: first)
         raise HTTPException(422, json_field_errors(exc)) from None
     except UnicodeDecodeError:
@@ -254,15 +281,20 @@ def read_json(body: bytes) -> dict:
     return out
 
 
-def check_text(name: str, value: str) -> None:
-    """400 for a text field no file system or log should see: control characters (NUL included) or
-    characters that have no UTF-8 form (lone surrogates)."""
+def text_field(name: str, value: str) -> str:
+    """A text field as the endpoint uses it, whichever the encoding it came in: 400 for characters
+    no file system or log should see — control characters (NUL included) anywhere, the ends
+    included, and characters with no UTF-8 form (lone surrogates) — and for more than the schema's
+    ``maxLength`` characters; then the spaces around it stripped."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise HTTPException(400, f"{name}: not valid Unicode text (a lone surrogate)") from None
     if CONTROL.search(value):
         raise HTTPException(400, f"{name}: control characters are not allowed")
+    if len(value) > MAX_TEXT_CHARS:
+        raise HTTPException(400, f"{name}: {len(value)} characters > maxLength {MAX_TEXT_CHARS}")
+    return value.strip()
 
 
 def json_field_errors(exc: ValidationError) -> str:
@@ -318,12 +350,12 @@ class BuildCatalog:
         place outside builds_root — a symbolic link inside the folder included."""
         if "://" in build:
             raise HTTPException(400, f"build: {build!r} is a URL; name a local build folder (URLs are never fetched)")
-        check_text("build", build)
+        build = text_field("build", build)
         try:
             path = (self.root / build if self.root is not None else Path(build)).resolve()
             read = [path / MANIFEST, *sorted((path / "candidates").rglob("*"))] if self.root is not None else []
             outside = next((f for f in read if not f.resolve().is_relative_to(self.root)), None)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: a link loop (Python < 3.13)
             raise HTTPException(400, f"build: {build!r} is not a usable path ({type(exc).__name__})") from None
         if self.root is not None and (not path.is_relative_to(self.root) or outside is not None):
             raise HTTPException(403, f"build: {build} is outside builds_root"
@@ -337,7 +369,7 @@ class BuildCatalog:
             mtime = (path / MANIFEST).stat().st_mtime
             if not finished.has("candidates"):
                 raise NotFinished("no candidates/")
-        except (NotFinished, OSError):
+        except (NotFinished, OSError, RuntimeError):  # (RuntimeError: a link loop)
             raise HTTPException(400, f"build: {build} is not a finished build (no manifest.json with status "
                                      "succeeded and a candidates/ folder)") from None
         built_with = (finished.manifest.get("sae") or {})
@@ -368,7 +400,7 @@ ERROR_STATUS = {
     413: "the upload or the photo's pixel count is over the limit", 415: "not an accepted content type or image format",
     422: "an unknown field", 431: "request headers over max_header_bytes",
 }
-TEXT = {"type": "string", "maxLength": MAX_TEXT_FIELD_BYTES}
+TEXT = {"type": "string", "maxLength": MAX_TEXT_CHARS}
 ANSWER_SCHEMA = {"type": "object", "required": ["latent", "boxes", "status"], "properties": {
     "latent": {"type": "integer"}, "n_patches": {"type": "integer"}, "activation": {"type": "number"},
     "boxes": {"type": "array", "items": {"type": "object"}}, "measurements": {"type": "array"},

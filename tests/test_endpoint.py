@@ -4,6 +4,7 @@ and in time; the app refuses to serve the network without a token."""
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 import requests
@@ -11,8 +12,10 @@ from starlette.exceptions import HTTPException  # FastAPI's is a subclass; Starl
 from starlette.requests import Request
 
 from pipeline.config import AnnotatorAppConfig, ConfigError
-from pipeline.endpoint import BuildCatalog, RequestLimits, check_open_access, check_text, read_request
+from pipeline.endpoint import (MAX_TEXT_CHARS, BuildCatalog, RequestLimits, check_open_access, max_body_bytes, read_request,
+                               text_field)
 
+ROOT = Path(__file__).resolve().parents[1]
 LIMITS = RequestLimits(max_upload_bytes=10_000, body_read_timeout_s=5)
 
 
@@ -72,7 +75,7 @@ def test_multipart_is_exact_on_binary_and_strict_on_fields():
         (multipart([("image", (None, "not a file part")), ("genus", (None, "Aus"))]), 400, "image: send the photo as a file part"),
         (multipart({"image": ("a.png", payload), "genus": ("g.txt", b"Aus")}), 400, "genus: send it as a text field"),
         (multipart([("image", ("a.png", payload)), ("image", ("b.png", payload))]), 400, "image: send it once"),
-        (multipart({"image": ("a.png", payload), "species": (None, "x" * 5000)}), 400, "Part exceeded maximum size"),
+        (multipart({"image": ("a.png", payload), "species": (None, "x" * 5000)}), 400, "species: 5000 characters > maxLength 4096"),
     ]
     for (body, content_type), status, says in cases:
         err = refused(request(body, content_type))
@@ -97,7 +100,71 @@ def test_an_oversize_body_is_refused_from_its_declared_length_before_a_byte_is_r
     req = request(body, content_type, chunks=100, declared=0)
     err = refused(req)
     assert err.status_code == 413 and "max_upload_bytes" in err.detail
-    assert sum(map(len, req.chunks_received)) <= LIMITS.max_upload_bytes + 64 * 1024 + len(body) // 100 + 1  # the rest never read
+    assert sum(map(len, req.chunks_received)) <= max_body_bytes(LIMITS.max_upload_bytes) + len(body) // 100 + 1  # the rest never read
+
+
+@pytest.mark.parametrize("declared", ["9" * 19, "9" * 30, "9" * 5000, "0" * 30 + "1" + "0" * 18])
+def test_an_absurd_declared_length_is_413_not_a_conversion_error(declared):
+    """Lengths past int64 (and past Python's 4,300-digit int conversion) are over any limit."""
+    req = request(b"{}", "application/json", headers=[], declared=None)
+    req.scope["headers"] = [(b"content-type", b"application/json"), (b"content-length", declared.encode())]
+    err = refused(req)
+    assert err.status_code == 413 and req.chunks_received == []
+
+
+def json_body(fields: dict) -> tuple[bytes, str]:
+    return json.dumps({"image_base64": "AAAA", **fields}).encode(), "application/json"
+
+
+def form_body(fields: dict) -> tuple[bytes, str]:
+    return multipart({"image": ("a.png", b"\x00\x00\x00")}, fields)
+
+
+@pytest.mark.parametrize("value, status, says", [
+    ("\x85Aus", 400, "control characters"), ("Aus\x0b", 400, "control characters"), ("\x1fAus bus", 400, "control characters"),
+    ("Aus\tbus", 400, "control characters"), ("x" * (MAX_TEXT_CHARS + 1), 400, "maxLength 4096"),
+    ("é" * (MAX_TEXT_CHARS + 1), 400, "maxLength 4096"), ("x" * 100_000, 400, ""),
+    (" Aus bus ", None, "Aus bus"), ("\u00a0Aus bus", None, "Aus bus"), ("é" * MAX_TEXT_CHARS, None, "é" * MAX_TEXT_CHARS),
+])
+def test_one_text_field_rule_for_every_encoding(value, status, says):
+    """The same species value answers the same in a JSON body and in a form: control characters are
+    refused at the ends as in the middle (nothing is stripped before the check), the schema's
+    maxLength counts characters in both, and the spaces around a good value are stripped in both."""
+    for body, content_type in (json_body({"species": value}), form_body({"species": value})):
+        if status is None:
+            assert asyncio.run(read_request(request(body, content_type), LIMITS))["species"] == says
+        else:
+            err = refused(request(body, content_type))
+            assert err.status_code == status and says in err.detail, (content_type, err.detail)
+
+
+def test_a_json_key_given_twice_is_refused_like_a_repeated_form_field():
+    body = b'{"image_base64": "AAAA", "species": "Aus bus", "species": "Aus cus"}'
+    err = refused(request(body, "application/json"))
+    assert err.status_code == 400 and err.detail == "species: send it once per request"
+    err = refused(request(*form_body([("species", "Aus bus"), ("species", "Aus cus")])))
+    assert err.status_code == 400 and err.detail == "species: send it once per request"
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_a_json_body_not_in_utf8_is_refused(encoding):
+    """json.loads of bytes guesses UTF-16 and UTF-32; the contract (and the front) say UTF-8."""
+    body = json.dumps({"image_base64": "AAAA", "species": "Aus bus"}).encode(encoding)
+    err = refused(request(body, "application/json"))
+    assert err.status_code == 400 and "not UTF-8" in err.detail
+
+
+def test_the_largest_photo_fits_the_body_limit_in_either_encoding():
+    """max_body_bytes is computed, not guessed: a photo of max_upload_bytes with every text field at
+    its longest and worst-escaped (astral characters as \\uXXXX pairs) still fits, as JSON or a form."""
+    photo = bytes(range(256)) * (LIMITS.max_upload_bytes // 256) + b"x" * (LIMITS.max_upload_bytes % 256)
+    worst = "\U0001F41E" * MAX_TEXT_CHARS  # 🐞: 4 bytes of UTF-8, 12 as escaped JSON
+    import base64
+    as_json = json.dumps({"image_base64": base64.b64encode(photo).decode(), "species": worst, "genus": worst,
+                          "build": worst}, indent=1).encode()  # ensure_ascii: every character escaped
+    as_form, _ = multipart({"image": ("a-long-file-name.png", photo)}, {"species": worst, "genus": worst, "build": worst})
+    limit = max_body_bytes(LIMITS.max_upload_bytes)
+    assert len(as_form) < len(as_json) <= limit, (len(as_form), len(as_json), limit)
 
 
 def test_a_body_that_arrives_too_slowly_is_cut_off():
@@ -116,7 +183,25 @@ def test_a_build_path_that_no_file_system_takes_is_400(tmp_path):
         with pytest.raises(HTTPException) as err:
             catalog.resolve(bad)
         assert err.value.status_code == 400
-    check_text("genus", "Aus")  # ordinary text passes
+    assert text_field("genus", " Aus ") == "Aus"  # ordinary text passes
+
+
+def test_a_link_loop_in_builds_root_is_400_never_500(tmp_path):
+    """A build folder, its manifest or a candidates/ file that is a link to itself (or in a ring):
+    the same 400 as any unusable build, not the RuntimeError of resolving it."""
+    root = tmp_path / "builds"
+    root.mkdir()
+    (root / "loop").symlink_to(root / "loop")                     # the folder itself
+    (root / "ring-a").symlink_to(root / "ring-b")
+    (root / "ring-b").symlink_to(root / "ring-a")
+    for name, link in (("manifest", "manifest.json"), ("candidate", "candidates/part-0.parquet")):
+        (root / name / "candidates").mkdir(parents=True)
+        (root / name / link).symlink_to(root / name / link)      # a file inside it
+    catalog = BuildCatalog(str(root), None)
+    for build in ("loop", "ring-a", "manifest", "candidate"):
+        with pytest.raises(HTTPException) as err:
+            catalog.selected(build, "Aus bus")
+        assert err.value.status_code == 400 and build in err.value.detail, (build, err.value.detail)
 
 
 @pytest.mark.parametrize("host, token, allow_anonymous, opens", [
@@ -276,3 +361,28 @@ def test_headers_over_the_limit_are_431_on_every_route():
     app.state.max_header_bytes = 16 * 1024  # the config's default
     r = client.post("/annotate", json={}, headers={"x-junk": "j" * 20_000})
     assert r.status_code == 431 and "max_header_bytes=16384" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("name", ["local_cpu.yaml", "qwen2_5_vl_72b.yaml"])
+def test_the_front_takes_its_limits_from_the_serve_config_it_fronts(name, tmp_path, capsys):
+    """`sae-traits front --print-env`: the front's body limit, body timeout and header limit are the
+    app's own settings (a changed max_upload_bytes moves the front's limit with it); Serve's address
+    is the config's http_options; a config the app would refuse is refused naming the key."""
+    import yaml
+
+    from pipeline.front import main as front
+
+    config = yaml.safe_load((ROOT / "serve_configs" / name).read_text())
+    app = next(a for a in config["applications"] if a["import_path"] == "actors.serve_app:build_annotator_app")
+    app["args"].update(max_upload_bytes=1_000_000, body_read_timeout_s=7, max_header_bytes=8192)
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    assert front(["--config", str(tmp_path / "serve.yaml"), "--listen", ":9443", "--print-env"]) == 0
+    env = dict(line.split("=", 1) for line in capsys.readouterr().out.split())
+    http = config.get("http_options", {})
+    assert env == {"FRONT_LISTEN": ":9443", "FRONT_HEADER_TIMEOUT": "10s", "FRONT_BODY_TIMEOUT": "7s",
+                   "FRONT_MAX_HEADER": "8192", "FRONT_MAX_BODY_BYTES": str(max_body_bytes(1_000_000)),
+                   "SERVE_ADDRESS": f"{'127.0.0.1' if http.get('host', '127.0.0.1') in ('0.0.0.0', '::') else http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"}
+    app["args"]["max_upload_bytes"] = 0
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
+    assert front(["--config", str(tmp_path / "serve.yaml"), "--print-env"]) == 2
+    assert "max_upload_bytes" in capsys.readouterr().err

