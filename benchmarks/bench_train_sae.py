@@ -108,7 +108,7 @@ def bench_cpu(args) -> None:
 
 def bench_gpu(args) -> None:
     from pipeline.config import SAETrainSpec, TrainLoop
-    from pipeline.train_sae import SAETraining
+    from pipeline.sae_training import SAETraining
 
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

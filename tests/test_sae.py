@@ -6,7 +6,7 @@ import torch
 
 from pipeline.sae import SAESpec, SparseAutoencoder, TopK, load_sae, save_sae, save_saev_schema5
 from pipeline.config import SAETrainSpec, TrainLoop
-from pipeline.train_sae import train
+from pipeline.sae_training import train
 
 
 def random_state(d=12, m=48, seed=0):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import SAETrainSpec, TrainLoop
-from pipeline.train_sae import train
+from pipeline.sae_training import train
 
 
 def planted_dictionary(d=64, n_atoms=256, n=60_000, k=4, seed=0):
