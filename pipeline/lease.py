@@ -224,25 +224,12 @@ class OutputLease:
 
     def _create(self, generation: int) -> bool:
         """Create the generation's record exclusively: True if this driver did, False if another was first."""
-        data = json.dumps(self.record, indent=2).encode()
         path = self.path(generation)
-        if self.local:
-            os.makedirs(self.dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".lease-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.link(tmp, path)  # fails if the name exists: the record appears whole, once
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.unlink(tmp)
-        try:
-            self._etag = self.fs.pipe_file(path, data, mode="create").get("ETag")
+        created = storage.create_exclusive(self.fs, path, json.dumps(self.record, indent=2).encode())
+        if created is not None:
+            self._etag = created.get("ETag")
             return True
-        except FileExistsError:
-            return self._ours(path)
+        return False if self.local else self._ours(path)
 
     def _ours(self, path: str) -> bool:
         """Whether the record at ``path`` is this lease's own: a conditional write that the store

@@ -541,15 +541,37 @@ def count_rows(fs: fsspec.AbstractFileSystem, path: str) -> int:
     return sum(pq.ParquetFile(fs.open(p, "rb")).metadata.num_rows for p in parquet_files(fs, path))
 
 
+def create_exclusive(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> dict | None:
+    """Create ``path`` holding ``data`` only if nothing is there: the written object's info (its
+    ``ETag`` on an object store) when this call created it, None when another was first. A local
+    file is written beside it and linked into place, so no reader ever sees it half written; an
+    object store gets a conditional PutObject (If-None-Match). The one exclusive create of the
+    project: the output lease's records and the claims below."""
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".create-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, path)  # fails if the name exists
+            return {}
+        except FileExistsError:
+            return None
+        finally:
+            os.unlink(tmp)
+    try:
+        return fs.pipe_file(path, data, mode="create") or {}
+    except FileExistsError:
+        return None
+
+
 def claim_once(fs: fsspec.AbstractFileSystem, marker: str) -> bool:
     """True the first time any process asks for ``marker`` (a file created then), False after:
     an exclusive create, so two processes reaching it together claim it once."""
     fs.makedirs(posixpath.dirname(marker), exist_ok=True)
     try:
-        with fs.open(marker, "xb"):
-            return True
-    except FileExistsError:
-        return False
+        return create_exclusive(fs, marker, b"") is not None
     except (ValueError, NotImplementedError):  # a store without exclusive create
         if fs.exists(marker):
             return False

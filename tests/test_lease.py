@@ -168,6 +168,35 @@ def test_on_s3_the_lease_is_created_with_a_conditional_put(s3):
     assert not fs.exists(f"{url}/{LEASE}/00000001.json")
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_one_exclusive_create_for_the_lease_and_every_claim(where, tmp_path, request):
+    """storage.create_exclusive, the one exclusive create (the lease's records, claim_once): of 8
+    threads creating the same path at once, exactly one gets its info, the others None, and the
+    file holds that one's bytes whole; claim_once answers True once."""
+    if where == "s3":
+        url, _, fs = request.getfixturevalue("s3")
+        path = f"{url.removeprefix('s3://')}/record.json"
+    else:
+        fs, path = storage.filesystem(str(tmp_path / "out" / "record.json"), None)
+    results: dict[int, dict | None] = {}
+    start = threading.Barrier(8)
+
+    def create(i: int) -> None:
+        start.wait()
+        results[i] = storage.create_exclusive(fs, path, json.dumps({"writer": i, "pad": "x" * 100_000}).encode())
+
+    threads = [threading.Thread(target=create, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [i for i, info in results.items() if info is not None]
+    assert len(winners) == 1, results
+    assert json.loads(fs.cat_file(path))["writer"] == winners[0]
+    marker = f"{path}.claimed"
+    assert [storage.claim_once(fs, marker) for _ in range(3)] == [True, False, False]
+
+
 def test_refreshes_at_once_keep_the_lease(s3):
     """The keeper thread and note_ray refresh the same record; one's write must not make the other
     think its lease was taken (a 412 on its If-Match, or on the If-Match of s3fs's read of the
