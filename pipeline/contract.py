@@ -161,6 +161,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("annotate", "candidates", "traits", TRAITS_SCHEMA, resume_key="annotation_id",
           reads=("annotate", "preprocess"), reads_stages=("candidates",)),
 )
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
 STAGE = {stage.name: stage for stage in STAGES}
 # Every folder a build writes, in stage order, then errors/.
 TABLES: dict[str, pa.Schema] = {**{s.output: s.schema for s in STAGES if not s.output.startswith(STATE)},

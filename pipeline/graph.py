@@ -57,7 +57,7 @@ from pipeline.candidates import find_candidates, measure_candidates, measure_spe
 from pipeline.config import BuildConfig, ConfigError, config_changes, runtime_keys
 from pipeline.console import PREFIX, Progress, quiet, say
 from pipeline.contract import (CANDIDATES_SCHEMA, CONTRACT_VERSION, ERRORS, ERRORS_SCHEMA, SELECTED_SCHEMA, STAGE,
-                               STAGES, STATE, TABLES, TRAITS_SCHEMA)
+                               STAGE_NAMES, STATE, TABLES, TRAITS_SCHEMA)
 from pipeline.counting import counts_of, reduce_counts, taxonomy_codes
 from pipeline.encoding import check_models
 from pipeline.errors import compact_errors, write_errors
@@ -74,7 +74,6 @@ from pipeline.sae import sae_metadata
 from pipeline.selection import select_by_contrast_group, select_latents, taxonomy_of_species
 from pipeline.sources import build_index
 
-STAGE_NAMES = tuple(stage.name for stage in STAGES)
 RESUME_READ_THREADS = 16  # output files whose resume keys are read at once (object-store latency, not CPU)
 # Rows per Parquet row group of every table the build writes. Left to Ray Data, each small block a
 # groupby makes becomes a row group: candidates/ at 100,000 images had 10,500 row groups of 3 rows

@@ -26,10 +26,9 @@ from pipeline import storage
 from pipeline.build import failure_exit
 from pipeline.config import BuildConfig, ConfigError, add_config_arguments, load_config
 from pipeline.console import PREFIX, markdown_table, say
-from pipeline.contract import STAGES
+from pipeline.contract import STAGE_NAMES, STAGES
 from pipeline.lease import OutputLease
 
-STAGE_NAMES = [stage.name for stage in STAGES]
 
 
 def parse_vary(text: str) -> tuple[str, list[Any]]:
