@@ -60,6 +60,7 @@ import numpy as np
 
 from benchmarks.common import (cpu_busy_fraction, header, human_bytes, machine_info, mib, print_summary,  # noqa: E402
                                print_table, result, sample_memory, start_ray, stop_ray)
+from pipeline.console import PREFIX  # noqa: E402
 
 BENCHMARKS = ("encode", "memory", "counting", "gpu_encoder")
 PAPER_MS_PER_IMAGE = 7.26
@@ -353,12 +354,12 @@ def run_child_build(scratch: Path, overrides: list[str], log: Path) -> dict:
 
 def _current_stage(log: Path) -> str:
     try:
-        stages = [l for l in log.read_text(errors="replace").splitlines() if l.startswith("[sae-traits] stage ")]
+        stages = [l for l in log.read_text(errors="replace").splitlines() if l.startswith(f"{PREFIX} stage ")]
     except OSError:
         return "?"
     if not stages:
         return "start-up"
-    last = stages[-1][len("[sae-traits] stage "):]
+    last = stages[-1][len(f"{PREFIX} stage "):]
     return last.split(" ...")[0] if last.endswith("...") else "after " + last.split(":")[0]
 
 

@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 from pipeline import storage
 from pipeline.annotation.renderings import png_bytes
 from pipeline.config import ClipConfig
+from pipeline.console import PREFIX
 from pipeline.contract import image_format
 from pipeline.errors import ImageRejected
 from pipeline.finished import FinishedBuild
@@ -175,7 +176,7 @@ def write_caption_shards(clip: ClipConfig, build: FinishedBuild, fs, out: str, p
     writer.writerows([r["image_id"], r["species"], r["genus"]] for r in held_rows)
     storage.publish(fs, storage.join(out, "held_out.csv"), table.getvalue().encode())
     for line in missing[:10]:
-        log(f"[sae-traits] export: image not read, left out: {line}")
+        log(f"{PREFIX} export: image not read, left out: {line}")
     summary = {
         "format": "clip", "build": build.where, "build_id": build.manifest.get("build_id"),
         "annotations": annotations, "samples": n_samples, "train_images": len(train_images),
@@ -184,7 +185,7 @@ def write_caption_shards(clip: ClipConfig, build: FinishedBuild, fs, out: str, p
         "clip": clip.model_dump(mode="json"),
     }
     storage.publish(fs, storage.join(out, SUMMARY), json.dumps(summary, indent=2).encode())
-    log(f"[sae-traits] export: {n_samples} image–caption samples of {annotations} annotations on "
+    log(f"{PREFIX} export: {n_samples} image–caption samples of {annotations} annotations on "
         f"{len(train_images)} images ({summary['shards']['traits']} shard(s) each for traits and species_only), "
         f"{n_held} held-out images of {len(summary['species'])} species → {out}")
     return {k: v for k, v in summary.items() if k not in ("species", "clip")}

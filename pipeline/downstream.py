@@ -35,7 +35,7 @@ import torch
 
 from pipeline.captions import SUMMARY
 from pipeline.config import ConfigError, DownstreamConfig, ExportConfig, add_config_arguments, flag_overrides, load_config
-from pipeline.console import EXIT_FAILED, exit_code, markdown_table
+from pipeline.console import EXIT_FAILED, PREFIX, exit_code, markdown_table, say
 from pipeline.export import ExportedBuild, export_clip
 
 
@@ -80,7 +80,7 @@ def caption_shards(cfg: DownstreamConfig, log) -> dict:
         summary = json.loads(summary_file.read_text())
         if (summary.get("build_id") == build.manifest.get("build_id")
                 and summary.get("clip") == cfg.clip.model_dump(mode="json")):
-            log(f"[sae-traits] downstream: caption shards of {cfg.build} already in {shards}")
+            log(f"{PREFIX} downstream: caption shards of {cfg.build} already in {shards}")
             return summary
     export_clip(export, build, log)
     return json.loads(summary_file.read_text())
@@ -210,12 +210,12 @@ def fine_tune(cfg: DownstreamConfig, run: str, command: list[str], log) -> dict:
     checkpoint = final_checkpoint(cfg, run)
     finished = recorded.get("seconds")
     if finished is not None and checkpoint.exists():  # the trainer exited 0 after writing it
-        log(f"[sae-traits] downstream: {run}: done earlier ({checkpoint})")
+        log(f"{PREFIX} downstream: {run}: done earlier ({checkpoint})")
         return {"checkpoint": str(checkpoint), "seconds": finished}
     folder.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"command": settings}))
     logfile = folder.parent / f"{run}.log"
-    log(f"[sae-traits] downstream: {run}: open_clip's trainer → {folder} (log: {logfile})")
+    log(f"{PREFIX} downstream: {run}: open_clip's trainer → {folder} (log: {logfile})")
     start = time.monotonic()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(logfile, "ab") as out:
@@ -226,7 +226,7 @@ def fine_tune(cfg: DownstreamConfig, run: str, command: list[str], log) -> dict:
         raise RuntimeError(f"{run}: open_clip's trainer exited {done.returncode} without {checkpoint.name}: "
                            f"{tail[0]} (the whole log: {logfile})")
     record.write_text(json.dumps({"command": settings, "seconds": seconds}))
-    log(f"[sae-traits] downstream: {run}: {cfg.finetune.epochs} epochs in {seconds:.0f} s")
+    log(f"{PREFIX} downstream: {run}: {cfg.finetune.epochs} epochs in {seconds:.0f} s")
     return {"checkpoint": str(checkpoint), "seconds": seconds}
 
 
@@ -294,7 +294,7 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
         raise ConfigError(f"build: {cfg.build} has {len(summary['species'])} species; classifying needs two or more")
     model, pretrained = starting_model(cfg, open_clip)
     how = plan(cfg, summary, shards)
-    log(f"[sae-traits] downstream: {summary['samples']} samples on {summary['train_images']} images, "
+    log(f"{PREFIX} downstream: {summary['samples']} samples on {summary['train_images']} images, "
         f"{cfg.finetune.epochs} epochs of {how['steps_per_epoch']} steps (batch {cfg.finetune.batch_size} x "
         f"{how['world']} {how['device']}), {how['workers']} loader workers; {summary['held_out_images']} held-out "
         f"images of {len(summary['species'])} species")
@@ -318,7 +318,7 @@ def run(cfg: DownstreamConfig, log=print) -> dict:
     (out / "downstream.json").write_text(json.dumps(result, indent=2))
     (out / "downstream.md").write_text(markdown(result))
     log(table(result))
-    log(f"[sae-traits] downstream: {out / 'downstream.md'}")
+    log(f"{PREFIX} downstream: {out / 'downstream.md'}")
     return result
 
 
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         cfg = load_config(DownstreamConfig, args.config, [*args.overrides, *flags])
         run(cfg)
     except RuntimeError as exc:  # a fine-tune or the evaluation failed: its log is named
-        print(f"[sae-traits] downstream failed: {exc}", file=sys.stderr)
+        say(f"{PREFIX} downstream failed: {exc}", err=True)
         return EXIT_FAILED
     except Exception as exc:
         return exit_code(exc, cfg.out if cfg else None, resumes=True)

@@ -20,6 +20,7 @@ from ray.data import ActorPoolStrategy
 from pipeline import storage
 from pipeline.config import (ConfigError, EncoderConfig, PreprocessConfig, RayConfig, SourceConfig, StorageConfig,
                              fsspec_options)
+from pipeline.console import PREFIX
 from pipeline.errors import write_errors
 from pipeline.preprocessing import decode_batch
 from pipeline.sources import ImageReader
@@ -133,7 +134,7 @@ def ensure_placeable(pools: list[PoolAsk], wait_s: float, *, nodes: Callable[[],
                                   f"{', '.join(t for t, r in types.items() if fits(pool.wanted, r))}; none came up "
                                   "(see `ray status`); raise ray.wait_for_resources_s or lower those keys")
             if said is None or clock() - said >= 60:
-                log(f"[sae-traits] stage {pool.stage}: waiting for a node with {pool.describe()} — "
+                log(f"{PREFIX} stage {pool.stage}: waiting for a node with {pool.describe()} — "
                     f"{waited / 60:.0f} min so far (up to ray.wait_for_resources_s={wait_s:g})")
                 said = clock()
             sleep(poll_s)

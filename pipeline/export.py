@@ -48,7 +48,7 @@ from pipeline.annotation.renderings import UnitImages
 from pipeline.captions import write_caption_shards
 from pipeline.config import (BuildConfig, ConfigError, ExportConfig, add_config_arguments, flag_overrides, fsspec_options,
                              load_config)
-from pipeline.console import exit_code
+from pipeline.console import PREFIX, exit_code
 from pipeline.contract import IMAGE_COLUMNS, RENDERINGS_FIELD, TRAITS_SCHEMA, image_format
 from pipeline.evidence import confidence_band
 from pipeline.finished import FinishedBuild
@@ -215,7 +215,7 @@ class Pictures:
             if not images:
                 self.missing += 1
                 if self.missing <= MISSING_LOGGED:
-                    self.log(f"[sae-traits] export: no images for annotation {row['annotation_id']}: {why}"
+                    self.log(f"{PREFIX} export: no images for annotation {row['annotation_id']}: {why}"
                              + (" (further ones not logged; the card gives the count)"
                                 if self.missing == MISSING_LOGGED else ""))
         return [images for images, _ in made]
@@ -378,7 +378,7 @@ def export_hf(cfg: ExportConfig, build: ExportedBuild, log=print) -> dict:
     pictures.close()
     card = dataset_card(cfg, build, yaml_features, n_rows, written, pictures.missing, id_name)
     storage.publish(fs, storage.join(out, "README.md"), card.encode())
-    log(f"[sae-traits] export: {n_rows} annotations in {written['files']} Parquet files → {cfg.out}")
+    log(f"{PREFIX} export: {n_rows} annotations in {written['files']} Parquet files → {cfg.out}")
     return {"format": "hf", "out": cfg.out, "rows": n_rows, "files": written["files"],
             "images_missing": pictures.missing}
 
@@ -612,7 +612,7 @@ def export_dwca(cfg: ExportConfig, build: ExportedBuild, log=print) -> dict:
         fs.put_file(str(local), target)
         if target != out:
             fs.mv(target, out)
-    log(f"[sae-traits] export: {len(image_ids)} occurrences and {n_facts} measurements or facts → {cfg.out}")
+    log(f"{PREFIX} export: {len(image_ids)} occurrences and {n_facts} measurements or facts → {cfg.out}")
     return {"format": "dwca", "out": cfg.out, "occurrences": len(image_ids), "measurements_or_facts": n_facts}
 
 

@@ -41,7 +41,7 @@ from pipeline import storage
 from pipeline.annotation.renderings import crop_box, union_box
 from pipeline.boxes import zones_to_boxes
 from pipeline.config import BuildConfig
-from pipeline.console import exit_code
+from pipeline.console import PREFIX, exit_code
 from pipeline.evidence import CONFIDENCE_BANDS, TRUSTED, confidence_band
 from pipeline.finished import FinishedBuild
 from pipeline.preprocessing import Geometry, decode_image
@@ -236,7 +236,7 @@ class Thumbnails:
             img = decode_image(self.local.reader.read(row.get("path"), row.get("source_file"), row.get("source_row")),
                                self.cfg.preprocess)
         except Exception as exc:  # moved, deleted or unreadable since the build: the page says so
-            self.log(f"[sae-traits] report: no thumbnail for {row['image_id']}: {type(exc).__name__}: {exc}")
+            self.log(f"{PREFIX} report: no thumbnail for {row['image_id']}: {type(exc).__name__}: {exc}")
             return False
         data = thumbnail(img, boxes, side, crop)
         with self.fs.open(storage.join(self.folder, name), "wb") as f:
@@ -308,7 +308,7 @@ class Report:
             self.write(latent_file(z), self.latent_page(z))
         self.write("summary.html", self.summary_page())
         self.thumbs.pool.shutdown()
-        self.log(f"[sae-traits] report: {len(self.data.species)} species and {len(self.data.latents)} latent pages, "
+        self.log(f"{PREFIX} report: {len(self.data.species)} species and {len(self.data.latents)} latent pages, "
                  f"{sum(self.thumbs.made.values())} thumbnails → {storage.join(self.folder, 'index.html')}")
         return storage.join(self.folder, "index.html")
 

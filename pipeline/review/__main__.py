@@ -1,9 +1,10 @@
 """Expert review of trait datasets: sample a blinded set, serve the rating page, score it.
 
-    python -m pipeline.review sample --build OUT [--build OUT2 ...] [--label NAME ...] --per-build 30 --seed S --out REVIEW
-    python -m pipeline.review serve REVIEW [--port 8765]
-    python -m pipeline.review score REVIEW
+    sae-traits review sample --build OUT [--build OUT2 ...] [--label NAME ...] --per-build 30 --seed S --out REVIEW [--json]
+    sae-traits review serve REVIEW [--port 8765]
+    sae-traits review score REVIEW
 
+(``python -m pipeline.review`` is the same command.)
 Each subcommand also takes ``--config FILE.yaml`` and ``--set key=value`` (its config:
 :mod:`pipeline.review.config`); the flags are keys like any other, applied last."""
 
@@ -14,7 +15,7 @@ import json
 import sys
 
 from pipeline.config import add_config_arguments, flag_overrides, load_config
-from pipeline.console import exit_code, markdown_table
+from pipeline.console import exit_code, markdown_table, say
 from pipeline.review.config import (
     ReviewSampleConfig,
     ReviewScoreConfig,
@@ -26,7 +27,7 @@ from pipeline.review.server import serve
 
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog or "python -m pipeline.review", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=prog or "sae-traits review", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("sample", help="draw a blinded review set from finished builds")
     s.add_argument("--build", dest="builds", action="append", help="a finished build's output folder (repeatable; key builds)")
@@ -38,6 +39,7 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="replace an existing review folder (key overwrite)")
     s.add_argument("--by-confidence", dest="by_confidence", action="store_true",
                    help="draw each confidence band in turn, so review score can tell accuracy per band (key by_confidence)")
+    s.add_argument("--json", action="store_true", help="print the review's summary as JSON on stdout (for scripts)")
     v = sub.add_parser("serve", help="serve the rating page of a review folder")
     v.add_argument("review", nargs="?", help="the review folder (key review)")
     v.add_argument("--host", help="address to listen on (key host)")
@@ -58,13 +60,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parser(prog).parse_args(argv)
     model, keys = COMMANDS[args.command]
     flags = flag_overrides(args, (*keys, "overwrite"))
-    def log(line: str) -> None:  # progress on stderr
-        print(line, file=sys.stderr, flush=True)
+    def log(line: str) -> None:  # progress on stderr: stdout keeps what a script reads (--json, score's table)
+        say(line, err=True)
     cfg = None
     try:
         cfg = load_config(model, args.config, [*args.overrides, *flags])
         if args.command == "sample":
-            print(json.dumps(sample(cfg, log=log), indent=2))
+            summary = sample(cfg, log=log)
+            if args.json:
+                print(json.dumps(summary, indent=2))
         elif args.command == "serve":
             serve(cfg, log=log)
         else:

@@ -1,10 +1,10 @@
-"""The configs of ``python -m pipeline.review``: one per subcommand, built like the project's
+"""The configs of ``sae-traits review``: one per subcommand, built like the project's
 others (:class:`pipeline.config.Section`: ``extra="forbid"``, a docstring per field, YAML plus
 ``--set key=value``, errors naming the key).
 
-    ReviewSampleConfig   python -m pipeline.review sample   builds, per_build, seed, out, ...
-    ReviewServeConfig    python -m pipeline.review serve    review, host, port
-    ReviewScoreConfig    python -m pipeline.review score    review, bootstrap, seed, level, ...
+    ReviewSampleConfig   sae-traits review sample         builds, per_build, seed, out, ...
+    ReviewServeConfig    sae-traits review serve          review, host, port
+    ReviewScoreConfig    sae-traits review score          review, bootstrap, seed, level, ...
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def local_review_folder(path: str) -> str:
 
 
 class ReviewSampleConfig(Section):
-    """``python -m pipeline.review sample``: a blinded, seeded review set drawn from finished builds."""
+    """``sae-traits review sample``: a blinded, seeded review set drawn from finished builds."""
     builds: list[str] = Field(default_factory=list)
     """The finished builds' output folders (local paths or fsspec URLs), one per configuration compared."""
     sweep: str | None = None
@@ -81,7 +81,7 @@ class ReviewSampleConfig(Section):
 
 
 class ReviewServeConfig(Section):
-    """``python -m pipeline.review serve``: the rating page of a review folder, on this machine."""
+    """``sae-traits review serve``: the rating page of a review folder, on this machine."""
     review: str
     """The review folder (written by sample)."""
     host: str = "127.0.0.1"
@@ -93,7 +93,7 @@ class ReviewServeConfig(Section):
 
 
 class ReviewScoreConfig(Section):
-    """``python -m pipeline.review score``: per build, the raw and annotator-normalised mean rating with
+    """``sae-traits review score``: per build, the raw and annotator-normalised mean rating with
     bootstrap intervals, Krippendorff's alpha and flag counts (scores/ in the review folder)."""
     review: str
     """The review folder (written by sample, rated through serve)."""

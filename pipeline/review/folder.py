@@ -121,7 +121,7 @@ class ReviewFolder:
         self.root = Path(path)
         if not (self.root / ITEMS / ITEMS_JSON).is_file():
             raise ConfigError(f"{key}: {path} is not a review folder (no {ITEMS}/{ITEMS_JSON}: write one with "
-                              "python -m pipeline.review sample)")
+                              "sae-traits review sample)")
         self.items_dir = self.root / ITEMS
         self.ratings_dir = self.root / RATINGS_DIR
         self.scores_dir = self.root / SCORES_DIR

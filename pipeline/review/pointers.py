@@ -1,5 +1,5 @@
 """Where a build's report finds the expert reviews of it: ``OUT/reviews/<review id>.json``, written
-by ``python -m pipeline.review score`` into every build the review sampled (the review's key
+by ``sae-traits review score`` into every build the review sampled (the review's key
 records them), replaced each time the review is scored again. Each holds the review folder's path,
 when it was scored, which of its builds this one is, and every build's scores, so the report
 shows them without reaching the review folder (which may be on a reviewer's laptop)."""

@@ -1,4 +1,4 @@
-"""``python -m pipeline.review sample``: a blinded review set drawn from finished builds.
+"""``sae-traits review sample``: a blinded review set drawn from finished builds.
 
 From each build, ``per_build`` annotations an export would publish (status ok, and unparsed ones
 with a description) are drawn, stratified by species: the species are visited in a seeded random
@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.config import ConfigError, fsspec_options
+from pipeline.console import PREFIX
 from pipeline.contract import RENDERINGS_FIELD
 from pipeline.evidence import CONFIDENCE_BANDS, confidence_band
 from pipeline.export import ExportedBuild, Pictures, image_suffix
@@ -152,7 +153,7 @@ def sample(cfg: ReviewSampleConfig, log=print) -> dict:
     entries, key_builds = [], []
     for i, (path, label, build) in enumerate(zip(cfg.builds, labels, builds)):
         drawn, figures = draw(build, cfg, np.random.default_rng([cfg.seed, 1, i]), log)
-        log(f"[sae-traits] review: {label}: {figures['drawn']} of {figures['available']} annotations drawn "
+        log(f"{PREFIX} review: {label}: {figures['drawn']} of {figures['available']} annotations drawn "
             f"({figures['species_drawn']} of {figures['species_available']} species; renderings {figures['renderings']})")
         entries += [(i, row, images) for row, images in drawn]
         key_builds.append({"label": label, "build": path, **figures,
@@ -177,6 +178,6 @@ def sample(cfg: ReviewSampleConfig, log=print) -> dict:
     if out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     os.replace(partial, out)
-    log(f"[sae-traits] review: {len(items)} items from {len(builds)} builds → {out} "
-        f"(serve it: python -m pipeline.review serve {out})")
+    log(f"{PREFIX} review: {len(items)} items from {len(builds)} builds → {out} "
+        f"(serve it: sae-traits review serve {out})")
     return {"review": str(out), "items": len(items), "builds": key_builds}

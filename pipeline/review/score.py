@@ -1,4 +1,4 @@
-"""``python -m pipeline.review score``: the paper's Table 1 for a user's own builds.
+"""``sae-traits review score``: the paper's Table 1 for a user's own builds.
 
 Every reviewer's current rating of every item (:mod:`pipeline.review.folder`; an item only flagged
 has no rating and counts for the flags alone), joined to the key, gives per build:
@@ -35,7 +35,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.config import fsspec_options
 from pipeline.evidence import CONFIDENCE_BANDS, confidence_band
-from pipeline.console import markdown_table
+from pipeline.console import PREFIX, markdown_table
 from pipeline.finished import FinishedBuild
 from pipeline.review.config import FLAG_LABELS, FLAGS, RATINGS, ReviewScoreConfig
 from pipeline.review.folder import SCORES_DIR, Rating, ReviewFolder
@@ -241,7 +241,7 @@ def link_builds(cfg: ReviewScoreConfig, folder: ReviewFolder, key: dict, scores:
             fs, build_root = storage.filesystem(build["build"], fsspec_options(cfg.storage, build["build"]))
             written.append(write_pointer(fs, build_root, review_id, record))
         except Exception as exc:  # the build moved or is read-only: the scores stand without the link
-            log(f"[sae-traits] review: could not link the scores into {build['build']}: {type(exc).__name__}: {exc}")
+            log(f"{PREFIX} review: could not link the scores into {build['build']}: {type(exc).__name__}: {exc}")
     return written
 
 
@@ -275,7 +275,7 @@ def score(cfg: ReviewScoreConfig, log=print) -> dict:
     (out / "scores.json").write_text(json.dumps(scores, indent=1, ensure_ascii=False))
     (out / "scores.md").write_text(scores_markdown(scores, cfg.review))
     (out / "scores.svg").write_text(scores_svg(scores))
-    log(f"[sae-traits] review: {len(scores['reviewers'])} reviewers, α (ordinal) {fmt(scores['alpha'], 3)} → "
+    log(f"{PREFIX} review: {len(scores['reviewers'])} reviewers, α (ordinal) {fmt(scores['alpha'], 3)} → "
         f"{out / 'scores.md'}")
     if cfg.link_builds:
         scores["linked"] = link_builds(cfg, folder, key, scores, log)

@@ -1,4 +1,4 @@
-"""``python -m pipeline.review serve``: the rating page of a review folder (stdlib http.server).
+"""``sae-traits review serve``: the rating page of a review folder (stdlib http.server).
 
     GET  /                      the page (page.html, this package's one file of HTML, CSS and JS)
     GET  /api/review            the items (items/items.json), the flags and the rating scale
@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import unquote, urlparse
 
+from pipeline.console import PREFIX
 from pipeline.review.config import FLAG_LABELS, FLAGS, RATINGS, ReviewServeConfig
 from pipeline.review.folder import Rating, ReviewFolder, check_reviewer
 
@@ -115,7 +116,7 @@ class ReviewHandler(BaseHTTPRequestHandler):
 def serve(cfg: ReviewServeConfig, log=print) -> None:
     """Serve the page until interrupted (Ctrl-C)."""
     server = ReviewServer(cfg)
-    log(f"[sae-traits] review: {len(server.item_ids)} items of {cfg.review}; reviewers open {server.url} "
+    log(f"{PREFIX} review: {len(server.item_ids)} items of {cfg.review}; reviewers open {server.url} "
         f"(ratings go to {server.folder.ratings_dir}/NAME.jsonl; Ctrl-C stops)")
     try:
         server.serve_forever()
