@@ -85,13 +85,11 @@ def _union_edges(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def connected_regions(patches, side: int) -> list[list[int]]:
     """Patch indices (row-major on a side×side grid) grouped into 8-connected components, each
     sorted, components ordered by their first patch."""
-    grid = np.zeros(side * side, bool)
-    grid[np.asarray(list(patches), np.int64)] = True
-    labels, n = label_components(grid.reshape(side, side), 8)
-    flat = labels.ravel()
-    order = np.argsort(flat, kind="stable")  # patches by label, row-major within a label
-    bounds = np.searchsorted(flat[order], np.arange(1, n + 2))
-    return [order[a:b].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
+    p = np.unique(np.asarray(list(patches), np.int64))
+    labels = region_labels(p, side)
+    order = np.argsort(labels, kind="stable")  # patches by region, row-major within a region
+    bounds = np.searchsorted(labels[order], np.arange(labels.max(initial=-1) + 2))
+    return [p[order[a:b]].tolist() for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 @functools.lru_cache(maxsize=256)
